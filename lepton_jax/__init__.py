@@ -1,0 +1,12 @@
+"""lepton_jax: composable JAX acceleration transforms.
+
+>>> import lepton_jax as lj
+>>> lj.__version__  # doctest: +SKIP
+'0.1.0'
+"""
+
+from lepton_jax._version import __version__ as __version__
+from lepton_jax._errors import BudgetError as BudgetError
+from lepton_jax._errors import KernelError as KernelError
+from lepton_jax._errors import LeptonError as LeptonError
+from lepton_jax._errors import ShardingError as ShardingError
