@@ -11,3 +11,4 @@ from lepton_jax._errors import KernelError as KernelError
 from lepton_jax._errors import LeptonError as LeptonError
 from lepton_jax._errors import ShardingError as ShardingError
 from lepton_jax import checkpoint as checkpoint
+from lepton_jax import jaxpr as jaxpr
