@@ -12,3 +12,5 @@ from lepton_jax._errors import LeptonError as LeptonError
 from lepton_jax._errors import ShardingError as ShardingError
 from lepton_jax import checkpoint as checkpoint
 from lepton_jax import jaxpr as jaxpr
+from lepton_jax import sharding as sharding
+from lepton_jax.sharding._auto_shard import auto_shard as auto_shard

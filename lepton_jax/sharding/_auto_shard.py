@@ -1,0 +1,435 @@
+"""``lj.auto_shard``: choose shardings for a function over a device mesh, then jit it."""
+
+from __future__ import annotations
+
+import functools
+import time
+import typing
+from typing import Any, Callable
+
+import jax
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
+
+from lepton_jax import jaxpr as ljx
+from lepton_jax._errors import ShardingError
+from lepton_jax._utils import parse_bytes
+from lepton_jax.sharding import _cost_model as cm
+from lepton_jax.sharding._dims import analyze_dims
+from lepton_jax.sharding._mesh import MeshInfo, resolve_mesh
+from lepton_jax.sharding._plan import LeafPlan, ShardingPlan, spec_to_pspec
+from lepton_jax.sharding._strategies import STRATEGIES, plan_placement
+
+__all__ = ["auto_shard", "AutoShardFunction"]
+
+_API = "auto_shard"
+
+
+def _nnx():
+  try:
+    from flax import nnx
+  except ImportError:  # pragma: no cover - flax is a dependency
+    return None
+  return nnx
+
+
+def _is_graph_node(x) -> bool:
+  nnx = _nnx()
+  return nnx is not None and nnx.graph.is_graph_node(x)
+
+
+def _norm_argnums(v, name) -> tuple:
+  if v is None:
+    return ()
+  if isinstance(v, int) and not isinstance(v, bool):
+    v = (v,)
+  if not isinstance(v, (tuple, list)) or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0
+                                                  for i in v):
+    raise TypeError(f"{_API}: {name} must be an int or a tuple of non-negative ints, got {v!r}")
+  return tuple(sorted(set(v)))
+
+
+def _leaf_desc(x):
+  shape = tuple(int(s) for s in np.shape(x)) if not hasattr(x, "shape") else tuple(x.shape)
+  dtype = x.dtype if hasattr(x, "dtype") else np.asarray(x).dtype
+  return shape, jax.dtypes.canonicalize_dtype(dtype)
+
+
+class _Entry(typing.NamedTuple):
+  plan: ShardingPlan
+  in_shardings: tuple
+  out_shardings: tuple
+  jitted: Any
+  dyn_tree: Any
+  out_tree: Any
+  nnx_info: Any       # (graphdef, arg count, graph-node arg indices) or None
+
+
+class AutoShardFunction:
+  """The object :func:`auto_shard` returns: call it like the wrapped function.
+
+  Attributes:
+    mesh: the mesh it shards over.
+    strategy / memory_budget: the options it was created with.
+  """
+
+  def __init__(self, fun, mesh, strategy, static_argnums, donate_argnums, memory_budget):
+    self._fun = fun
+    self._mi: MeshInfo = resolve_mesh(mesh, api=_API)
+    self.mesh = self._mi.mesh
+    self.strategy = strategy
+    self.memory_budget = memory_budget
+    self._static = static_argnums
+    self._donate = donate_argnums
+    self._cache: dict = {}
+    functools.update_wrapper(self, fun)
+
+  # ----------------------------------------------------------------- helpers
+  def _split(self, args, kwargs):
+    for i in self._static:
+      if i >= len(args):
+        raise TypeError(f"{_API}: static_argnums={self._static} but {self.__name__} was called with "
+                        f"{len(args)} positional arguments")
+    statics = tuple((i, args[i]) for i in self._static)
+    try:
+      hash(statics)
+    except TypeError:
+      raise TypeError(f"{_API}: static arguments {self._static} must be hashable, got "
+                      f"{[type(a).__name__ for _, a in statics]}") from None
+    dyn_args = tuple(None if i in self._static else a for i, a in enumerate(args))
+    nnx_info = None
+    graph_idx = tuple(i for i, a in enumerate(dyn_args) if _is_graph_node(a))
+    if graph_idx:
+      nnx = _nnx()
+      graphdef, state = nnx.split(tuple(a if i in graph_idx else None for i, a in enumerate(dyn_args)))
+      nnx_info = (graphdef, len(args), graph_idx)
+      dyn = (state, tuple(None if i in graph_idx else a for i, a in enumerate(dyn_args)), kwargs)
+    else:
+      dyn = (None, dyn_args, kwargs)
+    return statics, dyn, nnx_info
+
+  def _flat_fun(self, statics, dyn_tree, nnx_info, out_box):
+    fun = self._fun
+    sdict = dict(statics)
+
+    def flat(*leaves):
+      state, dyn_args, kwargs = jax.tree_util.tree_unflatten(dyn_tree, leaves)
+      if nnx_info is not None:
+        nnx = _nnx()
+        graphdef, nargs, gidx = nnx_info
+        nodes = nnx.merge(graphdef, state)
+        dyn_args = tuple(nodes[i] if i in gidx else a for i, a in enumerate(dyn_args))
+      args = tuple(sdict[i] if i in sdict else a for i, a in enumerate(dyn_args))
+      out = fun(*args, **kwargs)
+      if nnx_info is not None:
+        nnx = _nnx()
+        new_state = nnx.split(tuple(a if i in nnx_info[2] else None for i, a in enumerate(args)))[1]
+        out = (out, new_state)
+      leaves_out, tree = jax.tree_util.tree_flatten(out)
+      out_box.append(tree)
+      return leaves_out
+    return flat
+
+  def _paths(self, dyn, nnx_info):
+    with_path, _ = jax.tree_util.tree_flatten_with_path(dyn)
+    paths, argidx = [], []
+    for p, _ in with_path:
+      root = getattr(p[0], "idx", 0)
+      rest = p[1:]
+      if root in (0, 1):
+        paths.append("args" + jax.tree_util.keystr(tuple(rest)))
+        k = rest[0] if rest else None
+        idx = getattr(k, "idx", getattr(k, "key", None))
+        argidx.append(idx if isinstance(idx, int) else None)
+      else:
+        paths.append("kwargs" + jax.tree_util.keystr(tuple(rest)))
+        argidx.append(None)
+    return paths, argidx
+
+  def _check_axes(self):
+    pass
+
+  # -------------------------------------------------------------- planning
+  def _entry(self, args, kwargs) -> tuple[_Entry, list]:
+    statics, dyn, nnx_info = self._split(args, kwargs)
+    leaves, dyn_tree = jax.tree_util.tree_flatten(dyn)
+    descs = []
+    for x in leaves:
+      if isinstance(x, jax.ShapeDtypeStruct) or hasattr(x, "shape") or isinstance(
+          x, (bool, int, float, complex, np.number, np.bool_)):
+        descs.append(_leaf_desc(x))
+      else:
+        descs.append(None)  # ljx.trace reports it with its path
+    key = (dyn_tree, tuple(descs), statics, None if nnx_info is None else nnx_info[0])
+    try:
+      entry = self._cache.get(key)
+    except TypeError:  # unhashable graphdef / statics
+      key, entry = None, None
+    if entry is None:
+      entry = self._build(statics, dyn, dyn_tree, nnx_info, leaves)
+      if key is not None:
+        self._cache[key] = entry
+    return entry, leaves
+
+  def _build(self, statics, dyn, dyn_tree, nnx_info, leaves) -> _Entry:
+    t0 = time.perf_counter()
+    mi = self._mi
+    out_box: list = []
+    flat = self._flat_fun(statics, dyn_tree, nnx_info, out_box)
+    abstract = [jax.ShapeDtypeStruct(np.shape(x), jax.dtypes.canonicalize_dtype(
+        getattr(x, "dtype", None) or np.asarray(x).dtype)) if not isinstance(x, jax.core.Tracer)
+                else x for x in leaves] if all(
+                    hasattr(x, "shape") or isinstance(x, (bool, int, float, complex, np.number))
+                    for x in leaves) else leaves
+    paths, argidx = self._paths(dyn, nnx_info)
+    for p, x in zip(paths, leaves):
+      if not (hasattr(x, "shape") and hasattr(x, "dtype")) and not isinstance(
+          x, (bool, int, float, complex, np.number, np.bool_)):
+        raise TypeError(
+            f"{_API}: argument {p} is a {type(x).__name__} {x!r:.60}, not an array; every leaf must be "
+            "a jax.Array, numpy array, scalar or jax.ShapeDtypeStruct. Mark it static with "
+            "static_argnums or bind it with functools.partial.")
+    try:
+      traced = ljx.trace(flat, *abstract)
+    except TypeError as e:
+      raise TypeError(str(e).replace("lepton_jax.jaxpr.trace", _API)) from None
+    out_tree = out_box[-1]
+    in_info = []
+    for p, aval in zip(paths, traced.in_avals):
+      in_info.append((p, tuple(aval.shape), str(aval.dtype), ljx.aval_bytes(aval)))
+    out_paths = []
+    with_path = jax.tree_util.tree_flatten_with_path(
+        jax.tree_util.tree_unflatten(out_tree, list(range(out_tree.num_leaves))))[0]
+    for p, _ in with_path:
+      if nnx_info is not None:
+        head = getattr(p[0], "idx", 0)
+        out_paths.append(("output" if head == 0 else "state:args") + jax.tree_util.keystr(tuple(p[1:])))
+      else:
+        out_paths.append("output" + jax.tree_util.keystr(tuple(p)))
+    out_info = [(p, tuple(a.shape), str(a.dtype), ljx.aval_bytes(a))
+                for p, a in zip(out_paths, traced.out_avals)]
+    donated_leaves = {k for k, a in enumerate(argidx) if a is not None and a in self._donate}
+    an = analyze_dims(traced.closed_jaxpr)
+    act = None
+    peak = getattr(ljx, "peak_live_bytes", None)
+    if peak is not None:
+      act = int(peak(traced.closed_jaxpr.jaxpr))
+    budget = self.memory_budget
+    core = plan_placement(an, mi, in_info, out_info, self.strategy, budget, donated_leaves,
+                          act, api=_API)
+    in_plans, out_plans = [], []
+    for (p, shape, dtype, nb), spec, why, role in zip(in_info, core.in_specs, core.in_reasons,
+                                                      core.in_roles):
+      in_plans.append(LeafPlan(p, shape, dtype, role, spec, why, nb, cm.per_device_bytes(nb, spec, mi)))
+    for (p, shape, dtype, nb), spec, why, role in zip(out_info, core.out_specs, core.out_reasons,
+                                                      core.out_roles):
+      out_plans.append(LeafPlan(p, shape, dtype, role, spec, why, nb, cm.per_device_bytes(nb, spec, mi)))
+    params = [l for l in in_plans if l.role == "param"]
+    param_bytes = sum(l.bytes for l in params)
+    in_dev = sum(l.per_device_bytes for l in in_plans)
+    aliased = {a for a in an.out_alias if a is not None}
+    out_dev = sum(l.per_device_bytes for j, l in enumerate(out_plans) if an.out_alias[j] is None)
+    # donated inputs are reused for outputs of the same size
+    don = sum(in_plans[k].per_device_bytes for k in donated_leaves if k not in aliased)
+    out_dev = max(0, out_dev - don)
+    total = in_dev + out_dev + int(core.memory["activation"])
+    plan = ShardingPlan(
+        strategy=self.strategy, mesh=mi.describe(),
+        data_axes=tuple(a for a in mi.names if not any(a in v for c, v in core.class_axes.items()
+                                                           if c not in core.batch_classes)),
+        tensor_axes=tuple(sorted({a for c, v in core.class_axes.items() if c not in core.batch_classes
+                                  for a in v}, key=mi.names.index)),
+        inputs=tuple(in_plans), outputs=tuple(out_plans), tensor_parallel=core.tp_desc,
+        param_bytes=int(param_bytes),
+        param_bytes_per_device=int(sum(l.per_device_bytes for l in params)),
+        replicated_param_bytes=int(sum(l.bytes for l in params if l.replicated)),
+        input_bytes_per_device=int(in_dev), output_bytes_per_device=int(out_dev),
+        activation_bytes_per_device=None if act is None else int(core.memory["activation"]),
+        memory_bytes_per_device=int(total), memory_budget=budget,
+        collective_bytes=core.collectives, search=core.search,
+        planning_seconds=time.perf_counter() - t0,
+        plan_hash=ShardingPlan.compute_hash(self.strategy, mi.describe(), in_plans, out_plans))
+    mesh = self.mesh
+    in_sh = tuple(NamedSharding(mesh, spec_to_pspec(l.spec)) for l in in_plans)
+    out_sh = tuple(NamedSharding(mesh, spec_to_pspec(l.spec)) for l in out_plans)
+    jitted = None
+    if not mi.abstract:
+      jitted = self._make_jit(flat, in_sh, out_sh, out_tree, sorted(donated_leaves))
+    return _Entry(plan, in_sh, out_sh, jitted, dyn_tree, out_tree, nnx_info)
+
+  def _make_jit(self, flat, in_sh, out_sh, out_tree, donate):
+    mi = self._mi
+    if mi.explicit:
+      out_specs = [s.spec for s in out_sh]
+
+      def body(*leaves):
+        inner = jax.sharding.auto_axes(lambda *xs: tuple(flat(*xs)), out_sharding=tuple(out_specs))
+        with jax.sharding.use_abstract_mesh(mi.mesh.abstract_mesh):
+          return list(inner(*leaves))
+    else:
+      body = flat
+    return jax.jit(body, in_shardings=in_sh, out_shardings=list(out_sh), donate_argnums=tuple(donate))
+
+  def _place(self, leaves, shardings, paths):
+    out = []
+    mesh_devs = None
+    for k, (x, s) in enumerate(zip(leaves, shardings)):
+      if isinstance(x, jax.core.Tracer):
+        out.append(x)
+        continue
+      if isinstance(x, jax.Array):
+        if x.sharding == s:
+          out.append(x)
+          continue
+        if getattr(x, "committed", False) or not x.is_fully_addressable:
+          if mesh_devs is None:
+            mesh_devs = set(self.mesh.devices.flat)
+          if not set(x.sharding.device_set) <= mesh_devs:
+            raise ShardingError(
+                f"{_API}: input {paths[k]} lives on devices {sorted(d.id for d in x.sharding.device_set)} "
+                f"that are not all in the mesh {dict(zip(self._mi.names, self._mi.sizes))} "
+                f"(devices {sorted(d.id for d in mesh_devs)}); move it with jax.device_put first or "
+                "pass a mesh that contains those devices.")
+        if not x.is_fully_addressable or s.is_fully_addressable:
+          out.append(jax.device_put(x, s))
+          continue
+      if s.is_fully_addressable:
+        out.append(jax.device_put(x, s))
+      else:  # multi-process: host value identical on every process -> global array
+        host = np.asarray(x)
+        out.append(jax.make_array_from_callback(host.shape, s, lambda idx, h=host: h[idx]))
+    return out
+
+  # ------------------------------------------------------------ public API
+  def __call__(self, *args, **kwargs):
+    if self._mi.abstract:
+      raise ShardingError(
+          f"{_API}: {self.__name__} was given an AbstractMesh {self.mesh}; it can plan "
+          "(.shardings/.explain with jax.ShapeDtypeStruct args) but not run. Pass a concrete "
+          "jax.sharding.Mesh to call it.")
+    entry, leaves = self._entry(args, kwargs)
+    paths = [l.path for l in entry.plan.inputs]
+    placed = self._place(leaves, entry.in_shardings, paths)
+    outs = entry.jitted(*placed)
+    result = jax.tree_util.tree_unflatten(entry.out_tree, outs)
+    if entry.nnx_info is not None:
+      nnx = _nnx()
+      result, new_state = result
+      for i in entry.nnx_info[2]:
+        nnx.update(args[i], new_state[i])
+    return result
+
+  def explain(self, *args, **kwargs) -> ShardingPlan:
+    """The :class:`ShardingPlan` for these arguments (arrays or ``jax.ShapeDtypeStruct``)."""
+    return self._entry(args, kwargs)[0].plan
+
+  plan = explain
+
+  def shardings(self, *args, **kwargs):
+    """``(in_shardings, out_shardings)`` as pytrees matching ``args`` and the output.
+
+    ``in_shardings`` has ``None`` at static arguments. With keyword arguments it is
+    ``(args_shardings, kwargs_shardings)``. For Flax NNX arguments the shardings of a
+    module/optimizer are given as its ``nnx.State``.
+    """
+    entry, _ = self._entry(args, kwargs)
+    state, first, kw = jax.tree_util.tree_unflatten(entry.dyn_tree, list(entry.in_shardings))
+    if entry.nnx_info is not None:
+      _, nargs, gidx = entry.nnx_info
+      first = tuple(state[i] if i in gidx else a for i, a in enumerate(first))
+    outs = jax.tree_util.tree_unflatten(entry.out_tree, list(entry.out_shardings))
+    if entry.nnx_info is not None:
+      outs = outs[0]
+    if kwargs:
+      return (first, kw), outs
+    return first, outs
+
+  def lower(self, *args, **kwargs) -> jax.stages.Lowered:
+    """``jax.stages.Lowered`` of the sharded function (``.compile().memory_analysis()`` works)."""
+    if self._mi.abstract:
+      raise ShardingError(f"{_API}: cannot lower over an AbstractMesh; pass a concrete mesh")
+    entry, leaves = self._entry(args, kwargs)
+    abstract = []
+    for x, s in zip(leaves, entry.in_shardings):
+      if isinstance(x, jax.core.Tracer):
+        abstract.append(x)
+      else:
+        shape, dtype = _leaf_desc(x)
+        abstract.append(jax.ShapeDtypeStruct(shape, dtype, sharding=s))
+    return entry.jitted.lower(*abstract)
+
+  def clear_cache(self) -> None:
+    """Forgets cached plans and compiled functions."""
+    self._cache.clear()
+
+  def __repr__(self):
+    return f"auto_shard({getattr(self._fun, '__name__', self._fun)!r}, strategy={self.strategy!r})"
+
+  def __get__(self, obj, objtype=None):
+    if obj is None:
+      return self
+    return functools.partial(self, obj)
+
+
+@typing.overload
+def auto_shard(fun: Callable, mesh=None, /, *, strategy: str = "auto", static_argnums=(),
+               donate_argnums=(), memory_budget=None) -> AutoShardFunction: ...
+
+
+@typing.overload
+def auto_shard(fun: None = None, mesh=None, /, *, strategy: str = "auto", static_argnums=(),
+               donate_argnums=(), memory_budget=None) -> Callable[[Callable], AutoShardFunction]: ...
+
+
+def auto_shard(fun=None, mesh=None, /, *, strategy="auto", static_argnums=(), donate_argnums=(),
+               memory_budget=None):
+  """Chooses shardings for ``fun``'s inputs and outputs over ``mesh`` and jits it.
+
+  Batch-like inputs are split along their batch dimension over the data axes,
+  parameters and optimizer state are FSDP-sharded on their largest divisible
+  dimension, matmul pairs are split column-then-row over a ``"tensor"``/``"model"``
+  axis, and anything left replicated says why (``.explain()``).
+
+  Args:
+    fun: the function (pytrees of arrays, or Flax NNX modules/optimizers, in and out).
+    mesh: a ``jax.sharding.Mesh`` (Auto or Explicit axes; ``None``: all devices in 1-D),
+      or an ``AbstractMesh`` for planning only.
+    strategy: ``"auto"`` (cost-model search) or a baseline ``"dp"``, ``"fsdp"``,
+      ``"tp"``, ``"replicate"``.
+    static_argnums: positional arguments that are static (hashable, not traced).
+    donate_argnums: positional arguments whose buffers may be reused for outputs.
+    memory_budget: per-device bytes (int or ``"2GiB"``) the plan must fit: inputs,
+      outputs and estimated activations. ``ShardingError`` if no plan fits.
+
+  Returns:
+    An :class:`AutoShardFunction` with ``.shardings``, ``.explain``, ``.lower``.
+
+  >>> import jax, jax.numpy as jnp, lepton_jax as lj
+  >>> f = lj.auto_shard(lambda w, x: jnp.tanh(x @ w).sum())
+  >>> float(f(jnp.ones((4, 2)), jnp.ones((8, 4))))  # doctest: +SKIP
+  15.2...
+  """
+  if strategy not in STRATEGIES:
+    raise ValueError(f"{_API}: strategy={strategy!r} is not one of {STRATEGIES}")
+  static = _norm_argnums(static_argnums, "static_argnums")
+  donate = _norm_argnums(donate_argnums, "donate_argnums")
+  if set(static) & set(donate):
+    raise ValueError(f"{_API}: arguments {sorted(set(static) & set(donate))} are both static and donated")
+  budget = None if memory_budget is None else parse_bytes(memory_budget, name="memory_budget", api=_API)
+  if budget is not None and strategy != "auto":
+    raise ValueError(f"{_API}: memory_budget is only used by strategy='auto', got strategy={strategy!r}")
+  resolve_mesh(mesh, api=_API)  # validate now
+
+  def wrap(f):
+    if not callable(f):
+      raise TypeError(f"{_API}: fun must be callable, got {type(f).__name__}")
+    return AutoShardFunction(f, mesh, strategy, static, donate, budget)
+
+  if fun is None:
+    return wrap
+  if not callable(fun):
+    if mesh is None and hasattr(fun, "axis_names"):  # auto_shard(mesh) used as decorator factory
+      m = fun
+      return lambda f: AutoShardFunction(f, m, strategy, static, donate, budget)
+    raise TypeError(f"{_API}: fun must be callable, got {type(fun).__name__}")
+  return wrap(fun)

@@ -1,0 +1,273 @@
+"""auto_shard: results equal single-device jax.jit; memory vs FSDP/replicated; errors."""
+
+import math
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+
+from lepton_jax._errors import ShardingError
+from lepton_jax.sharding import ShardingPlan, auto_shard, make_global_batch
+from tests.sharding import models as M
+
+MESHES = [((8,), ("data",)), ((2, 4), ("data", "model")), ((4, 2), ("x", "y"))]
+
+
+def _mesh(shape, names, explicit=True):
+  t = AxisType.Explicit if explicit else AxisType.Auto
+  return jax.make_mesh(shape, names, axis_types=(t,) * len(names))
+
+
+def _close(a, b, tol=2e-5):
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=tol, atol=tol)
+
+
+def _per_device(tree):
+  return sum(x.addressable_shards[0].data.nbytes for x in jax.tree.leaves(tree))
+
+
+def _hand_fsdp_bytes(tree, n):
+  """Hand-written FSDP: each leaf split on its largest dim divisible by n, else replicated."""
+  tot = 0
+  for x in jax.tree.leaves(tree):
+    dims = sorted((d for d in x.shape if d % n == 0), reverse=True)
+    tot += x.nbytes // n if dims else x.nbytes
+  return tot
+
+
+def _check_memory(plan, state_out, n):
+  per_dev = _per_device(state_out)
+  full = sum(x.nbytes for x in jax.tree.leaves(state_out))
+  assert per_dev <= 1.0 * _hand_fsdp_bytes(state_out, n)
+  assert per_dev <= 0.3 * full
+  assert plan.replicated_param_bytes <= 0.02 * plan.param_bytes
+
+
+@pytest.mark.parametrize("shape,names", MESHES)
+def test_mlp_adamw_equals_jit(shape, names):
+  tx = optax.adamw(1e-2)
+  step = M.make_mlp_step(tx)
+  ps = M.mlp_init(jax.random.key(0), [16, 64, 32, 8])
+  st = tx.init(ps)
+  x = jax.random.normal(jax.random.key(1), (32, 16))
+  y = jax.random.normal(jax.random.key(2), (32, 8))
+  f = auto_shard(step, _mesh(shape, names))
+  ref = jax.jit(step)(ps, st, x, y)
+  out = f(ps, st, x, y)
+  _close(out, ref)
+  out2 = f(*out[:2], x, y)  # second step: reuses the compiled function
+  _close(out2, jax.jit(step)(*ref[:2], x, y))
+  assert len(f._cache) == 1
+  plan = f.explain(ps, st, x, y)
+  _check_memory(plan, out[:2], math.prod(shape))
+  batch = [l for l in plan.inputs if l.path in ("args[2]", "args[3]")]
+  assert all(l.role == "batch" and l.spec[0] for l in batch)
+  ins, outs = f.shardings(ps, st, x, y)
+  assert jax.tree.structure(ins) == jax.tree.structure((ps, st, x, y))
+  assert jax.tree.structure(outs) == jax.tree.structure(ref)
+  assert out[0]["l0"]["w"].sharding.spec == ins[0]["l0"]["w"].spec
+
+
+def test_tensor_parallel_pair_on_model_axis():
+  tx = optax.sgd(0.1)
+  step = M.make_mlp_step(tx)
+  ps = M.mlp_init(jax.random.key(0), [16, 64, 32, 8])
+  st = tx.init(ps)
+  x, y = jnp.ones((8, 16)), jnp.ones((8, 8))
+  plan = auto_shard(step, _mesh((2, 4), ("data", "model"))).explain(ps, st, x, y)
+  spec = {l.path: l.spec for l in plan.inputs}
+  assert "model" in spec["args[0]['l0']['w']"][1]          # column parallel
+  assert "model" in spec["args[0]['l1']['w']"][0]          # row parallel
+  assert spec["args[2]"][0] == ("data",)                    # batch over the data axis only
+  assert plan.tensor_parallel
+
+
+@pytest.mark.parametrize("shape,names,explicit", [((8,), ("data",), True), ((2, 4), ("data", "model"), False),
+                                                  ((4, 2), ("data", "tensor"), True)])
+def test_transformer_lm_adamw(shape, names, explicit):
+  ps, heads = M.lm_params(jax.random.key(0), layers=1, vocab=32, d=16, ff=32, seq=8, heads=2)
+  tx = optax.adamw(1e-3, weight_decay=0.1)
+  st = tx.init(ps)
+  step = M.make_lm_step(tx, heads)
+  toks = jax.random.randint(jax.random.key(1), (8, 8), 0, 32)
+  tgts = jnp.roll(toks, -1, axis=1)
+  f = auto_shard(step, _mesh(shape, names, explicit))
+  ref = jax.jit(step)(ps, st, toks, tgts)
+  out = f(ps, st, toks, tgts)
+  _close(out, ref, 5e-5)
+  plan = f.explain(ps, st, toks, tgts)
+  _check_memory(plan, out[:2], math.prod(shape))
+  assert str(plan).startswith("auto_shard plan")
+
+
+def test_nnx_resnet_state_updates_like_nnx_jit():
+  m1, m2 = M.make_resnet(), M.make_resnet()
+  o1 = nnx.Optimizer(m1, optax.adamw(1e-2), wrt=nnx.Param)
+  o2 = nnx.Optimizer(m2, optax.adamw(1e-2), wrt=nnx.Param)
+  x = jax.random.normal(jax.random.key(1), (16, 4, 4, 3))
+  y = jnp.arange(16) % 10
+  f = auto_shard(M.resnet_step, _mesh((4, 2), ("data", "model")))
+  ref_step = nnx.jit(M.resnet_step)
+  np.testing.assert_allclose(float(f(m1, o1, x, y)), float(ref_step(m2, o2, x, y)), rtol=1e-5)
+  _close(nnx.state(m1), nnx.state(m2), 2e-4)        # params and BatchNorm statistics
+  _close(nnx.state(o1), nnx.state(o2), 2e-4)
+  plan = f.explain(m1, o1, x, y)
+  assert plan.replicated_param_bytes <= 0.02 * plan.param_bytes
+  full = sum(v.nbytes for v in jax.tree.leaves(nnx.state(o1)))
+  assert _per_device(nnx.state(o1)) <= 0.3 * full
+  ins, _ = f.shardings(m1, o1, x, y)
+  assert isinstance(ins[0], nnx.State) and isinstance(ins[2], NamedSharding)
+
+
+@pytest.mark.parametrize("strategy", ["dp", "fsdp", "tp", "replicate"])
+def test_named_baselines(strategy):
+  tx = optax.adam(1e-2)
+  step = M.make_mlp_step(tx)
+  ps = M.mlp_init(jax.random.key(0), [16, 32, 8])
+  st = tx.init(ps)
+  x, y = jnp.ones((16, 16)), jnp.ones((16, 8))
+  mesh = _mesh((2, 4), ("data", "model"))
+  f = auto_shard(strategy=strategy)(step)
+  f = auto_shard(step, mesh, strategy=strategy)
+  _close(f(ps, st, x, y), jax.jit(step)(ps, st, x, y))
+  plan = f.explain(ps, st, x, y)
+  w = {l.path: l for l in plan.inputs}["args[0]['l0']['w']"]
+  if strategy in ("dp", "replicate"):
+    assert w.replicated and "strategy" in w.reason
+  elif strategy == "fsdp":
+    assert w.per_device_bytes == w.bytes // 8
+  else:
+    assert "model" in w.spec[1]
+  xb = {l.path: l for l in plan.inputs}["args[2]"]
+  assert xb.replicated == (strategy == "replicate")
+
+
+def test_default_mesh_bare_decorator_and_wraps():
+  @auto_shard
+  def loss(w, x):
+    """doc"""
+    return jnp.tanh(x @ w).sum()
+
+  assert loss.__name__ == "loss" and loss.__doc__ == "doc"
+  w, x = jnp.ones((4, 8)) * 0.1, jnp.arange(64.).reshape(16, 4) / 64
+  np.testing.assert_allclose(loss(w, x), jax.jit(lambda w, x: jnp.tanh(x @ w).sum())(w, x), rtol=1e-6)
+  g = jax.grad(auto_shard(lambda w, x: jnp.tanh(x @ w).sum()))(w, x)
+  np.testing.assert_allclose(g, jax.grad(lambda w, x: jnp.tanh(x @ w).sum())(w, x), rtol=1e-5)
+  assert loss.mesh.devices.size == len(jax.devices())
+
+
+def test_lower_static_donate_and_dtypes():
+  def f(p, x, scale):
+    return (jnp.tanh(x @ p["w"]) * scale).astype(x.dtype), p
+
+  g = auto_shard(f, _mesh((8,), ("data",)), static_argnums=(2,))
+  for dt in (jnp.float32, jnp.bfloat16):
+    p = {"w": jnp.ones((8, 16), dt) * 0.1}
+    x = jnp.ones((16, 8), dt)
+    out = g(p, x, 3.0)
+    _close(out[0].astype(jnp.float32), f(p, x, 3.0)[0].astype(jnp.float32), 1e-2)
+    lowered = g.lower(p, x, 3.0)
+    assert isinstance(lowered, jax.stages.Lowered)
+    assert lowered.compile().memory_analysis() is not None
+  ins, _ = g.shardings(p, x, 3.0)
+  assert ins[2] is None
+  d = auto_shard(lambda p, x: jax.tree.map(lambda a: a * 2, p), _mesh((8,), ("data",)), donate_argnums=(0,))
+  p = {"w": jnp.ones((8, 16))}
+  np.testing.assert_allclose(d(p, jnp.ones((8, 2)))["w"], 2.0)
+
+
+def test_plan_is_deterministic_and_serialisable():
+  import json
+  ps, heads = M.lm_params(jax.random.key(0))
+  tx = optax.adamw(1e-3)
+  st = tx.init(ps)
+  step = M.make_lm_step(tx, heads)
+  toks = jnp.zeros((8, 16), jnp.int32)
+  mesh = _mesh((2, 4), ("data", "model"))
+  p1 = auto_shard(step, mesh).explain(ps, st, toks, toks)
+  p2 = auto_shard(step, mesh).explain(ps, st, toks, toks)
+  assert isinstance(p1, ShardingPlan) and p1.plan_hash == p2.plan_hash
+  d = json.loads(json.dumps(p1.to_dict()))
+  assert d["plan_hash"] == p1.plan_hash and d["collective_bytes"]["total"] > 0
+  assert all(l["reason"] for l in d["inputs"])
+
+
+def test_memory_budget_constrains_and_errors():
+  tx = optax.adam(1e-2)
+  step = M.make_mlp_step(tx)
+  ps = M.mlp_init(jax.random.key(0), [64, 128, 64])
+  st = tx.init(ps)
+  x, y = jnp.ones((16, 64)), jnp.ones((16, 64))
+  mesh = _mesh((8,), ("data",))
+  free = auto_shard(step, mesh, memory_budget="1GiB").explain(ps, st, x, y)
+  tight_target = auto_shard(step, mesh).explain(ps, st, x, y).memory_bytes_per_device
+  tight = auto_shard(step, mesh, memory_budget=tight_target)
+  plan = tight.explain(ps, st, x, y)
+  assert plan.memory_bytes_per_device <= tight_target
+  assert free.collective_bytes["total"] <= plan.collective_bytes["total"]
+  assert free.param_bytes_per_device > plan.param_bytes_per_device   # generous budget: fewer collectives
+  assert "ILP" in plan.search
+  _close(tight(ps, st, x, y), jax.jit(step)(ps, st, x, y))
+  with pytest.raises(ShardingError, match=r"memory_budget=.*impossible.*smallest feasible"):
+    auto_shard(step, mesh, memory_budget=1024).explain(ps, st, x, y)
+  with pytest.raises(ShardingError, match=r"args\[0\]\['l0'\]\['w'\]"):
+    auto_shard(step, mesh, memory_budget=100).explain(ps, st, x, y)
+
+
+def test_errors():
+  with pytest.raises(ValueError, match="strategy"):
+    auto_shard(lambda x: x, strategy="magic")
+  with pytest.raises(TypeError, match="mesh must be"):
+    auto_shard(lambda x: x, "data")
+  with pytest.raises(ValueError, match="memory_budget"):
+    auto_shard(lambda x: x, memory_budget="lots")
+  mesh = _mesh((8,), ("data",))
+  with pytest.raises(ShardingError, match=r"batch_axes.*\['model'\].*\('data',\)"):
+    make_global_batch({"x": np.ones((8, 2))}, mesh, batch_axes=("model",))
+  with pytest.raises(ShardingError, match=r"args\[1\].*strategy='dp'"):
+    auto_shard(lambda w, x: (x @ w).sum(), mesh, strategy="dp").explain(jnp.ones((4, 4)), jnp.ones((6, 4)))
+  with pytest.raises(TypeError, match=r"args\[0\]\['s'\].*not an array"):
+    auto_shard(lambda p: p, mesh).explain({"s": "text"})
+  sub = jax.sharding.Mesh(np.asarray(jax.devices()[:4]), ("data",))
+  x = jax.device_put(jnp.ones((8, 2)), jax.devices()[6])
+  with pytest.raises(ShardingError, match=r"args\[0\].*not all in the mesh"):
+    auto_shard(lambda x: x * 2, sub)(x)
+
+
+def test_global_batch_helper_single_process():
+  mesh = _mesh((2, 4), ("data", "model"))
+  g = make_global_batch({"x": np.arange(16.).reshape(8, 2)}, mesh)
+  assert g["x"].sharding.spec == P("data")
+  f = auto_shard(lambda x: x.sum(0), mesh)
+  np.testing.assert_allclose(f(g["x"]), np.arange(16.).reshape(8, 2).sum(0))
+
+
+def test_abstract_1b_transformer_planning_time():
+  d, ff, layers, vocab, seq = 2048, 8192, 18, 32000, 128
+  sds = lambda *s: jax.ShapeDtypeStruct(s, jnp.float32)
+  ps = {"embed": sds(vocab, d), "pos": sds(seq, d), "ln_f": sds(d), "unembed": sds(d, vocab),
+        "layers": [{"ln1": sds(d), "ln2": sds(d), "wq": sds(d, d), "wk": sds(d, d), "wv": sds(d, d),
+                    "wo": sds(d, d), "w1": sds(d, ff), "w2": sds(ff, d)} for _ in range(layers)]}
+  nparams = sum(math.prod(x.shape) for x in jax.tree.leaves(ps))
+  assert nparams > 1e9
+  tx = optax.adamw(1e-3)
+  st = jax.eval_shape(tx.init, ps)
+  toks = jax.ShapeDtypeStruct((256, seq), jnp.int32)
+  mesh = jax.sharding.AbstractMesh((16, 16), ("data", "model"))
+  t0 = time.perf_counter()
+  f = auto_shard(M.make_lm_step(tx, 16), mesh)
+  plan = f.explain(ps, st, toks, toks)
+  elapsed = time.perf_counter() - t0
+  assert elapsed <= 10.0, elapsed
+  assert plan.replicated_param_bytes <= 0.02 * plan.param_bytes
+  assert plan.param_bytes_per_device <= 1.05 * plan.param_bytes / 256
+  ins, outs = f.shardings(ps, st, toks, toks)
+  assert ins[2].spec == P("data")
+  with pytest.raises(ShardingError, match="AbstractMesh"):
+    f(ps, st, toks, toks)
