@@ -1,0 +1,109 @@
+"""Shared helpers of the kernel families: validation, padding, compiler params."""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lepton_jax._errors import KernelError
+
+FLOAT_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+FLOAT_NAMES = "float32, bfloat16, float16"
+# Large finite negative (as jax.nn.dot_product_attention uses for masked logits).
+MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
+
+
+def next_pow2(n: int) -> int:
+  return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()
+
+
+def round_up(n: int, m: int) -> int:
+  return -(-n // m) * m
+
+
+def cdiv(a: int, b: int) -> int:
+  return -(-a // b)
+
+
+def is_pow2(n: int) -> bool:
+  return isinstance(n, int) and n > 0 and (n & (n - 1)) == 0
+
+
+def check_array(api: str, name: str, x: Any, *, ndim: int | Sequence[int] | None = None,
+                dtypes: Sequence[Any] | None = FLOAT_DTYPES, dtype_names: str = FLOAT_NAMES,
+                integer: bool = False) -> None:
+  """Raises KernelError unless ``x`` is an array of the right rank and dtype."""
+  if not hasattr(x, "shape") or not hasattr(x, "dtype"):
+    raise KernelError(f"{api}: {name} must be an array, got {type(x).__name__}")
+  if ndim is not None:
+    ndims = (ndim,) if isinstance(ndim, int) else tuple(ndim)
+    if x.ndim not in ndims:
+      want = " or ".join(str(n) for n in ndims)
+      raise KernelError(f"{api}: {name} must have rank {want}, got shape {tuple(x.shape)} (rank {x.ndim})")
+  if integer:
+    if not jnp.issubdtype(x.dtype, jnp.integer):
+      raise KernelError(f"{api}: {name} must have an integer dtype (int32/int64/...), got {x.dtype}")
+  elif dtypes is not None and jnp.dtype(x.dtype) not in dtypes:
+    raise KernelError(f"{api}: {name} has dtype {x.dtype}; supported dtypes are {dtype_names}")
+
+
+def pad_axis(x: jax.Array, axis: int, size: int, value: Any = 0) -> jax.Array:
+  """Pads ``x`` along ``axis`` at the end up to ``size``."""
+  cur = x.shape[axis]
+  if cur == size:
+    return x
+  widths = [(0, 0)] * x.ndim
+  widths[axis] = (0, size - cur)
+  return jnp.pad(x, widths, constant_values=value)
+
+
+def gpu_params(num_warps: int | None = None, num_stages: int | None = None):
+  from jax.experimental.pallas import triton as plgpu
+  return plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages)
+
+
+def tpu_params(semantics: Sequence[str]):
+  from jax.experimental.pallas import tpu as pltpu
+  return pltpu.CompilerParams(dimension_semantics=tuple(semantics))
+
+
+def compiler_params(impl: str, semantics: Sequence[str], num_warps=None, num_stages=None):
+  if impl == "tpu":
+    return tpu_params(semantics)
+  return gpu_params(num_warps, num_stages)
+
+
+def device_kind() -> str:
+  try:
+    return jax.devices()[0].device_kind
+  except Exception:  # pragma: no cover
+    return "unknown"
+
+
+def shapes_dtypes(*arrays) -> tuple[tuple, tuple]:
+  arrs = [a for a in arrays if a is not None]
+  return tuple(tuple(int(d) for d in a.shape) for a in arrs), tuple(str(a.dtype) for a in arrs)
+
+
+def dot_nt(a, b):
+  """a @ b.T with float32 accumulation (kernel-friendly)."""
+  return jax.lax.dot_general(a, b, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+
+
+def dot_nn(a, b):
+  return jax.lax.dot_general(a, b, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+
+
+def dot_tn(a, b):
+  """a.T @ b with float32 accumulation."""
+  return jax.lax.dot_general(a, b, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+
+
+def mm_dtype(x):
+  """Dtype to feed matmul units: keep low precision inputs, float32 otherwise."""
+  return x.dtype

@@ -1,0 +1,530 @@
+"""Softmax cross-entropy (integer labels) and the fused linear variant.
+
+Neither implementation materialises an extra ``[N, V]`` array in the forward pass;
+``linear_softmax_cross_entropy`` never materialises the ``[N, V]`` logits at all
+(forward or backward): it walks the vocabulary in chunks with an online logsumexp.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+import numpy as np
+
+from lepton_jax._errors import KernelError
+from lepton_jax.pallas_kernels import _autotune
+from lepton_jax.pallas_kernels import _registry
+from lepton_jax.pallas_kernels._common import (
+    check_array, compiler_params, dot_nn, dot_nt, dot_tn, is_pow2, next_pow2, pad_axis, round_up,
+    shapes_dtypes)
+
+__all__ = [
+    "CEBlockSizes", "softmax_cross_entropy", "softmax_cross_entropy_reference",
+    "linear_softmax_cross_entropy", "linear_softmax_cross_entropy_reference",
+]
+
+
+@dataclasses.dataclass(frozen=True)
+class CEBlockSizes:
+  """Tiles of the cross-entropy kernels: rows per program, vocabulary chunk.
+
+  >>> CEBlockSizes.get_default().block_v
+  512
+  """
+  block_rows: int = 16
+  block_v: int = 512
+  num_warps: int | None = None
+
+  @classmethod
+  def get_default(cls, *, rows: int | None = None, vocab: int | None = None,
+                  impl: str = "gpu") -> "CEBlockSizes":
+    br, bv = (16, 512) if impl != "xla" else (16, 512)
+    if rows is not None and br:
+      br = max(16, min(br, next_pow2(rows)))
+    if vocab is not None:
+      bv = max(16, min(bv, next_pow2(vocab)))
+    return cls(br, bv)
+
+
+def _legal(bs, impl):
+  if impl == "xla":
+    if not isinstance(bs.block_v, int) or bs.block_v <= 0:
+      return False, f"block_v={bs.block_v!r} must be a positive int"
+    return True, ""
+  if not is_pow2(bs.block_rows) or not 16 <= bs.block_rows <= 256:
+    return False, f"block_rows={bs.block_rows} must be a power of two in [16, 256]"
+  if not is_pow2(bs.block_v) or not 16 <= bs.block_v <= 8192:
+    return False, f"block_v={bs.block_v} must be a power of two in [16, 8192]"
+  return True, ""
+
+
+def softmax_cross_entropy_reference(logits, labels):
+  """``logsumexp(logits) - logits[label]`` per example, float32."""
+  lf = logits.astype(jnp.float32)
+  lse = jax.nn.logsumexp(lf, axis=-1)
+  ll = jnp.take_along_axis(lf, labels[..., None].astype(jnp.int32), axis=-1)[..., 0]
+  return lse - ll
+
+
+def linear_softmax_cross_entropy_reference(x, w, labels):
+  """``softmax_cross_entropy_reference(x @ w, labels)`` (materialises the logits)."""
+  logits = jnp.dot(x, w, preferred_element_type=jnp.float32)
+  return softmax_cross_entropy_reference(logits, labels)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Cfg:
+  impl: str
+  interpret: str
+  vocab: int
+  block_rows: int
+  block_v: int
+  num_warps: int | None
+
+  def interpret_arg(self):
+    if self.interpret == "gpu":
+      return True
+    if self.interpret == "tpu":
+      from jax.experimental.pallas import tpu as pltpu
+      return pltpu.InterpretParams()
+    return False
+
+
+def _onehot(labels, j, bv):
+  return labels[:, None] == (j * bv + jnp.arange(bv))[None, :]
+
+
+def _mask_cols(cfg, s, j, bv, padded):
+  if padded:
+    s = jnp.where((j * bv + jnp.arange(bv))[None, :] < cfg.vocab, s, -jnp.inf)
+  return s
+
+
+# ----------------------------------------------------------------------------- plain CE kernels
+
+def _ce_fwd_kernel(x_ref, lab_ref, loss_ref, lse_ref, *, cfg, nv, padded):
+  from jax.experimental import pallas as pl
+  labels = lab_ref[...]
+  br = labels.shape[0]
+  bv = cfg.block_v
+
+  def body(j, carry):
+    m, l, ll = carry
+    s = x_ref[:, pl.ds(pl.multiple_of(j * bv, bv), bv)].astype(jnp.float32)
+    s = _mask_cols(cfg, s, j, bv, padded)
+    ll = ll + jnp.sum(jnp.where(_onehot(labels, j, bv), s, 0.0), axis=-1)
+    m_new = jnp.maximum(m, jnp.max(s, axis=-1))
+    l = l * jnp.exp(m - m_new) + jnp.sum(jnp.exp(s - m_new[:, None]), axis=-1)
+    return m_new, l, ll
+
+  init = (jnp.full((br,), -jnp.inf, jnp.float32), jnp.zeros((br,), jnp.float32),
+          jnp.zeros((br,), jnp.float32))
+  m, l, ll = lax.fori_loop(0, nv, body, init)
+  lse = m + jnp.log(l)
+  lse_ref[...] = lse
+  loss_ref[...] = lse - ll
+
+
+def _ce_bwd_kernel(x_ref, lab_ref, lse_ref, g_ref, dx_ref, *, cfg, nv, padded):
+  from jax.experimental import pallas as pl
+  labels = lab_ref[...]
+  lse = lse_ref[...]
+  g = g_ref[...]
+  bv = cfg.block_v
+
+  def body(j, c):
+    cols = pl.ds(pl.multiple_of(j * bv, bv), bv)
+    s = x_ref[:, cols].astype(jnp.float32)
+    s = _mask_cols(cfg, s, j, bv, padded)
+    p = jnp.exp(s - lse[:, None]) - _onehot(labels, j, bv).astype(jnp.float32)
+    dx_ref[:, cols] = (p * g[:, None]).astype(dx_ref.dtype)
+    return c
+
+  lax.fori_loop(0, nv, body, 0)
+
+
+def _rows_prep(cfg, n):
+  return round_up(n, cfg.block_rows)
+
+
+def _ce_pallas_fwd(cfg, logits, labels):
+  from jax.experimental import pallas as pl
+  n, v = logits.shape
+  br, bv = cfg.block_rows, cfg.block_v
+  rp, vp = round_up(n, br), round_up(v, bv)
+  xp = pad_axis(pad_axis(logits, 0, rp), 1, vp)
+  lp = pad_axis(labels, 0, rp)
+  r1 = pl.BlockSpec((br,), lambda i: (i,))
+  loss, lse = pl.pallas_call(
+      functools.partial(_ce_fwd_kernel, cfg=cfg, nv=vp // bv, padded=vp != v), grid=(rp // br,),
+      in_specs=[pl.BlockSpec((br, vp), lambda i: (i, 0)), r1], out_specs=[r1, r1],
+      out_shape=[jax.ShapeDtypeStruct((rp,), jnp.float32)] * 2,
+      compiler_params=compiler_params(cfg.impl, ("parallel",), cfg.num_warps),
+      interpret=cfg.interpret_arg(), name="lepton_softmax_ce_fwd",
+  )(xp, lp)
+  return loss[:n], lse
+
+
+def _ce_pallas_bwd(cfg, logits, labels, lse, g):
+  from jax.experimental import pallas as pl
+  n, v = logits.shape
+  br, bv = cfg.block_rows, cfg.block_v
+  rp, vp = round_up(n, br), round_up(v, bv)
+  xp = pad_axis(pad_axis(logits, 0, rp), 1, vp)
+  r1 = pl.BlockSpec((br,), lambda i: (i,))
+  row = pl.BlockSpec((br, vp), lambda i: (i, 0))
+  dx = pl.pallas_call(
+      functools.partial(_ce_bwd_kernel, cfg=cfg, nv=vp // bv, padded=vp != v), grid=(rp // br,),
+      in_specs=[row, r1, r1, r1], out_specs=row,
+      out_shape=jax.ShapeDtypeStruct((rp, vp), logits.dtype),
+      compiler_params=compiler_params(cfg.impl, ("parallel",), cfg.num_warps),
+      interpret=cfg.interpret_arg(), name="lepton_softmax_ce_bwd",
+  )(xp, pad_axis(labels, 0, rp), lse, pad_axis(g.astype(jnp.float32), 0, rp))
+  return dx[:n, :v]
+
+
+def _ce_xla_fwd(cfg, logits, labels):
+  lf = logits.astype(jnp.float32)
+  lse = jax.nn.logsumexp(lf, axis=-1)   # a fused reduction: no [N, V] temporary
+  ll = jnp.take_along_axis(lf, labels[:, None], axis=-1)[:, 0]
+  return lse - ll, lse
+
+
+def _ce_xla_bwd(cfg, logits, labels, lse, g):
+  p = jnp.exp(logits.astype(jnp.float32) - lse[:, None])
+  p = p - jax.nn.one_hot(labels, logits.shape[1], dtype=jnp.float32)
+  return (p * g[:, None].astype(jnp.float32)).astype(logits.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _ce(cfg, logits, labels):
+  f = _ce_xla_fwd if cfg.impl == "xla" else _ce_pallas_fwd
+  return f(cfg, logits, labels)[0]
+
+
+def _ce_fwd(cfg, logits, labels):
+  f = _ce_xla_fwd if cfg.impl == "xla" else _ce_pallas_fwd
+  loss, lse = f(cfg, logits, labels)
+  return loss, (logits, labels, lse)
+
+
+def _ce_bwd(cfg, res, g):
+  logits, labels, lse = res
+  f = _ce_xla_bwd if cfg.impl == "xla" else _ce_pallas_bwd
+  return f(cfg, logits, labels, lse, g), None
+
+
+_ce.defvjp(_ce_fwd, _ce_bwd)
+
+
+# ----------------------------------------------------------------------------- fused linear CE
+
+def _lce_fwd_kernel(x_ref, w_ref, lab_ref, loss_ref, lse_ref, *, cfg, nv, padded):
+  from jax.experimental import pallas as pl
+  x = x_ref[...]
+  labels = lab_ref[...]
+  br = labels.shape[0]
+  bv = cfg.block_v
+
+  def body(j, carry):
+    m, l, ll = carry
+    s = dot_nn(x, w_ref[:, pl.ds(pl.multiple_of(j * bv, bv), bv)])
+    s = _mask_cols(cfg, s, j, bv, padded)
+    ll = ll + jnp.sum(jnp.where(_onehot(labels, j, bv), s, 0.0), axis=-1)
+    m_new = jnp.maximum(m, jnp.max(s, axis=-1))
+    l = l * jnp.exp(m - m_new) + jnp.sum(jnp.exp(s - m_new[:, None]), axis=-1)
+    return m_new, l, ll
+
+  init = (jnp.full((br,), -jnp.inf, jnp.float32), jnp.zeros((br,), jnp.float32),
+          jnp.zeros((br,), jnp.float32))
+  m, l, ll = lax.fori_loop(0, nv, body, init)
+  lse = m + jnp.log(l)
+  lse_ref[...] = lse
+  loss_ref[...] = lse - ll
+
+
+def _lce_dx_kernel(x_ref, w_ref, lab_ref, lse_ref, g_ref, dx_ref, *, cfg, nv, padded):
+  from jax.experimental import pallas as pl
+  x = x_ref[...]
+  labels = lab_ref[...]
+  lse = lse_ref[...]
+  g = g_ref[...]
+  bv = cfg.block_v
+
+  def body(j, dx):
+    wj = w_ref[:, pl.ds(pl.multiple_of(j * bv, bv), bv)]
+    s = _mask_cols(cfg, dot_nn(x, wj), j, bv, padded)
+    p = (jnp.exp(s - lse[:, None]) - _onehot(labels, j, bv).astype(jnp.float32)) * g[:, None]
+    return dx + dot_nt(p.astype(wj.dtype), wj)
+
+  dx = lax.fori_loop(0, nv, body, jnp.zeros(x.shape, jnp.float32))
+  dx_ref[...] = dx.astype(dx_ref.dtype)
+
+
+def _lce_dw_kernel(x_ref, w_ref, lab_ref, lse_ref, g_ref, dw_ref, *, cfg, nr, padded):
+  from jax.experimental import pallas as pl
+  j = pl.program_id(0)
+  wj = w_ref[...]
+  bv = cfg.block_v
+  br = cfg.block_rows
+
+  def body(i, dw):
+    rows = pl.ds(pl.multiple_of(i * br, br), br)
+    x = x_ref[rows, :]
+    labels = lab_ref[rows]
+    s = _mask_cols(cfg, dot_nn(x, wj), j, bv, padded)
+    p = (jnp.exp(s - lse_ref[rows][:, None]) - _onehot(labels, j, bv).astype(jnp.float32))
+    p = p * g_ref[rows][:, None]
+    return dw + dot_tn(x, p.astype(x.dtype))
+
+  dw = lax.fori_loop(0, nr, body, jnp.zeros(wj.shape, jnp.float32))
+  dw_ref[...] = dw.astype(dw_ref.dtype)
+
+
+def _lce_dims(cfg, x, w):
+  n, d = x.shape
+  br, bv = cfg.block_rows, cfg.block_v
+  dp = round_up(d, 128) if cfg.impl == "tpu" else max(16, next_pow2(d))
+  return n, d, br, bv, round_up(n, br), round_up(cfg.vocab, bv), dp
+
+
+def _lce_pallas_fwd(cfg, x, w, labels):
+  from jax.experimental import pallas as pl
+  n, d, br, bv, rp, vp, dp = _lce_dims(cfg, x, w)
+  xp = pad_axis(pad_axis(x, 0, rp), 1, dp)
+  wp = pad_axis(pad_axis(w, 0, dp), 1, vp)
+  r1 = pl.BlockSpec((br,), lambda i: (i,))
+  loss, lse = pl.pallas_call(
+      functools.partial(_lce_fwd_kernel, cfg=cfg, nv=vp // bv, padded=vp != cfg.vocab),
+      grid=(rp // br,),
+      in_specs=[pl.BlockSpec((br, dp), lambda i: (i, 0)), pl.BlockSpec((dp, vp), lambda i: (0, 0)), r1],
+      out_specs=[r1, r1], out_shape=[jax.ShapeDtypeStruct((rp,), jnp.float32)] * 2,
+      compiler_params=compiler_params(cfg.impl, ("parallel",), cfg.num_warps),
+      interpret=cfg.interpret_arg(), name="lepton_linear_ce_fwd",
+  )(xp, wp, pad_axis(labels, 0, rp))
+  return loss[:n], lse
+
+
+def _lce_pallas_bwd(cfg, x, w, labels, lse, g):
+  from jax.experimental import pallas as pl
+  n, d, br, bv, rp, vp, dp = _lce_dims(cfg, x, w)
+  xp = pad_axis(pad_axis(x, 0, rp), 1, dp)
+  wp = pad_axis(pad_axis(w, 0, dp), 1, vp)
+  lp = pad_axis(labels, 0, rp)
+  gp = pad_axis(g.astype(jnp.float32), 0, rp)   # padded rows get zero weight
+  padded = vp != cfg.vocab
+  r1 = pl.BlockSpec((br,), lambda i: (i,))
+  dx = pl.pallas_call(
+      functools.partial(_lce_dx_kernel, cfg=cfg, nv=vp // bv, padded=padded), grid=(rp // br,),
+      in_specs=[pl.BlockSpec((br, dp), lambda i: (i, 0)), pl.BlockSpec((dp, vp), lambda i: (0, 0)),
+                r1, r1, r1],
+      out_specs=pl.BlockSpec((br, dp), lambda i: (i, 0)),
+      out_shape=jax.ShapeDtypeStruct((rp, dp), x.dtype),
+      compiler_params=compiler_params(cfg.impl, ("parallel",), cfg.num_warps),
+      interpret=cfg.interpret_arg(), name="lepton_linear_ce_dx",
+  )(xp, wp, lp, lse, gp)
+  full = pl.BlockSpec((rp,), lambda j: (0,))
+  dw = pl.pallas_call(
+      functools.partial(_lce_dw_kernel, cfg=cfg, nr=rp // br, padded=padded), grid=(vp // bv,),
+      in_specs=[pl.BlockSpec((rp, dp), lambda j: (0, 0)), pl.BlockSpec((dp, bv), lambda j: (0, j)),
+                full, full, full],
+      out_specs=pl.BlockSpec((dp, bv), lambda j: (0, j)),
+      out_shape=jax.ShapeDtypeStruct((dp, vp), w.dtype),
+      compiler_params=compiler_params(cfg.impl, ("parallel",), cfg.num_warps),
+      interpret=cfg.interpret_arg(), name="lepton_linear_ce_dw",
+  )(xp, wp, lp, lse, gp)
+  return dx[:n, :d], dw[:d, : cfg.vocab]
+
+
+def _lce_xla_chunks(cfg, w):
+  bv = min(cfg.block_v, cfg.vocab)
+  vp = round_up(cfg.vocab, bv)
+  return bv, vp // bv, pad_axis(w, 1, vp), vp != cfg.vocab
+
+
+def _lce_xla_fwd(cfg, x, w, labels):
+  n = x.shape[0]
+  bv, nv, wp, padded = _lce_xla_chunks(cfg, w)
+
+  def body(j, carry):
+    m, l, ll = carry
+    wj = lax.dynamic_slice_in_dim(wp, j * bv, bv, axis=1)
+    s = _mask_cols(cfg, jnp.dot(x, wj, preferred_element_type=jnp.float32), j, bv, padded)
+    ll = ll + jnp.sum(jnp.where(_onehot(labels, j, bv), s, 0.0), axis=-1)
+    m_new = jnp.maximum(m, jnp.max(s, axis=-1))
+    l = l * jnp.exp(m - m_new) + jnp.sum(jnp.exp(s - m_new[:, None]), axis=-1)
+    return m_new, l, ll
+
+  init = (jnp.full((n,), -jnp.inf, jnp.float32), jnp.zeros((n,), jnp.float32), jnp.zeros((n,), jnp.float32))
+  m, l, ll = lax.fori_loop(0, nv, body, init)
+  lse = m + jnp.log(l)
+  return lse - ll, lse
+
+
+def _lce_xla_bwd(cfg, x, w, labels, lse, g):
+  bv, nv, wp, padded = _lce_xla_chunks(cfg, w)
+  gf = g.astype(jnp.float32)
+
+  def body(j, carry):
+    dx, dw = carry
+    wj = lax.dynamic_slice_in_dim(wp, j * bv, bv, axis=1)
+    s = _mask_cols(cfg, jnp.dot(x, wj, preferred_element_type=jnp.float32), j, bv, padded)
+    p = (jnp.exp(s - lse[:, None]) - _onehot(labels, j, bv).astype(jnp.float32)) * gf[:, None]
+    dx = dx + jnp.dot(p.astype(wj.dtype), wj.T, preferred_element_type=jnp.float32)
+    dwj = jnp.dot(x.T, p.astype(x.dtype), preferred_element_type=jnp.float32).astype(w.dtype)
+    return dx, lax.dynamic_update_slice_in_dim(dw, dwj, j * bv, axis=1)
+
+  dx, dw = lax.fori_loop(0, nv, body, (jnp.zeros(x.shape, jnp.float32), jnp.zeros(wp.shape, w.dtype)))
+  return dx.astype(x.dtype), dw[:, : cfg.vocab]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _lce(cfg, x, w, labels):
+  f = _lce_xla_fwd if cfg.impl == "xla" else _lce_pallas_fwd
+  return f(cfg, x, w, labels)[0]
+
+
+def _lce_fwd(cfg, x, w, labels):
+  f = _lce_xla_fwd if cfg.impl == "xla" else _lce_pallas_fwd
+  loss, lse = f(cfg, x, w, labels)
+  return loss, (x, w, labels, lse)
+
+
+def _lce_bwd(cfg, res, g):
+  x, w, labels, lse = res
+  f = _lce_xla_bwd if cfg.impl == "xla" else _lce_pallas_bwd
+  dx, dw = f(cfg, x, w, labels, lse, g)
+  return dx, dw, None
+
+
+_lce.defvjp(_lce_fwd, _lce_bwd)
+
+
+# ----------------------------------------------------------------------------- public
+
+def _check_labels(api, labels, batch_shape, vocab):
+  check_array(api, "labels", labels, integer=True)
+  if tuple(labels.shape) != tuple(batch_shape):
+    raise KernelError(f"{api}: labels must have shape {tuple(batch_shape)} (the batch axes), "
+                      f"got {tuple(labels.shape)}")
+  try:
+    arr = np.asarray(labels)
+  except Exception:  # traced: cannot check values eagerly
+    return
+  if arr.size and (arr.min() < 0 or arr.max() >= vocab):
+    raise KernelError(f"{api}: labels must lie in [0, {vocab}) (the vocabulary size), "
+                      f"got values in [{arr.min()}, {arr.max()}]")
+
+
+def _blocks(api, tune_fn, args, kwargs, block_sizes, resolved, rows, vocab):
+  src = "explicit"
+  if block_sizes is None:
+    block_sizes = _autotune.lookup(tune_fn._lepton_tune_spec, args, kwargs, resolved.backend)
+    src = "autotune-cache"
+    if block_sizes is None:
+      block_sizes, src = CEBlockSizes.get_default(rows=rows, vocab=vocab, impl=resolved.impl), "default"
+  if not isinstance(block_sizes, CEBlockSizes):
+    raise KernelError(f"{api}: block_sizes must be a CEBlockSizes, got {type(block_sizes).__name__}")
+  ok, reason = _legal(block_sizes, resolved.impl)
+  if not ok:
+    raise KernelError(f"{api}: illegal block_sizes for backend {resolved.backend!r}: {reason}")
+  return block_sizes, src
+
+
+def softmax_cross_entropy(logits, labels, *, backend: str = "auto",
+                          block_sizes: CEBlockSizes | None = None):
+  """Per-example softmax cross-entropy with integer labels.
+
+  Equals ``optax.softmax_cross_entropy_with_integer_labels`` (float32 result).
+  The forward pass keeps only ``[N]`` statistics (no ``[N, V]`` temporary); the
+  backward pass writes the logits gradient directly.
+
+  Args:
+    logits: ``[..., V]`` float32/bfloat16/float16.
+    labels: ``[...]`` integers in ``[0, V)``.
+    backend: ``"auto" | "pallas_gpu" | "pallas_tpu" | "xla" | "interpret" | "interpret_tpu"``.
+    block_sizes: :class:`CEBlockSizes`.
+
+  >>> import jax.numpy as jnp
+  >>> softmax_cross_entropy(jnp.zeros((2, 4)), jnp.array([0, 3]), backend="xla").round(4)
+  Array([1.3863, 1.3863], dtype=float32)
+  """
+  api = "softmax_cross_entropy"
+  check_array(api, "logits", logits, ndim=tuple(range(1, 9)))
+  v = logits.shape[-1]
+  if v < 1:
+    raise KernelError(f"{api}: the vocabulary (last) axis of logits must be >= 1, got {v}")
+  _check_labels(api, labels, logits.shape[:-1], v)
+  resolved = _registry.resolve_backend(backend, api=api)
+  n = int(np.prod(logits.shape[:-1], dtype=np.int64))
+  bs, src = _blocks(api, softmax_cross_entropy, (logits,), {}, block_sizes, resolved, n, v)
+  shapes, dtypes = shapes_dtypes(logits, labels)
+  _registry.record(_registry.Dispatch(api, backend, resolved.backend, shapes, dtypes,
+                                      dataclasses.asdict(bs), src))
+  cfg = _Cfg(resolved.impl, "" if resolved.interpret is False else resolved.impl, v,
+             bs.block_rows, bs.block_v, bs.num_warps)
+  loss = _ce(cfg, logits.reshape(n, v), labels.reshape(n).astype(jnp.int32))
+  return loss.reshape(logits.shape[:-1])
+
+
+def linear_softmax_cross_entropy(x, w, labels, *, backend: str = "auto",
+                                 block_sizes: CEBlockSizes | None = None):
+  """Per-example cross-entropy of ``x @ w`` without materialising the ``[N, V]`` logits.
+
+  Args:
+    x: ``[..., D]`` features.
+    w: ``[D, V]`` output projection (same dtype as ``x``).
+    labels: ``[...]`` integers in ``[0, V)``.
+    backend: as :func:`softmax_cross_entropy`.
+    block_sizes: :class:`CEBlockSizes` (``block_v`` = vocabulary chunk).
+
+  >>> import jax.numpy as jnp
+  >>> linear_softmax_cross_entropy(jnp.ones((2, 8)), jnp.zeros((8, 4)), jnp.array([0, 3]),
+  ...                              backend="xla").round(4)
+  Array([1.3863, 1.3863], dtype=float32)
+  """
+  api = "linear_softmax_cross_entropy"
+  check_array(api, "x", x, ndim=tuple(range(1, 9)))
+  check_array(api, "w", w, ndim=2)
+  d = x.shape[-1]
+  if w.shape[0] != d:
+    raise KernelError(f"{api}: w must have shape [D, V] with D={d} (the last axis of x), got {tuple(w.shape)}")
+  if x.dtype != w.dtype:
+    raise KernelError(f"{api}: x and w must share a dtype, got x={x.dtype}, w={w.dtype}")
+  v = w.shape[1]
+  if v < 1 or d < 1:
+    raise KernelError(f"{api}: D and V must be >= 1, got D={d}, V={v}")
+  _check_labels(api, labels, x.shape[:-1], v)
+  resolved = _registry.resolve_backend(backend, api=api)
+  n = int(np.prod(x.shape[:-1], dtype=np.int64))
+  bs, src = _blocks(api, linear_softmax_cross_entropy, (x, w), {}, block_sizes, resolved, n, v)
+  shapes, dtypes = shapes_dtypes(x, w, labels)
+  _registry.record(_registry.Dispatch(api, backend, resolved.backend, shapes, dtypes,
+                                      dataclasses.asdict(bs), src))
+  cfg = _Cfg(resolved.impl, "" if resolved.interpret is False else resolved.impl, v,
+             bs.block_rows, bs.block_v, bs.num_warps)
+  loss = _lce(cfg, x.reshape(n, d), w, labels.reshape(n).astype(jnp.int32))
+  return loss.reshape(x.shape[:-1])
+
+
+def _describe(args, kwargs):
+  shapes, dtypes = shapes_dtypes(*args[:2] if len(args) > 1 and args[1].ndim == 2 else args[:1])
+  return shapes, dtypes, {}
+
+
+def _cands(args, kwargs):
+  return [CEBlockSizes(br, bv, nw) for br in (16, 32, 64) for bv in (128, 256, 512, 1024) for nw in (4, 8)]
+
+
+def _is_legal(bs, args, kwargs):
+  return _legal(bs, "gpu")
+
+
+softmax_cross_entropy._lepton_tune_spec = _autotune.TuneSpec(
+    "softmax_cross_entropy", CEBlockSizes, _describe, _cands, _is_legal)
+linear_softmax_cross_entropy._lepton_tune_spec = _autotune.TuneSpec(
+    "linear_softmax_cross_entropy", CEBlockSizes, _describe, _cands, _is_legal)

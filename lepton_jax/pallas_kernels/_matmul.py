@@ -1,0 +1,244 @@
+"""Matmul with a fused epilogue (bias, gelu / relu / silu): reference, XLA, Pallas, custom_vjp."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+import numpy as np
+
+from lepton_jax._errors import KernelError
+from lepton_jax.pallas_kernels import _autotune
+from lepton_jax.pallas_kernels import _registry
+from lepton_jax.pallas_kernels._common import (
+    check_array, compiler_params, dot_nn, is_pow2, next_pow2, pad_axis, round_up, shapes_dtypes)
+
+__all__ = ["MatmulBlockSizes", "matmul", "matmul_reference", "ACTIVATIONS"]
+
+ACTIVATIONS = (None, "gelu", "relu", "silu")
+
+
+def _act(name, z):
+  if name is None:
+    return z
+  if name == "gelu":
+    return jax.nn.gelu(z)  # tanh approximation, as jax.nn.gelu's default
+  if name == "relu":
+    return jnp.maximum(z, 0.0)
+  return z * jax.nn.sigmoid(z)
+
+
+@dataclasses.dataclass(frozen=True)
+class MatmulBlockSizes:
+  """Output tile ``block_m x block_n``, reduction chunk ``block_k``.
+
+  >>> MatmulBlockSizes.get_default().block_m
+  64
+  """
+  block_m: int = 64
+  block_n: int = 64
+  block_k: int = 32
+  num_warps: int | None = 4
+  num_stages: int = 3
+
+  @classmethod
+  def get_default(cls, *, m: int | None = None, n: int | None = None, k: int | None = None):
+    def fit(b, s):
+      return b if s is None else max(16, min(b, next_pow2(s)))
+    return cls(fit(64, m), fit(64, n), fit(32, k))
+
+
+def _legal(bs, impl):
+  for f in ("block_m", "block_n", "block_k"):
+    v = getattr(bs, f)
+    if not is_pow2(v) or not 16 <= v <= 512:
+      return False, f"{f}={v} must be a power of two in [16, 512]"
+  if bs.num_warps is not None and bs.num_warps not in (1, 2, 4, 8, 16):
+    return False, f"num_warps={bs.num_warps} must be one of 1, 2, 4, 8, 16"
+  smem = (bs.block_m * bs.block_k + bs.block_k * bs.block_n) * 4 * max(1, bs.num_stages)
+  if impl == "gpu" and smem > 227 * 1024:
+    return False, f"estimated shared memory {smem} B exceeds 227 KiB"
+  return True, ""
+
+
+def matmul_reference(x, w, *, bias=None, activation=None):
+  """``activation(x @ w + bias)`` in float32, cast to ``x.dtype``."""
+  z = jnp.dot(x.astype(jnp.float32), w.astype(jnp.float32))
+  if bias is not None:
+    z = z + bias.astype(jnp.float32)
+  return _act(activation, z).astype(x.dtype)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Cfg:
+  impl: str
+  interpret: str
+  activation: str | None
+  has_bias: bool
+  bs: MatmulBlockSizes
+
+  def interpret_arg(self):
+    if self.interpret == "gpu":
+      return True
+    if self.interpret == "tpu":
+      from jax.experimental.pallas import tpu as pltpu
+      return pltpu.InterpretParams()
+    return False
+
+
+def _mm_kernel(x_ref, w_ref, *refs, cfg, nk, bk, save_z):
+  from jax.experimental import pallas as pl
+  refs = list(refs)
+  b_ref = refs.pop(0) if cfg.has_bias else None
+  y_ref = refs[0]
+  z_ref = refs[1] if save_z else None
+
+  def body(kk, acc):
+    ks = pl.ds(pl.multiple_of(kk * bk, bk), bk)
+    return acc + dot_nn(x_ref[:, ks], w_ref[ks, :])
+
+  acc = lax.fori_loop(0, nk, body, jnp.zeros((x_ref.shape[0], w_ref.shape[1]), jnp.float32))
+  if b_ref is not None:
+    acc = acc + b_ref[...].astype(jnp.float32)[None, :]
+  if z_ref is not None:
+    z_ref[...] = acc.astype(z_ref.dtype)
+  y_ref[...] = _act(cfg.activation, acc).astype(y_ref.dtype)
+
+
+def _pallas_mm(cfg, x, w, bias, *, activation, save_z):
+  """[M, K] @ [K, N] (+ bias, activation) with padding to the tiles."""
+  from jax.experimental import pallas as pl
+  cfg = dataclasses.replace(cfg, activation=activation, has_bias=bias is not None)
+  m, k = x.shape
+  n = w.shape[1]
+  bs = cfg.bs
+  bm = min(bs.block_m, max(16, next_pow2(m)))
+  bn = min(bs.block_n, max(16, next_pow2(n)))
+  bk = min(bs.block_k, max(16, next_pow2(k)))
+  mp, np_, kp = round_up(m, bm), round_up(n, bn), round_up(k, bk)
+  args = [pad_axis(pad_axis(x, 0, mp), 1, kp), pad_axis(pad_axis(w, 0, kp), 1, np_)]
+  in_specs = [pl.BlockSpec((bm, kp), lambda i, j: (i, 0)), pl.BlockSpec((kp, bn), lambda i, j: (0, j))]
+  if bias is not None:
+    args.append(pad_axis(bias, 0, np_))
+    in_specs.append(pl.BlockSpec((bn,), lambda i, j: (j,)))
+  out_spec = pl.BlockSpec((bm, bn), lambda i, j: (i, j))
+  out_shape = [jax.ShapeDtypeStruct((mp, np_), x.dtype)]
+  if save_z:
+    out_shape.append(jax.ShapeDtypeStruct((mp, np_), x.dtype))
+  outs = pl.pallas_call(
+      functools.partial(_mm_kernel, cfg=cfg, nk=kp // bk, bk=bk, save_z=save_z),
+      grid=(mp // bm, np_ // bn), in_specs=in_specs, out_specs=[out_spec] * len(out_shape),
+      out_shape=out_shape,
+      compiler_params=compiler_params(cfg.impl, ("parallel", "parallel"), bs.num_warps, bs.num_stages),
+      interpret=cfg.interpret_arg(), name="lepton_matmul",
+  )(*args)
+  return [o[:m, :n] for o in outs]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _mm(cfg, x, w, bias):
+  return _pallas_mm(cfg, x, w, bias, activation=cfg.activation, save_z=False)[0]
+
+
+def _mm_fwd(cfg, x, w, bias):
+  save_z = cfg.activation is not None
+  outs = _pallas_mm(cfg, x, w, bias, activation=cfg.activation, save_z=save_z)
+  return outs[0], (x, w, bias, outs[1] if save_z else None)
+
+
+def _mm_bwd(cfg, res, g):
+  x, w, bias, z = res
+  if cfg.activation is None:
+    dz = g
+  else:
+    _, act_vjp = jax.vjp(lambda t: _act(cfg.activation, t), z.astype(jnp.float32))
+    dz = act_vjp(g.astype(jnp.float32))[0].astype(x.dtype)
+  dx = _pallas_mm(cfg, dz, w.T, None, activation=None, save_z=False)[0]
+  dw = _pallas_mm(cfg, x.T, dz, None, activation=None, save_z=False)[0]
+  db = None if bias is None else dz.astype(jnp.float32).sum(0).astype(bias.dtype)
+  return dx, dw.astype(w.dtype), db
+
+
+_mm.defvjp(_mm_fwd, _mm_bwd)
+
+
+def matmul(x, w, *, bias=None, activation: str | None = None, backend: str = "auto",
+           block_sizes: MatmulBlockSizes | None = None):
+  """``activation(x @ w + bias)`` with the bias and activation fused into the matmul.
+
+  Args:
+    x: ``[..., K]``.
+    w: ``[K, N]`` (same dtype as ``x``).
+    bias: optional ``[N]``.
+    activation: None, ``"gelu"`` (tanh approximation, like ``jax.nn.gelu``), ``"relu"``, ``"silu"``.
+    backend: ``"auto" | "pallas_gpu" | "pallas_tpu" | "xla" | "interpret" | "interpret_tpu"``.
+    block_sizes: :class:`MatmulBlockSizes`.
+
+  Returns:
+    ``[..., N]`` in ``x``'s dtype (float32 accumulation).
+
+  >>> import jax.numpy as jnp
+  >>> matmul(jnp.ones((4, 8)), jnp.ones((8, 2)), activation="relu", backend="interpret").shape
+  (4, 2)
+  """
+  api = "matmul"
+  check_array(api, "x", x, ndim=tuple(range(1, 9)))
+  check_array(api, "w", w, ndim=2)
+  k = x.shape[-1]
+  if w.shape[0] != k:
+    raise KernelError(f"{api}: w must have shape [K, N] with K={k} (the last axis of x), got {tuple(w.shape)}")
+  if w.dtype != x.dtype:
+    raise KernelError(f"{api}: x and w must share a dtype, got x={x.dtype}, w={w.dtype}")
+  if bias is not None:
+    check_array(api, "bias", bias, ndim=1)
+    if bias.shape != (w.shape[1],):
+      raise KernelError(f"{api}: bias must have shape ({w.shape[1]},), got {tuple(bias.shape)}")
+  if activation not in ACTIVATIONS:
+    raise KernelError(f"{api}: activation={activation!r} is not supported; use one of {ACTIVATIONS}")
+  resolved = _registry.resolve_backend(backend, api=api)
+  m = int(np.prod(x.shape[:-1], dtype=np.int64))
+  n = w.shape[1]
+  src = "explicit"
+  if block_sizes is None:
+    block_sizes = _autotune.lookup(matmul._lepton_tune_spec, (x, w), {"activation": activation,
+                                   "bias": bias}, resolved.backend)
+    src = "autotune-cache"
+    if block_sizes is None:
+      block_sizes, src = MatmulBlockSizes.get_default(m=m, n=n, k=k), "default"
+  if not isinstance(block_sizes, MatmulBlockSizes):
+    raise KernelError(f"{api}: block_sizes must be a MatmulBlockSizes, got {type(block_sizes).__name__}")
+  ok, reason = _legal(block_sizes, resolved.impl)
+  if not ok and resolved.impl != "xla":
+    raise KernelError(f"{api}: illegal block_sizes for backend {resolved.backend!r}: {reason}")
+  shapes, dtypes = shapes_dtypes(x, w, bias)
+  _registry.record(_registry.Dispatch(api, backend, resolved.backend, shapes, dtypes,
+                                      dataclasses.asdict(block_sizes), src))
+  if resolved.impl == "xla":
+    z = jnp.dot(x, w, preferred_element_type=jnp.float32)
+    if bias is not None:
+      z = z + bias.astype(jnp.float32)
+    return _act(activation, z).astype(x.dtype)
+  cfg = _Cfg(resolved.impl, "" if resolved.interpret is False else resolved.impl, activation,
+             bias is not None, block_sizes)
+  y = _mm(cfg, x.reshape(m, k), w, bias)
+  return y.reshape(x.shape[:-1] + (n,))
+
+
+def _describe(args, kwargs):
+  shapes, dtypes = shapes_dtypes(*args[:2])
+  return shapes, dtypes, {"activation": kwargs.get("activation"), "bias": kwargs.get("bias") is not None}
+
+
+def _cands(args, kwargs):
+  return [MatmulBlockSizes(bm, bn, bk, nw, ns) for bm in (32, 64, 128) for bn in (32, 64, 128)
+          for bk in (32, 64) for nw in (4, 8) for ns in (3,)]
+
+
+def _is_legal(bs, args, kwargs):
+  return _legal(bs, "gpu")
+
+
+matmul._lepton_tune_spec = _autotune.TuneSpec("matmul", MatmulBlockSizes, _describe, _cands, _is_legal)

@@ -1,0 +1,307 @@
+"""RMS norm and layer norm: reference, XLA, Pallas GPU / TPU kernels with custom_vjp."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from lepton_jax._errors import KernelError
+from lepton_jax.pallas_kernels import _autotune
+from lepton_jax.pallas_kernels import _registry
+from lepton_jax.pallas_kernels._common import (
+    check_array, compiler_params, is_pow2, next_pow2, pad_axis, round_up, shapes_dtypes)
+
+__all__ = ["NormBlockSizes", "rms_norm", "rms_norm_reference", "layer_norm", "layer_norm_reference"]
+
+MAX_FEATURES = 65536
+
+
+@dataclasses.dataclass(frozen=True)
+class NormBlockSizes:
+  """Rows per program of the norm kernels (the feature axis is one tile).
+
+  >>> NormBlockSizes.get_default(features=1024).block_rows
+  16
+  """
+  block_rows: int = 16
+  num_warps: int | None = None
+
+  @classmethod
+  def get_default(cls, *, features: int | None = None, rows: int | None = None) -> "NormBlockSizes":
+    dp = max(16, next_pow2(features or 1024))
+    br = max(1, min(16, 16384 // dp))
+    if rows is not None:
+      br = min(br, next_pow2(rows))
+    return cls(block_rows=max(1, br))
+
+
+def _legal(bs, impl, features):
+  if not is_pow2(bs.block_rows):
+    return False, f"block_rows={bs.block_rows} must be a power of two"
+  if impl != "xla" and bs.block_rows * max(16, next_pow2(features)) > 2 ** 20:
+    return False, f"block_rows * features = {bs.block_rows * next_pow2(features)} exceeds 2**20 elements"
+  return True, ""
+
+
+def rms_norm_reference(x, scale, *, eps=1e-6):
+  """``x * rsqrt(mean(x**2, -1) + eps) * scale`` in float32, cast back to ``x.dtype``."""
+  xf = x.astype(jnp.float32)
+  y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+  if scale is not None:
+    y = y * scale.astype(jnp.float32)
+  return y.astype(x.dtype)
+
+
+def layer_norm_reference(x, scale, bias, *, eps=1e-6):
+  """``(x - mean) * rsqrt(var + eps) * scale + bias`` in float32."""
+  xf = x.astype(jnp.float32)
+  mean = jnp.mean(xf, axis=-1, keepdims=True)
+  var = jnp.mean(jnp.square(xf - mean), axis=-1, keepdims=True)
+  y = (xf - mean) * jax.lax.rsqrt(var + eps)
+  if scale is not None:
+    y = y * scale.astype(jnp.float32)
+  if bias is not None:
+    y = y + bias.astype(jnp.float32)
+  return y.astype(x.dtype)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Cfg:
+  kind: str      # "rms" | "ln"
+  impl: str
+  interpret: str
+  eps: float
+  features: int
+  block_rows: int
+  num_warps: int | None
+
+  def interpret_arg(self):
+    if self.interpret == "gpu":
+      return True
+    if self.interpret == "tpu":
+      from jax.experimental.pallas import tpu as pltpu
+      return pltpu.InterpretParams()
+    return False
+
+
+def _stats(cfg, x):
+  dp = x.shape[-1]
+  d = cfg.features
+  if cfg.kind == "rms":
+    rstd = jax.lax.rsqrt(jnp.sum(x * x, axis=-1) / d + cfg.eps)
+    return x, None, rstd
+  mean = jnp.sum(x, axis=-1) / d
+  xc = x - mean[:, None]
+  if dp != d:
+    xc = jnp.where(jnp.arange(dp)[None, :] < d, xc, 0.0)
+  rstd = jax.lax.rsqrt(jnp.sum(xc * xc, axis=-1) / d + cfg.eps)
+  return xc, mean, rstd
+
+
+def _fwd_kernel(x_ref, s_ref, b_ref, y_ref, mean_ref, rstd_ref, *, cfg):
+  x = x_ref[...].astype(jnp.float32)
+  xc, mean, rstd = _stats(cfg, x)
+  y = xc * rstd[:, None] * s_ref[...].astype(jnp.float32)[None, :]
+  if cfg.kind == "ln":
+    y = y + b_ref[...].astype(jnp.float32)[None, :]
+    mean_ref[...] = mean
+  else:
+    mean_ref[...] = jnp.zeros_like(rstd)
+  y_ref[...] = y.astype(y_ref.dtype)
+  rstd_ref[...] = rstd
+
+
+def _bwd_kernel(x_ref, s_ref, dy_ref, mean_ref, rstd_ref, dx_ref, ds_ref, db_ref, *, cfg):
+  x = x_ref[...].astype(jnp.float32)
+  dy = dy_ref[...].astype(jnp.float32)
+  rstd = rstd_ref[...]
+  d = cfg.features
+  dp = x.shape[-1]
+  if cfg.kind == "ln":
+    xc = x - mean_ref[...][:, None]
+    if dp != d:
+      xc = jnp.where(jnp.arange(dp)[None, :] < d, xc, 0.0)
+  else:
+    xc = x
+  xhat = xc * rstd[:, None]
+  g = dy * s_ref[...].astype(jnp.float32)[None, :]
+  c2 = jnp.sum(g * xhat, axis=-1) / d
+  if cfg.kind == "ln":
+    c1 = jnp.sum(g, axis=-1) / d
+    dx = rstd[:, None] * (g - c1[:, None] - xhat * c2[:, None])
+  else:
+    dx = rstd[:, None] * (g - xhat * c2[:, None])
+  dx_ref[...] = dx.astype(dx_ref.dtype)
+  ds_ref[...] = jnp.sum(dy * xhat, axis=0)
+  db_ref[...] = jnp.sum(dy, axis=0)
+
+
+def _prep(cfg, x2):
+  dp = round_up(cfg.features, 128) if cfg.impl == "tpu" else max(16, next_pow2(cfg.features))
+  br = cfg.block_rows
+  rp = round_up(x2.shape[0], br)
+  return dp, br, rp
+
+
+def _pallas_fwd(cfg, x2, scale, bias):
+  from jax.experimental import pallas as pl
+  dp, br, rp = _prep(cfg, x2)
+  xp = pad_axis(pad_axis(x2, 0, rp), 1, dp)
+  sp = pad_axis(scale, 0, dp)
+  bp = pad_axis(bias, 0, dp)
+  row = pl.BlockSpec((br, dp), lambda i: (i, 0))
+  vec = pl.BlockSpec((dp,), lambda i: (0,))
+  r1 = pl.BlockSpec((br,), lambda i: (i,))
+  y, mean, rstd = pl.pallas_call(
+      functools.partial(_fwd_kernel, cfg=cfg), grid=(rp // br,),
+      in_specs=[row, vec, vec], out_specs=[row, r1, r1],
+      out_shape=[jax.ShapeDtypeStruct((rp, dp), x2.dtype), jax.ShapeDtypeStruct((rp,), jnp.float32),
+                 jax.ShapeDtypeStruct((rp,), jnp.float32)],
+      compiler_params=compiler_params(cfg.impl, ("parallel",), cfg.num_warps),
+      interpret=cfg.interpret_arg(), name=f"lepton_{cfg.kind}_norm_fwd",
+  )(xp, sp, bp)
+  return y[: x2.shape[0], : cfg.features], mean, rstd
+
+
+def _pallas_bwd(cfg, x2, scale, mean, rstd, dy):
+  from jax.experimental import pallas as pl
+  dp, br, rp = _prep(cfg, x2)
+  xp = pad_axis(pad_axis(x2, 0, rp), 1, dp)
+  dyp = pad_axis(pad_axis(dy, 0, rp), 1, dp)
+  sp = pad_axis(scale, 0, dp)
+  nr = rp // br
+  row = pl.BlockSpec((br, dp), lambda i: (i, 0))
+  vec = pl.BlockSpec((dp,), lambda i: (0,))
+  r1 = pl.BlockSpec((br,), lambda i: (i,))
+  part = pl.BlockSpec((None, dp), lambda i: (i, 0))
+  dx, ds, db = pl.pallas_call(
+      functools.partial(_bwd_kernel, cfg=cfg), grid=(nr,),
+      in_specs=[row, vec, row, r1, r1], out_specs=[row, part, part],
+      out_shape=[jax.ShapeDtypeStruct((rp, dp), x2.dtype), jax.ShapeDtypeStruct((nr, dp), jnp.float32),
+                 jax.ShapeDtypeStruct((nr, dp), jnp.float32)],
+      compiler_params=compiler_params(cfg.impl, ("parallel",), cfg.num_warps),
+      interpret=cfg.interpret_arg(), name=f"lepton_{cfg.kind}_norm_bwd",
+  )(xp, sp, dyp, mean, rstd)
+  d = cfg.features
+  return dx[: x2.shape[0], :d], ds.sum(0)[:d], db.sum(0)[:d]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _norm_pallas(cfg, x2, scale, bias):
+  return _pallas_fwd(cfg, x2, scale, bias)[0]
+
+
+def _norm_fwd(cfg, x2, scale, bias):
+  y, mean, rstd = _pallas_fwd(cfg, x2, scale, bias)
+  return y, (x2, scale, bias, mean, rstd)
+
+
+def _norm_bwd(cfg, res, dy):
+  x2, scale, bias, mean, rstd = res
+  dx, ds, db = _pallas_bwd(cfg, x2, scale, mean, rstd, dy)
+  return dx, ds.astype(scale.dtype), db.astype(bias.dtype)
+
+
+_norm_pallas.defvjp(_norm_fwd, _norm_bwd)
+
+
+def _run(kind, api, x, scale, bias, eps, backend, block_sizes, tune_fn):
+  check_array(api, "x", x, ndim=tuple(range(1, 9)))
+  d = x.shape[-1]
+  if not 1 <= d <= MAX_FEATURES:
+    raise KernelError(f"{api}: the feature (last) axis of x has size {d}; supported 1..{MAX_FEATURES}")
+  for name, p in (("scale", scale), ("bias", bias)):
+    if p is None:
+      continue
+    check_array(api, name, p, ndim=1)
+    if p.shape != (d,):
+      raise KernelError(f"{api}: {name} must have shape ({d},) (the last axis of x), got {tuple(p.shape)}")
+  try:
+    eps = float(eps)
+  except Exception:
+    raise KernelError(f"{api}: eps must be a concrete Python float, got {type(eps).__name__}") from None
+  if not eps >= 0:
+    raise KernelError(f"{api}: eps must be >= 0, got {eps}")
+  resolved = _registry.resolve_backend(backend, api=api)
+  rows = int(x.size // d) if d else 0
+  src = "explicit"
+  if block_sizes is None:
+    block_sizes = _autotune.lookup(tune_fn._lepton_tune_spec, (x,), {}, resolved.backend)
+    src = "autotune-cache"
+    if block_sizes is None:
+      block_sizes, src = NormBlockSizes.get_default(features=d, rows=rows), "default"
+  if not isinstance(block_sizes, NormBlockSizes):
+    raise KernelError(f"{api}: block_sizes must be a NormBlockSizes, got {type(block_sizes).__name__}")
+  ok, reason = _legal(block_sizes, resolved.impl, d)
+  if not ok:
+    raise KernelError(f"{api}: illegal block_sizes: {reason}")
+  shapes, dtypes = shapes_dtypes(x, scale, bias)
+  _registry.record(_registry.Dispatch(api, backend, resolved.backend, shapes, dtypes,
+                                      dataclasses.asdict(block_sizes), src))
+  if resolved.impl == "xla":
+    if kind == "rms":
+      return rms_norm_reference(x, scale, eps=eps)
+    return layer_norm_reference(x, scale, bias, eps=eps)
+  cfg = _Cfg(kind, resolved.impl, "" if resolved.interpret is False else resolved.impl, eps, d,
+             block_sizes.block_rows, block_sizes.num_warps)
+  s = scale if scale is not None else jnp.ones((d,), jnp.float32)
+  b = bias if bias is not None else jnp.zeros((d,), jnp.float32)
+  y = _norm_pallas(cfg, x.reshape(rows, d), s, b)
+  return y.reshape(x.shape)
+
+
+def rms_norm(x, scale, *, eps: float = 1e-6, backend: str = "auto",
+             block_sizes: NormBlockSizes | None = None):
+  """RMS normalisation over the last axis: ``x * rsqrt(mean(x**2) + eps) * scale``.
+
+  Args:
+    x: ``[..., features]``, float32/bfloat16/float16 (statistics in float32).
+    scale: ``[features]`` or None.
+    eps: added to the mean square.
+    backend: ``"auto" | "pallas_gpu" | "pallas_tpu" | "xla" | "interpret" | "interpret_tpu"``.
+    block_sizes: :class:`NormBlockSizes` (default: autotune cache, else defaults).
+
+  >>> import jax.numpy as jnp
+  >>> rms_norm(jnp.ones((2, 8)), jnp.ones((8,)), backend="interpret").shape
+  (2, 8)
+  """
+  return _run("rms", "rms_norm", x, scale, None, eps, backend, block_sizes, rms_norm)
+
+
+def layer_norm(x, scale, bias, *, eps: float = 1e-6, backend: str = "auto",
+               block_sizes: NormBlockSizes | None = None):
+  """Layer normalisation over the last axis: ``(x - mean) * rsqrt(var + eps) * scale + bias``.
+
+  Args:
+    x: ``[..., features]``.
+    scale: ``[features]`` or None.
+    bias: ``[features]`` or None.
+    eps: added to the variance.
+    backend: as :func:`rms_norm`.
+    block_sizes: :class:`NormBlockSizes`.
+
+  >>> import jax.numpy as jnp
+  >>> layer_norm(jnp.ones((2, 8)), jnp.ones((8,)), jnp.zeros((8,)), backend="xla").shape
+  (2, 8)
+  """
+  return _run("ln", "layer_norm", x, scale, bias, eps, backend, block_sizes, layer_norm)
+
+
+def _describe(args, kwargs):
+  shapes, dtypes = shapes_dtypes(args[0])
+  return shapes, dtypes, {}
+
+
+def _cands(args, kwargs):
+  return [NormBlockSizes(br, nw) for br in (1, 2, 4, 8, 16, 32) for nw in (4, 8)]
+
+
+def _is_legal(bs, args, kwargs):
+  return _legal(bs, "gpu", args[0].shape[-1])
+
+
+rms_norm._lepton_tune_spec = _autotune.TuneSpec("rms_norm", NormBlockSizes, _describe, _cands, _is_legal)
+layer_norm._lepton_tune_spec = _autotune.TuneSpec("layer_norm", NormBlockSizes, _describe, _cands, _is_legal)

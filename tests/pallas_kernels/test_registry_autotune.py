@@ -1,0 +1,86 @@
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from lepton_jax import KernelError
+from lepton_jax import pallas_kernels as lpk
+
+
+def test_resolve_backend_on_cpu():
+  assert lpk.resolve_backend("auto").backend == "xla"
+  assert lpk.resolve_backend("interpret").impl == "gpu"
+  assert lpk.resolve_backend("interpret_tpu").impl == "tpu"
+  with pytest.raises(KernelError, match="needs a TPU"):
+    lpk.resolve_backend("pallas_tpu")
+  with pytest.raises(KernelError, match="is not valid; use one of"):
+    lpk.resolve_backend("cuda")
+
+
+def test_record_dispatches_is_explicit_and_clearable():
+  x = jnp.ones((4, 16))
+  lpk.rms_norm(x, jnp.ones((16,)), backend="xla")   # outside: nothing recorded anywhere
+  with lpk.record_dispatches() as log:
+    lpk.rms_norm(x, jnp.ones((16,)), backend="interpret")
+    lpk.matmul(x, jnp.ones((16, 4)), backend="xla")
+  assert [(d.kernel, d.backend) for d in log] == [("rms_norm", "interpret"), ("matmul", "xla")]
+  assert "rms_norm" in str(log) and log.last().to_dict()["shapes"] == [[4, 16], [16, 4]]
+  log.clear()
+  assert len(log) == 0
+
+
+def test_block_size_legality_without_gpu():
+  ok, _ = lpk._attention._legality(lpk.BlockSizes(64, 64, 32, 32), "gpu", 128, 2)
+  assert ok
+  ok, why = lpk._attention._legality(lpk.BlockSizes(48, 64, 32, 32), "gpu", 128, 2)
+  assert not ok and "power of two" in why
+  ok, why = lpk._attention._legality(lpk.BlockSizes(512, 512, 32, 32, num_stages=4), "gpu", 256, 4)
+  assert not ok and "shared memory" in why
+  cands = lpk.flash_attention._lepton_tune_spec.candidates((jnp.zeros((1, 40, 1, 8)), jnp.zeros((1, 40, 1, 8))), {})
+  assert cands and all(lpk._attention._legality(c, "gpu", 8, 4)[0] for c in cands)
+  assert not lpk._matmul._legal(lpk.MatmulBlockSizes(512, 512, 512, 4, 3), "gpu")[0]
+  assert lpk.BlockSizes.get_default(q_len=40).block_q == 64
+
+
+def test_autotune_persists_and_replays(tmp_path, monkeypatch):
+  path = tmp_path / "tune.json"
+  cache = lpk.AutotuneCache(path)
+  x, w = jnp.ones((32, 32)), jnp.ones((32, 32))
+  cands = [lpk.MatmulBlockSizes(16, 16, 16), lpk.MatmulBlockSizes(32, 32, 16),
+           lpk.MatmulBlockSizes(24, 16, 16)]   # the last is illegal
+  res = lpk.autotune(lpk.matmul, x, w, backend="interpret", cache=cache, candidates=cands, repeats=1)
+  assert not res.from_cache and res.best in cands[:2] and len(res.illegal) == 1
+  data = json.loads(path.read_text())
+  assert len(data["entries"]) == 1
+  # a fresh cache object on the same file replays the same choice without timing
+  res2 = lpk.autotune(lpk.matmul, x, w, backend="interpret", cache=lpk.AutotuneCache(path), candidates=cands)
+  assert res2.from_cache and res2.best == res.best
+  # kernels replay from the default cache (env var) when block_sizes is not given
+  monkeypatch.setenv("LEPTON_AUTOTUNE_CACHE", str(path))
+  lpk.clear_autotune_cache()
+  try:
+    with lpk.record_dispatches() as log:
+      lpk.matmul(x, w, backend="interpret")
+      lpk.matmul(jnp.ones((8, 32)), w, backend="interpret")   # other shape: defaults
+    assert log.records[0].block_sizes_source == "autotune-cache"
+    assert log.records[0].block_sizes == res.best.__dict__
+    assert log.records[1].block_sizes_source == "default"
+  finally:
+    lpk.clear_autotune_cache()
+
+
+def test_default_cache_path(monkeypatch, tmp_path):
+  monkeypatch.delenv("LEPTON_AUTOTUNE_CACHE", raising=False)
+  monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+  assert lpk.default_cache_path() == os.path.join(str(tmp_path), "lepton_jax", "autotune.json")
+  with pytest.raises(KernelError, match="not a tunable"):
+    lpk.autotune(jnp.dot, jnp.ones(2), jnp.ones(2))
+
+
+def test_kernels_compose_with_vmap_and_jit():
+  x = jax.random.normal(jax.random.PRNGKey(0), (3, 5, 16))
+  s = jnp.ones((16,))
+  out = jax.jit(jax.vmap(lambda x: lpk.rms_norm(x, s, backend="interpret")))(x)
+  assert float(jnp.max(jnp.abs(out - lpk.rms_norm_reference(x, s)))) <= 1e-5
