@@ -15,3 +15,4 @@ from lepton_jax import jaxpr as jaxpr
 from lepton_jax import sharding as sharding
 from lepton_jax.sharding._auto_shard import auto_shard as auto_shard
 from lepton_jax import pallas_kernels as pallas_kernels
+from lepton_jax.transforms._adaptive_jit import adaptive_jit as adaptive_jit

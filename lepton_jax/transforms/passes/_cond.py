@@ -1,0 +1,86 @@
+"""Skips ``cond``/``switch`` branches whose index is known when the jaxpr is traced.
+
+A ``cond`` whose index operand is a literal or a known constant (for example after
+constant folding of a Python-level predicate) is replaced by the chosen branch's
+equations, inlined with fresh variables. Branch jaxprs that carry consts are inlined as
+a ``closed_call`` instead.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from jax._src import core
+
+from lepton_jax.transforms.passes._common import (Rewrite, inline_closed, location,
+                                                  map_subjaxprs, substitute)
+
+__all__ = ["cond"]
+
+
+def _cond_jaxpr(closed: core.ClosedJaxpr, path: str, records: list[Rewrite]) -> core.ClosedJaxpr:
+  jaxpr = closed.jaxpr
+  known: dict = {}
+  for v, c in zip(jaxpr.constvars, closed.consts):
+    if not isinstance(c, core.Tracer):
+      try:
+        known[v] = np.asarray(c)
+      except Exception:
+        pass
+  env: dict = {}
+  new_eqns = []
+  changed = False
+  for i, eqn in enumerate(jaxpr.eqns):
+    here = f"{path}{i}"
+    invars = [substitute(a, env) for a in eqn.invars]
+    if any(a is not b for a, b in zip(invars, eqn.invars)):
+      eqn = eqn.replace(invars=invars)
+      changed = True
+    if eqn.primitive.name == "cond":
+      idx = eqn.invars[0]
+      val = (np.asarray(idx.val) if isinstance(idx, core.Literal) else known.get(idx))
+      if val is not None and val.shape == () and not eqn.effects:
+        branches = eqn.params["branches"]
+        k = int(np.clip(int(val), 0, len(branches) - 1))
+        inl = inline_closed(branches[k], list(eqn.invars[1:]))
+        if inl is not None:
+          sub_eqns, outs = inl
+          # Recurse into the inlined equations (nested conds may now be static too).
+          sub_closed = core.ClosedJaxpr(
+              jaxpr.replace(invars=[], outvars=outs, eqns=sub_eqns), closed.consts)
+          sub_closed = _cond_jaxpr(sub_closed, f"{here}/branches[{k}]/", records)
+          for v, o in zip(eqn.outvars, sub_closed.jaxpr.outvars):
+            if not isinstance(v, core.DropVar):
+              env[v] = o
+          new_eqns.extend(sub_closed.jaxpr.eqns)
+          records.append(Rewrite("cond", "static_predicate", location(here, eqn),
+                                 len(branches) - 1))
+          changed = True
+          continue
+    new_eqn = map_subjaxprs(eqn, lambda cj, nm, _o, here=here: _cond_jaxpr(cj, f"{here}/{nm}/", records))
+    if new_eqn is not eqn:
+      changed = True
+      eqn = new_eqn
+    new_eqns.append(eqn)
+  if not changed:
+    return closed
+  outvars = [substitute(a, env) for a in jaxpr.outvars]
+  return core.ClosedJaxpr(jaxpr.replace(eqns=new_eqns, outvars=outvars), closed.consts)
+
+
+def cond(closed: core.ClosedJaxpr, **_) -> tuple[core.ClosedJaxpr, list[Rewrite]]:
+  """Inlines the taken branch of every ``cond`` with a statically known index.
+
+  Args:
+    closed: the jaxpr to rewrite; its interface is kept.
+
+  Returns:
+    ``(new_closed_jaxpr, rewrites)``.
+
+  >>> import jax
+  >>> cj = jax.make_jaxpr(lambda x: jax.lax.cond(True, jax.numpy.sin, jax.numpy.cos, x))(1.0)
+  >>> [r.pattern for r in cond(cj)[1]]
+  ['static_predicate']
+  """
+  records: list[Rewrite] = []
+  return _cond_jaxpr(closed, "", records), records

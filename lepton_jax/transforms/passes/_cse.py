@@ -1,0 +1,128 @@
+"""Common-subexpression elimination across a jaxpr and inside every nested jaxpr.
+
+Two equations are merged when they apply the same primitive with equal parameters to
+the same inputs. Equations with effects (IO, ordered callbacks, state) and stateful or
+random primitives are never merged. Commutative binary primitives are matched with
+their operands in either order.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from jax._src import core
+
+from lepton_jax.transforms.passes._common import Rewrite, location, map_subjaxprs, substitute
+
+__all__ = ["cse"]
+
+_COMMUTATIVE = frozenset({"add", "mul", "max", "min", "and", "or", "xor", "eq", "ne",
+                          "add_any"})
+# Never merged: stateful/random/nondeterministic or identity-carrying primitives.
+_NEVER = ("rng", "random", "iota_2x32", "threefry", "callback", "debug", "print",
+          "infeed", "outfeed", "barrier", "optimization_barrier", "pure_callback", "io_callback", "pallas_call", "axis_index", "psum", "all_",
+          "ppermute", "pmax", "pmin", "reduce_scatter", "mutable", "ref_", "get", "swap",
+          "addupdate", "run_state", "custom_lin", "mesh_cast", "sharding_constraint")
+
+
+def _never(prim_name: str) -> bool:
+  return any(tok in prim_name for tok in _NEVER)
+
+
+class _Unhashable(Exception):
+  pass
+
+
+def _freeze(v: Any):
+  """A hashable key for a parameter value (raises _Unhashable)."""
+  if isinstance(v, (core.ClosedJaxpr, core.Jaxpr)):
+    return ("jaxpr", id(v))
+  if isinstance(v, (list, tuple)):
+    return (type(v).__name__, tuple(_freeze(x) for x in v))
+  if isinstance(v, dict):
+    return ("dict", tuple(sorted((k, _freeze(x)) for k, x in v.items())))
+  if isinstance(v, np.ndarray):
+    return ("nd", v.dtype.str, v.shape, v.tobytes())
+  if callable(v) and not isinstance(v, type):
+    return ("callable", id(v))
+  try:
+    hash(v)
+  except TypeError as e:
+    raise _Unhashable() from e
+  return v
+
+
+def _atom_key(a, env):
+  a = substitute(a, env)
+  if isinstance(a, core.Literal):
+    try:
+      val = np.asarray(a.val)
+      return ("lit", val.dtype.str, val.shape, val.tobytes(), getattr(a.aval, "weak_type", False))
+    except Exception as e:  # pragma: no cover
+      raise _Unhashable() from e
+  return ("var", id(a))
+
+
+def _cse_jaxpr(closed: core.ClosedJaxpr, path: str, records: list[Rewrite]) -> core.ClosedJaxpr:
+  jaxpr = closed.jaxpr
+  env: dict = {}        # Var -> replacement atom
+  seen: dict = {}       # key -> outvars
+  new_eqns = []
+  changed = False
+  for i, eqn in enumerate(jaxpr.eqns):
+    here = f"{path}{i}"
+    invars = [substitute(a, env) for a in eqn.invars]
+    if any(a is not b for a, b in zip(invars, eqn.invars)):
+      eqn = eqn.replace(invars=invars)
+      changed = True
+    key = None
+    if not eqn.effects and not _never(eqn.primitive.name) and not any(
+        isinstance(v, core.DropVar) for v in eqn.outvars):
+      try:
+        ins = [_atom_key(a, env) for a in eqn.invars]
+        if eqn.primitive.name in _COMMUTATIVE and len(ins) == 2:
+          ins = sorted(ins, key=repr)
+        key = (eqn.primitive, tuple(ins), _freeze(eqn.params),
+               tuple((v.aval.shape, str(v.aval.dtype)) if hasattr(v.aval, "shape") else str(v.aval)
+                     for v in eqn.outvars))
+        hash(key)
+      except (_Unhashable, TypeError):
+        key = None
+    if key is not None and key in seen:
+      prev = seen[key]
+      for v, p in zip(eqn.outvars, prev):
+        env[v] = p
+      records.append(Rewrite("cse", f"duplicate_{eqn.primitive.name}", location(here, eqn), 1))
+      changed = True
+      continue
+    if key is not None:
+      seen[key] = eqn.outvars
+    new_eqn = map_subjaxprs(eqn, lambda cj, name, _o, here=here: _cse_jaxpr(cj, f"{here}/{name}/", records))
+    if new_eqn is not eqn:
+      changed = True
+      eqn = new_eqn
+    new_eqns.append(eqn)
+  if not changed:
+    return closed
+  outvars = [substitute(a, env) for a in jaxpr.outvars]
+  return core.ClosedJaxpr(jaxpr.replace(eqns=new_eqns, outvars=outvars), closed.consts)
+
+
+def cse(closed: core.ClosedJaxpr, **_) -> tuple[core.ClosedJaxpr, list[Rewrite]]:
+  """Merges duplicate pure computations (see module doc).
+
+  Args:
+    closed: the jaxpr to rewrite; its interface is kept.
+
+  Returns:
+    ``(new_closed_jaxpr, rewrites)``.
+
+  >>> import jax, jax.numpy as jnp
+  >>> cj = jax.make_jaxpr(lambda x: jnp.sin(x) + jnp.sin(x))(1.0)
+  >>> [r.pattern for r in cse(cj)[1]]
+  ['duplicate_sin']
+  """
+  records: list[Rewrite] = []
+  return _cse_jaxpr(closed, "", records), records

@@ -1,0 +1,142 @@
+"""Constant folding: equations whose inputs are all known constants are evaluated once.
+
+Results become literals (scalars) or new constants of the closed jaxpr (small arrays at
+the top level only; nested jaxprs only receive scalar literals so their interface and
+const layout stay unchanged). Effectful, random and control-flow equations are not
+folded, nor results larger than ``max_elements``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+import jax
+from jax._src import core
+
+from lepton_jax.transforms.passes._common import Rewrite, location, map_subjaxprs, substitute
+
+__all__ = ["fold"]
+
+_DEFAULT_MAX_ELEMENTS = 1 << 16
+_SKIP = ("rng", "random", "callback", "debug", "print", "infeed", "outfeed",
+         "pallas_call", "axis_index", "psum", "all_", "ppermute", "pmax", "pmin",
+         "mutable", "ref_", "sharding", "mesh_cast", "device_put", "barrier")
+
+
+def _literal(val: np.ndarray, aval) -> core.Literal:
+  return core.Literal(val, aval)
+
+
+def _fold_jaxpr(closed: core.ClosedJaxpr, path: str, records: list[Rewrite], top: bool,
+                max_elements: int) -> core.ClosedJaxpr:
+  jaxpr = closed.jaxpr
+  known: dict = {}
+  for v, c in zip(jaxpr.constvars, closed.consts):
+    if not isinstance(c, core.Tracer):
+      try:
+        known[v] = np.asarray(c)
+      except Exception:
+        pass
+  env: dict = {}
+  new_consts: list = []
+  new_constvars: list = []
+  new_eqns = []
+  changed = False
+
+  def value_of(a):
+    a = substitute(a, env)
+    if isinstance(a, core.Literal):
+      try:
+        return np.asarray(a.val)
+      except Exception:
+        return None
+    return known.get(a)
+
+  for i, eqn in enumerate(jaxpr.eqns):
+    here = f"{path}{i}"
+    invars = [substitute(a, env) for a in eqn.invars]
+    if any(a is not b for a, b in zip(invars, eqn.invars)):
+      eqn = eqn.replace(invars=invars)
+      changed = True
+    vals = [value_of(a) for a in eqn.invars]
+    foldable = (
+        all(v is not None for v in vals)
+        and not eqn.effects
+        and not any(tok in eqn.primitive.name for tok in _SKIP)
+        and not any(isinstance(p, (core.ClosedJaxpr, core.Jaxpr)) for p in eqn.params.values())
+        and all(hasattr(v.aval, "shape") and hasattr(v.aval, "dtype") for v in eqn.outvars)
+        and all(np.issubdtype(np.dtype(v.aval.dtype), np.number) or v.aval.dtype == np.bool_
+                for v in eqn.outvars if _is_numpy_dtype(v.aval.dtype))
+        and all(_is_numpy_dtype(v.aval.dtype) for v in eqn.outvars)
+        and all(int(np.prod(v.aval.shape)) <= (max_elements if top else 1) for v in eqn.outvars))
+    if foldable:
+      try:
+        with jax.ensure_compile_time_eval():
+          params = eqn.primitive.get_bind_params(eqn.params)
+          if isinstance(params, tuple):  # older JAX: (subfuns, params)
+            subfuns, bind_params = params
+          else:
+            subfuns, bind_params = [], params
+          outs = eqn.primitive.bind(*subfuns, *[jax.numpy.asarray(v) for v in vals], **bind_params)
+        outs = outs if eqn.primitive.multiple_results else [outs]
+        outs = [np.asarray(o) for o in outs]
+      except Exception:  # an op we cannot evaluate eagerly: keep it
+        outs = None
+      if outs is not None and all(o.shape == v.aval.shape and o.dtype == v.aval.dtype
+                                  for o, v in zip(outs, eqn.outvars)):
+        for o, v in zip(outs, eqn.outvars):
+          if isinstance(v, core.DropVar):
+            continue
+          if o.ndim == 0:
+            env[v] = _literal(o, v.aval)
+          else:
+            cv = core.Var(v.aval)
+            new_constvars.append(cv)
+            new_consts.append(o)
+            known[cv] = o
+            env[v] = cv
+        records.append(Rewrite("fold", f"constant_{eqn.primitive.name}", location(here, eqn), 1))
+        changed = True
+        continue
+    new_eqn = map_subjaxprs(
+        eqn, lambda cj, name, _o, here=here: _fold_jaxpr(cj, f"{here}/{name}/", records, False,
+                                                        max_elements))
+    if new_eqn is not eqn:
+      changed = True
+      eqn = new_eqn
+    new_eqns.append(eqn)
+  if not changed:
+    return closed
+  outvars = [substitute(a, env) for a in jaxpr.outvars]
+  constvars = list(jaxpr.constvars) + new_constvars
+  consts = list(closed.consts) + new_consts
+  return core.ClosedJaxpr(jaxpr.replace(constvars=constvars, eqns=new_eqns, outvars=outvars),
+                          consts)
+
+
+def _is_numpy_dtype(dt) -> bool:
+  try:
+    np.dtype(dt)
+    return not jax.dtypes.issubdtype(dt, jax.dtypes.extended)
+  except TypeError:
+    return False
+
+
+def fold(closed: core.ClosedJaxpr, *, max_elements: int = _DEFAULT_MAX_ELEMENTS, **_
+         ) -> tuple[core.ClosedJaxpr, list[Rewrite]]:
+  """Evaluates equations whose inputs are all constants (see module doc).
+
+  Args:
+    closed: the jaxpr to rewrite; its interface is kept.
+    max_elements: largest folded result (elements) at the top level.
+
+  Returns:
+    ``(new_closed_jaxpr, rewrites)``.
+
+  >>> import jax, jax.numpy as jnp
+  >>> cj = jax.make_jaxpr(lambda x: x * (jnp.float32(2.0) + 3.0))(1.0)
+  >>> [r.pattern for r in fold(cj)[1]]
+  ['constant_add']
+  """
+  records: list[Rewrite] = []
+  return _fold_jaxpr(closed, "", records, True, max_elements), records

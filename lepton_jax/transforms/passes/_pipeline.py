@@ -1,0 +1,97 @@
+"""The ordered pass pipeline used by ``adaptive_jit``.
+
+``passes="default"`` runs :data:`DEFAULT_PASSES`; a list runs the named passes in the
+given order. A list entry is a pass name or ``(name, {option: value})``, e.g.
+``("simplify", {"nan_unsafe": True})`` to allow ``x * 0 -> 0``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+from jax._src import core
+
+from lepton_jax.transforms.passes._common import Rewrite
+from lepton_jax.transforms.passes._cond import cond
+from lepton_jax.transforms.passes._cse import cse
+from lepton_jax.transforms.passes._dce import dce
+from lepton_jax.transforms.passes._fold import fold
+from lepton_jax.transforms.passes._simplify import simplify
+
+__all__ = ["PASSES", "DEFAULT_PASSES", "normalize_passes", "run_passes"]
+
+PassFn = Callable[..., tuple[core.ClosedJaxpr, list[Rewrite]]]
+
+PASSES: dict[str, PassFn] = {
+    "dce": dce,
+    "cse": cse,
+    "fold": fold,
+    "simplify": simplify,
+    "cond": cond,
+    "route_kernels": None,  # imported lazily (depends on lepton_jax.pallas_kernels)
+}
+
+#: Default order: fold constants so predicates become static, drop static branches,
+#: simplify, merge duplicates, drop dead code, then route hotspots and clean up.
+DEFAULT_PASSES: tuple[str, ...] = ("fold", "cond", "simplify", "cse", "dce", "route_kernels",
+                                   "dce")
+
+_OPTIONS = {"fold": {"max_elements"}, "simplify": {"nan_unsafe"}, "dce": set(), "cse": set(),
+            "cond": set(), "route_kernels": {"spot_check"}}
+
+
+def normalize_passes(passes: Any, *, api: str = "adaptive_jit") -> tuple[tuple[str, tuple], ...]:
+  """Validates ``passes=`` and returns ``((name, sorted option items), ...)``."""
+  valid = ", ".join(repr(p) for p in PASSES)
+  if passes is None or (isinstance(passes, str) and passes.lower() == "none"):
+    return ()
+  if isinstance(passes, str):
+    if passes == "default":
+      return tuple((p, ()) for p in DEFAULT_PASSES)
+    if passes in PASSES:
+      return ((passes, ()),)
+    raise ValueError(f"{api}: passes={passes!r} is not valid; use 'default', None, or a list of "
+                     f"pass names from [{valid}]")
+  if not isinstance(passes, Sequence):
+    raise TypeError(f"{api}: passes must be 'default', None or a list of pass names from "
+                    f"[{valid}], got {type(passes).__name__} {passes!r}")
+  out = []
+  for item in passes:
+    opts: dict = {}
+    name = item
+    if isinstance(item, tuple) and len(item) == 2 and isinstance(item[1], dict):
+      name, opts = item
+    if not isinstance(name, str) or name not in PASSES:
+      raise ValueError(f"{api}: unknown pass {name!r} in passes={passes!r}; valid pass names are "
+                       f"[{valid}] (or 'default' / None for the whole list)")
+    bad = set(opts) - _OPTIONS[name]
+    if bad:
+      raise ValueError(f"{api}: pass {name!r} got unknown options {sorted(bad)}; valid options: "
+                       f"{sorted(_OPTIONS[name]) or 'none'}")
+    out.append((name, tuple(sorted(opts.items()))))
+  return tuple(out)
+
+
+def run_passes(closed: core.ClosedJaxpr, passes: tuple[tuple[str, tuple], ...], *,
+               kernels: str | None = "auto") -> tuple[core.ClosedJaxpr, list[Rewrite]]:
+  """Runs the (normalized) passes in order; returns the new jaxpr and all rewrites.
+
+  >>> import jax, jax.numpy as jnp
+  >>> cj = jax.make_jaxpr(lambda x: (jnp.sin(x) * 1.0, jnp.cos(x))[0])(1.0)
+  >>> new, recs = run_passes(cj, normalize_passes("default"))
+  >>> len(new.jaxpr.eqns)
+  1
+  """
+  records: list[Rewrite] = []
+  for name, opts in passes:
+    kw = dict(opts)
+    if name == "route_kernels":
+      if kernels is None:
+        continue
+      kw["kernels"] = kernels
+    fn = PASSES[name]
+    if fn is None:
+      from lepton_jax.transforms.passes._route_kernels import route_kernels as fn
+    closed, recs = fn(closed, **kw)
+    records.extend(recs)
+  return closed, records

@@ -1,0 +1,702 @@
+"""Hotspot routing: exact matches of softmax attention -> ``pallas_kernels.flash_attention``.
+
+The matcher works on the jaxpr's data flow, not on one spelling, so
+``jax.nn.dot_product_attention`` (XLA implementation, including grouped-query heads and
+causal/explicit masks), ``einsum + softmax + einsum`` and Flax linen / NNX
+``dot_product_attention`` all normalise to the same structure::
+
+    S0 = dot_general(Q, K)          contracting one head dim, any batch dims
+    S  = S0 [* c | / c]* [+ bias] [where(mask, ., fill)]   (+ layout-only transposes/reshapes)
+    P  = softmax(S, axis=k)         the jax.nn.softmax graph (max, sub, exp, sum, div)
+    O  = dot_general(P, V)          contracting k with V's sequence axis
+
+Every dimension is tracked by label (batch dims, query dims, key dim), so masks and biases
+are passed to the kernel in its ``[batch, heads, q, k]`` layout and the output is put
+back in the program's layout. Anything else -- softmax over another axis, a mask applied
+after the softmax, a scale applied after the bias, an intermediate used elsewhere, a
+``-inf`` fill -- is not a match. Each replacement is checked (output shape/dtype, and a
+numeric comparison on random inputs when it is small enough); a failed check keeps the
+original sub-graph and warns.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import warnings
+from typing import Any
+
+import numpy as np
+
+import jax
+import jax.numpy as jnp
+from jax._src import core
+
+from lepton_jax.transforms.passes._common import Rewrite, inline_closed, location
+
+__all__ = ["route_kernels", "find_attention", "clear_spot_check_cache"]
+
+_FILL_MAX = -1e9       # a mask fill must be finite and at most this
+_SPOT_CHECK_MAX_SCORES = 1 << 22
+
+
+@dataclasses.dataclass
+class _AttnMatch:
+  d1: int                      # eqn index of Q.K
+  d2: int                      # eqn index of P.V
+  eqns: list[int]              # all matched eqn indices
+  q: Any
+  k: Any
+  v: Any
+  q_perm: tuple[int, ...]      # transpose Q -> [batch..., qfree..., d]
+  k_perm: tuple[int, ...]
+  v_perm: tuple[int, ...]
+  batch_sizes: tuple[int, ...]
+  q_sizes: tuple[int, ...]
+  kv_len: int
+  head_dim: int
+  v_dim: int
+  scale: float
+  bias: Any = None
+  bias_perm: tuple[int, ...] | None = None
+  mask: Any = None
+  mask_perm: tuple[int, ...] | None = None
+  out_perm: tuple[int, ...] = ()   # canonical [batch..., qfree..., dv] -> D2 output layout
+
+
+class _NoMatch(Exception):
+  pass
+
+
+def _uses(jaxpr: core.Jaxpr) -> dict:
+  uses: dict = {}
+  for i, e in enumerate(jaxpr.eqns):
+    for a in e.invars:
+      if isinstance(a, core.Var):
+        uses.setdefault(a, []).append(i)
+  for a in jaxpr.outvars:
+    if isinstance(a, core.Var):
+      uses.setdefault(a, []).append(-1)
+  return uses
+
+
+def _scalar_value(a, known) -> float | None:
+  if isinstance(a, core.Literal):
+    v = np.asarray(a.val)
+  else:
+    v = known.get(a)
+  if v is None or v.size != 1:
+    return None
+  return float(v.reshape(()))
+
+
+def _single_use(v, uses, idx) -> bool:
+  return uses.get(v, []) == [idx]
+
+
+def _match_softmax(jaxpr, uses, s_var, known):
+  """Matches jax.nn.softmax(S, axis=a), possibly computed in a transposed frame.
+
+  Returns (axis in the frame of P, P var, eqn indices, frame permutation of S's dims).
+  """
+  eqns = jaxpr.eqns
+  cons = uses.get(s_var, [])
+  if len(cons) != 2 or -1 in cons:
+    raise _NoMatch("scores used outside softmax")
+  rm = [i for i in cons if eqns[i].primitive.name == "reduce_max"]
+  other = [i for i in cons if i not in rm]
+  if len(rm) != 1 or len(other) != 1:
+    raise _NoMatch("not a softmax")
+  i_max = rm[0]
+  axes = tuple(eqns[i_max].params["axes"])
+  if len(axes) != 1:
+    raise _NoMatch("softmax over several axes")
+  axis = int(axes[0])
+  ndim = len(s_var.aval.shape)
+  idx = [i_max]
+
+  def only_consumer(v):
+    c = uses.get(v, [])
+    if len(c) != 1 or c[0] == -1:
+      raise _NoMatch("softmax intermediate used elsewhere")
+    return c[0]
+
+  # The frame in which the softmax is computed: S itself, or one transpose of it.
+  frame = tuple(range(ndim))
+  s_frame = s_var
+  j = other[0]
+  if eqns[j].primitive.name == "transpose":
+    frame = tuple(eqns[j].params["permutation"])
+    idx.append(j)
+    s_frame = eqns[j].outvars[0]
+    j = only_consumer(s_frame)
+  if eqns[j].primitive.name != "sub" or eqns[j].invars[0] is not s_frame:
+    raise _NoMatch("softmax subtracts something else")
+  i_sub = j
+  f_axis = frame.index(axis)
+  # Max path: labels are dims of S.
+  cur = eqns[i_max].outvars[0]
+  labels = [d for d in range(ndim) if d != axis]
+  j = only_consumer(cur)
+  if eqns[j].primitive.name == "max":   # max(-inf, m)
+    oth = [a for a in eqns[j].invars if a is not cur]
+    if len(oth) != 1 or _scalar_value(oth[0], known) != -np.inf:
+      raise _NoMatch("unexpected max in softmax")
+    idx.append(j)
+    cur = eqns[j].outvars[0]
+    j = only_consumer(cur)
+  while eqns[j].primitive.name == "transpose":
+    labels = [labels[p] for p in eqns[j].params["permutation"]]
+    idx.append(j)
+    cur = eqns[j].outvars[0]
+    j = only_consumer(cur)
+  if eqns[j].primitive.name != "broadcast_in_dim":
+    raise _NoMatch("softmax max not broadcast back")
+  bd = tuple(eqns[j].params["broadcast_dimensions"])
+  yshape = eqns[j].outvars[0].aval.shape
+  ylabels = [None] * len(yshape)
+  for src, dst in enumerate(bd):
+    ylabels[dst] = labels[src]
+  missing = [d for d in range(len(yshape)) if ylabels[d] is None]
+  if missing != [f_axis] or yshape[f_axis] != 1:
+    raise _NoMatch("softmax max not broadcast over its axis")
+  ylabels[f_axis] = axis
+  if tuple(ylabels) != frame:
+    raise _NoMatch("softmax max broadcast in another frame")
+  idx.append(j)
+  cur = eqns[j].outvars[0]
+  j = only_consumer(cur)
+  if eqns[j].primitive.name == "stop_gradient":
+    idx.append(j)
+    cur = eqns[j].outvars[0]
+    j = only_consumer(cur)
+  if j != i_sub or eqns[i_sub].invars[1] is not cur:
+    raise _NoMatch("softmax subtracts something else")
+  idx.append(i_sub)
+  z = eqns[i_sub].outvars[0]
+  j = only_consumer(z)
+  if eqns[j].primitive.name != "exp":
+    raise _NoMatch("softmax without exp")
+  idx.append(j)
+  e = eqns[j].outvars[0]
+  ce = uses.get(e, [])
+  if len(ce) != 2 or -1 in ce:
+    raise _NoMatch("exp used elsewhere")
+  rs = [i for i in ce if eqns[i].primitive.name == "reduce_sum"]
+  dv = [i for i in ce if eqns[i].primitive.name == "div"]
+  if len(rs) != 1 or len(dv) != 1 or tuple(eqns[rs[0]].params["axes"]) != (f_axis,):
+    raise _NoMatch("softmax normaliser over another axis")
+  idx.append(rs[0])
+  cur = eqns[rs[0]].outvars[0]
+  j = only_consumer(cur)
+  if eqns[j].primitive.name != "broadcast_in_dim" or tuple(
+      eqns[j].params["broadcast_dimensions"]) != tuple(d for d in range(ndim) if d != f_axis) or \
+      eqns[j].outvars[0].aval.shape[f_axis] != 1:
+    raise _NoMatch("softmax sum not broadcast back")
+  idx.append(j)
+  cur = eqns[j].outvars[0]
+  if only_consumer(cur) != dv[0] or eqns[dv[0]].invars[0] is not e or eqns[dv[0]].invars[1] is not cur:
+    raise _NoMatch("softmax divides something else")
+  idx.append(dv[0])
+  return f_axis, eqns[dv[0]].outvars[0], idx, frame
+
+
+def _producer_map(jaxpr):
+  prod = {}
+  for i, e in enumerate(jaxpr.eqns):
+    for v in e.outvars:
+      prod[v] = i
+  return prod
+
+
+def _depends_on(jaxpr, prod, var, targets: set, memo: dict) -> bool:
+  """Whether ``var`` depends on any eqn index in ``targets``."""
+  stack = [var]
+  seen = set()
+  while stack:
+    v = stack.pop()
+    if not isinstance(v, core.Var) or v in seen:
+      continue
+    seen.add(v)
+    if v in memo:
+      if memo[v]:
+        return True
+      continue
+    i = prod.get(v)
+    if i is None:
+      continue
+    if i in targets:
+      return True
+    stack.extend(jaxpr.eqns[i].invars)
+  return False
+
+
+def _match_attention(jaxpr, uses, prod, d1: int, known) -> _AttnMatch:
+  eqns = jaxpr.eqns
+  e1 = eqns[d1]
+  (lc, rc), (lb, rb) = e1.params["dimension_numbers"]
+  if len(lc) != 1 or len(rc) != 1:
+    raise _NoMatch("Q.K must contract exactly one head dim")
+  q, k = e1.invars
+  if not all(isinstance(x, core.Var) for x in (q, k)):
+    raise _NoMatch("literal operand")
+  qr, kr = len(q.aval.shape), len(k.aval.shape)
+  qfree = [i for i in range(qr) if i not in lc and i not in lb]
+  kfree = [i for i in range(kr) if i not in rc and i not in rb]
+  if len(kfree) != 1 or not qfree:
+    raise _NoMatch("K must have exactly one sequence dim")
+  nb = len(lb)
+  # Labels of S0 dims: ("b", i) batch i; ("q", j) query free dim j; ("k",) key dim.
+  labels = [("b", i) for i in range(nb)] + [("q", j) for j in range(len(qfree))] + [("k",)]
+  scale = 1.0
+  bias = mask = None
+  bias_labels = mask_labels = None
+  phase = 0
+  idx = [d1]
+  cur = e1.outvars[0]
+  dtype = cur.aval.dtype
+  if not (q.aval.dtype == k.aval.dtype == dtype):
+    raise _NoMatch("mixed dtypes")
+  chain_set = {d1}
+  while True:
+    c = uses.get(cur, [])
+    if len(c) == 2 and "reduce_max" in {eqns[i].primitive.name for i in c} and -1 not in c:
+      break
+    if len(c) != 1 or c[0] == -1:
+      raise _NoMatch("score used elsewhere")
+    i = c[0]
+    e = eqns[i]
+    name = e.primitive.name
+    others = [a for a in e.invars if a is not cur]
+    if name in ("mul", "div") and len(e.invars) == 2 and len(others) == 1 and phase == 0:
+      if name == "div" and e.invars[1] is cur:
+        raise _NoMatch("division by scores")
+      val = _scalar_value(others[0], known)
+      if val is None or not np.isfinite(val) or val == 0:
+        raise _NoMatch("non-constant scale")
+      if others[0].aval.shape not in ((),) and np.prod(others[0].aval.shape) != 1:
+        raise _NoMatch("non-scalar scale")
+      scale = scale * val if name == "mul" else scale / val
+    elif name == "add" and len(others) == 1 and phase == 0:
+      b = others[0]
+      if (not isinstance(b, core.Var) or b.aval.shape != cur.aval.shape
+          or b.aval.dtype != dtype or _depends_on(jaxpr, prod, b, chain_set, {})):
+        raise _NoMatch("bias must be an independent full-shape array")
+      bias, bias_labels = b, list(labels)
+      phase = 1
+    elif name == "select_n" and len(e.invars) == 3 and phase in (0, 1) and e.invars[2] is cur:
+      pred, fill = e.invars[0], e.invars[1]
+      if pred.aval.dtype != np.bool_ or pred.aval.shape != cur.aval.shape:
+        raise _NoMatch("mask shape")
+      if _depends_on(jaxpr, prod, pred, chain_set, {}):
+        raise _NoMatch("mask depends on scores")
+      fv = _fill_value(jaxpr, prod, fill, known)
+      if fv is None or not np.isfinite(fv) or fv > _FILL_MAX:
+        raise _NoMatch("mask fill must be a large finite negative constant")
+      mask, mask_labels = pred, list(labels)
+      idx.extend(_fill_eqns(jaxpr, prod, fill, uses, i))
+      phase = 2
+    elif name == "transpose":
+      perm = tuple(e.params["permutation"])
+      labels = [labels[p] for p in perm]
+    elif name == "reshape" and e.params.get("dimensions") in (None, ()):
+      new_shape = tuple(e.outvars[0].aval.shape)
+      old_shape = tuple(cur.aval.shape)
+      if [s for s in old_shape if s != 1] != [s for s in new_shape if s != 1]:
+        raise _NoMatch("reshape changes non-unit dims")
+      nonunit = [l for l, s in zip(labels, old_shape) if s != 1]
+      unit = [l for l, s in zip(labels, old_shape) if s == 1]
+      it = iter(nonunit)
+      new_labels = []
+      for s in new_shape:
+        if s != 1:
+          new_labels.append(next(it))
+        elif unit:
+          new_labels.append(unit.pop(0))
+        else:
+          raise _NoMatch("reshape adds a new unit dim")
+      if unit:
+        # Dropping unit dims is fine only if they are q/batch dims of size 1 (tracked away).
+        raise _NoMatch("reshape drops a labelled unit dim")
+      labels = new_labels
+    else:
+      raise _NoMatch(f"unexpected {name} between Q.K and softmax")
+    idx.append(i)
+    chain_set.add(i)
+    cur = e.outvars[0]
+  axis, p_var, sm_idx, frame = _match_softmax(jaxpr, uses, cur, known)
+  labels = [labels[p] for p in frame]
+  if labels[axis] != ("k",):
+    raise _NoMatch("softmax is not over the key axis")
+  idx.extend(sm_idx)
+  c = uses.get(p_var, [])
+  if len(c) != 1 or c[0] == -1 or eqns[c[0]].primitive.name != "dot_general":
+    raise _NoMatch("probabilities not consumed by one dot_general")
+  d2 = c[0]
+  e2 = eqns[d2]
+  (lc2, rc2), (lb2, rb2) = e2.params["dimension_numbers"]
+  if e2.invars[0] is p_var:
+    pc, vc, pb, vb, v = lc2, rc2, lb2, rb2, e2.invars[1]
+    p_first = True
+  elif e2.invars[1] is p_var:
+    pc, vc, pb, vb, v = rc2, lc2, rb2, lb2, e2.invars[0]
+    p_first = False
+  else:
+    raise _NoMatch("P.V")
+  if not isinstance(v, core.Var) or v.aval.dtype != dtype or e2.outvars[0].aval.dtype != dtype:
+    raise _NoMatch("V dtype")
+  if tuple(pc) != (axis,) or len(vc) != 1:
+    raise _NoMatch("P.V must contract the key axis only")
+  p_batch_labels = [labels[d] for d in pb]
+  if sorted(p_batch_labels) != sorted(("b", i) for i in range(nb)):
+    raise _NoMatch("P.V batch dims differ from Q.K batch dims")
+  pr = len(p_var.aval.shape)
+  p_free = [d for d in range(pr) if d not in pc and d not in pb]
+  if sorted(labels[d] for d in p_free) != sorted(("q", j) for j in range(len(qfree))):
+    raise _NoMatch("P.V free dims are not the query dims")
+  vr = len(v.aval.shape)
+  v_free = [d for d in range(vr) if d not in vc and d not in vb]
+  if len(v_free) != 1:
+    raise _NoMatch("V must have one feature dim")
+  # Sizes.
+  batch_sizes = tuple(q.aval.shape[d] for d in lb)
+  if tuple(k.aval.shape[d] for d in rb) != batch_sizes:
+    raise _NoMatch("batch sizes")
+  q_sizes = tuple(q.aval.shape[d] for d in qfree)
+  kv_len = k.aval.shape[kfree[0]]
+  head_dim = q.aval.shape[lc[0]]
+  v_dim = v.aval.shape[v_free[0]]
+  if v.aval.shape[vc[0]] != kv_len or v_dim != head_dim:
+    raise _NoMatch("V shape")
+  # V batch dims in label order b0..b{nb-1}.
+  v_batch_for_label = {p_batch_labels[j]: vb[j] for j in range(len(pb))}
+  v_perm = tuple(v_batch_for_label[("b", i)] for i in range(nb)) + (vc[0], v_free[0])
+  q_perm = tuple(lb) + tuple(qfree) + (lc[0],)
+  k_perm = tuple(rb) + (kfree[0], rc[0])
+  canon = [("b", i) for i in range(nb)] + [("q", j) for j in range(len(qfree))] + [("k",)]
+
+  def perm_for(lbls):
+    return tuple(lbls.index(l) for l in canon)
+
+  # D2 output layout: batch (in pb order), then lhs free, then rhs free.
+  out_labels = [p_batch_labels[j] for j in range(len(pb))]
+  p_free_labels = [labels[d] for d in p_free]
+  out_labels += (p_free_labels + [("v",)]) if p_first else ([("v",)] + p_free_labels)
+  canon_out = [("b", i) for i in range(nb)] + [("q", j) for j in range(len(qfree))] + [("v",)]
+  out_perm = tuple(canon_out.index(l) for l in out_labels)
+  idx.append(d2)
+  return _AttnMatch(
+      d1=d1, d2=d2, eqns=sorted(set(idx)), q=q, k=k, v=v, q_perm=q_perm, k_perm=k_perm,
+      v_perm=v_perm, batch_sizes=batch_sizes, q_sizes=q_sizes, kv_len=kv_len,
+      head_dim=head_dim, v_dim=v_dim, scale=scale,
+      bias=bias, bias_perm=perm_for(bias_labels) if bias is not None else None,
+      mask=mask, mask_perm=perm_for(mask_labels) if mask is not None else None,
+      out_perm=out_perm)
+
+
+def _fill_value(jaxpr, prod, fill, known):
+  """The constant behind a mask fill (a literal, or broadcasts of one)."""
+  seen = 0
+  while isinstance(fill, core.Var) and seen < 4:
+    i = prod.get(fill)
+    if i is None:
+      val = known.get(fill)
+      return None if val is None or np.unique(val).size != 1 else float(np.unique(val)[0])
+    e = jaxpr.eqns[i]
+    if e.primitive.name in ("broadcast_in_dim", "convert_element_type") and len(e.invars) == 1:
+      fill = e.invars[0]
+      seen += 1
+    else:
+      return None
+  return _scalar_value(fill, known)
+
+
+def _fill_eqns(jaxpr, prod, fill, uses, select_idx):
+  """Fill broadcast eqns used only by the select (they die with the match)."""
+  out = []
+  while isinstance(fill, core.Var) and fill in prod:
+    i = prod[fill]
+    if uses.get(fill, []) != ([select_idx] if not out else [out[-1]]):
+      break
+    out.append(i)
+    fill = jaxpr.eqns[i].invars[0]
+  return out
+
+
+def _canonical(x, perm, lead_sizes, mid, tail):
+  x = jnp.transpose(x, perm)
+  return x.reshape(lead_sizes + mid + tail)
+
+
+def _attention_replacement(m: _AttnMatch, backend: str):
+  flash_attention = _kernel("flash_attention")
+  nbf = int(np.prod(m.batch_sizes)) if m.batch_sizes else 1
+  tq = int(np.prod(m.q_sizes))
+
+  def fn(q, k, v, bias, mask):
+    qc = jnp.transpose(q, m.q_perm).reshape(nbf, tq, 1, m.head_dim)
+    kc = jnp.transpose(k, m.k_perm).reshape(nbf, m.kv_len, 1, m.head_dim)
+    vc = jnp.transpose(v, m.v_perm).reshape(nbf, m.kv_len, 1, m.v_dim)
+    bc = None if bias is None else jnp.transpose(bias, m.bias_perm).reshape(nbf, 1, tq, m.kv_len)
+    mc = None if mask is None else jnp.transpose(mask, m.mask_perm).reshape(nbf, 1, tq, m.kv_len)
+    o = flash_attention(qc, kc, vc, bias=bc, mask=mc, scale=float(m.scale), backend=backend)
+    o = o.reshape(m.batch_sizes + m.q_sizes + (m.v_dim,))
+    return jnp.transpose(o, m.out_perm)
+
+  return fn
+
+
+def _kernel(name: str):
+  try:
+    import lepton_jax.pallas_kernels as lpk
+    return getattr(lpk, name)
+  except (ImportError, AttributeError):
+    # The package may not re-export yet; fall back to the implementing module.
+    import importlib
+    mod = {"flash_attention": "_attention", "rms_norm": "_norms", "layer_norm": "_norms"}[name]
+    return getattr(importlib.import_module(f"lepton_jax.pallas_kernels.{mod}"), name)
+
+
+def find_attention(closed: core.ClosedJaxpr) -> list[_AttnMatch]:
+  """All exact attention matches at the top level of ``closed`` (see module doc)."""
+  jaxpr = closed.jaxpr
+  known = _known_consts(closed)
+  uses = _uses(jaxpr)
+  prod = _producer_map(jaxpr)
+  out, taken = [], set()
+  for i, e in enumerate(jaxpr.eqns):
+    if e.primitive.name != "dot_general" or i in taken:
+      continue
+    try:
+      m = _match_attention(jaxpr, uses, prod, i, known)
+    except _NoMatch:
+      continue
+    if taken & set(m.eqns):
+      continue
+    taken |= set(m.eqns)
+    out.append(m)
+  return out
+
+
+def _known_consts(closed):
+  known = {}
+  for v, c in zip(closed.jaxpr.constvars, closed.consts):
+    if not isinstance(c, core.Tracer):
+      try:
+        known[v] = np.asarray(c)
+      except Exception:
+        pass
+  return known
+
+
+def _inline_jits(closed: core.ClosedJaxpr) -> tuple[core.ClosedJaxpr, bool]:
+  """Inlines nested ``jit`` calls at the top level so patterns can be seen whole."""
+  jaxpr = closed.jaxpr
+  new_eqns, changed = [], False
+  env: dict = {}
+  for e in jaxpr.eqns:
+    e = e.replace(invars=[env.get(a, a) if isinstance(a, core.Var) else a for a in e.invars])
+    if e.primitive.name in ("jit", "pjit") and not e.effects:
+      inl = inline_closed(e.params["jaxpr"], list(e.invars))
+      if inl is not None:
+        sub, outs = inl
+        sub_closed, _ = _inline_jits(core.ClosedJaxpr(
+            jaxpr.replace(invars=[], outvars=outs, eqns=sub), closed.consts))
+        new_eqns.extend(sub_closed.jaxpr.eqns)
+        for v, o in zip(e.outvars, sub_closed.jaxpr.outvars):
+          env[v] = o
+        changed = True
+        continue
+    new_eqns.append(e)
+  if not changed:
+    return closed, False
+  outvars = [env.get(a, a) if isinstance(a, core.Var) else a for a in jaxpr.outvars]
+  return core.ClosedJaxpr(jaxpr.replace(eqns=new_eqns, outvars=outvars), closed.consts), True
+
+
+def _subgraph_fn(closed, m: _AttnMatch):
+  """The matched sub-graph as a function of (q, k, v, bias, mask) (for spot checks)."""
+  jaxpr = closed.jaxpr
+  ext = {}
+  for v, c in zip(jaxpr.constvars, closed.consts):
+    ext[v] = c
+
+  def fn(q, k, v, bias, mask):
+    env = dict(ext)
+    env[m.q], env[m.k], env[m.v] = q, k, v
+    if m.bias is not None:
+      env[m.bias] = bias
+    if m.mask is not None:
+      env[m.mask] = mask
+    for i in m.eqns:
+      e = jaxpr.eqns[i]
+      ins = [a.val if isinstance(a, core.Literal) else env[a] for a in e.invars]
+      outs = e.primitive.bind(*ins, **e.params)
+      outs = outs if e.primitive.multiple_results else [outs]
+      for o, val in zip(e.outvars, outs):
+        env[o] = val
+    return env[jaxpr.eqns[m.d2].outvars[0]]
+
+  return fn
+
+
+def _check(closed, m: _AttnMatch, repl, spot_check: bool) -> str | None:
+  """None if the replacement is verified, else the reason it is not."""
+  out_aval = closed.jaxpr.eqns[m.d2].outvars[0].aval
+  sds = lambda a: None if a is None else jax.ShapeDtypeStruct(a.aval.shape, a.aval.dtype)
+  args = (sds(m.q), sds(m.k), sds(m.v), sds(m.bias), sds(m.mask))
+  try:
+    got = jax.eval_shape(repl, *args)
+  except Exception as e:  # kernel refused the shapes/dtypes
+    return f"{type(e).__name__}: {e}"
+  if got.shape != out_aval.shape or got.dtype != out_aval.dtype:
+    return f"replacement gives {got.shape}/{got.dtype}, expected {out_aval.shape}/{out_aval.dtype}"
+  scores = int(np.prod(m.batch_sizes)) * int(np.prod(m.q_sizes)) * m.kv_len
+  if not spot_check or scores > _SPOT_CHECK_MAX_SCORES:
+    return None
+  if any(isinstance(c, core.Tracer) for c in closed.consts):
+    return None
+  key = _spot_key(closed, m, args)
+  if key is not None and key in _SPOT_CACHE:
+    return _SPOT_CACHE[key]
+  verdict = _spot_check(closed, m, repl, args, out_aval)
+  if key is not None:
+    _SPOT_CACHE[key] = verdict
+  return verdict
+
+
+# Verdicts of numeric spot checks keyed by the matched sub-graph's structure and shapes
+# (an explicit, clearable cache: see clear_spot_check_cache).
+_SPOT_CACHE: dict = {}
+
+
+def clear_spot_check_cache() -> None:
+  """Forgets cached spot-check verdicts."""
+  _SPOT_CACHE.clear()
+
+
+def _spot_key(closed, m: _AttnMatch, args):
+  try:
+    cvals = {v: c for v, c in zip(closed.jaxpr.constvars, closed.consts)}
+    parts = []
+    for i in m.eqns:
+      e = closed.jaxpr.eqns[i]
+      parts.append((e.primitive.name, repr(sorted((k, repr(v)) for k, v in e.params.items())),
+                    tuple(repr(a.val) if isinstance(a, core.Literal) else
+                          (repr(a.aval), np.asarray(cvals[a]).tobytes() if a in cvals else None)
+                          for a in e.invars)))
+    return (tuple(parts), tuple(None if a is None else (a.shape, str(a.dtype)) for a in args),
+            m.q_perm, m.k_perm, m.v_perm, m.out_perm, m.bias_perm, m.mask_perm, m.scale,
+            id(_attention_replacement))
+  except Exception:
+    return None
+
+
+def _spot_check(closed, m, repl, args, out_aval):
+  with jax.ensure_compile_time_eval():
+    key = jax.random.key(0)
+    ks = jax.random.split(key, 5)
+    vals = []
+    for kk, a in zip(ks, args):
+      if a is None:
+        vals.append(None)
+      elif a.dtype == np.bool_:
+        vals.append(jax.random.bernoulli(kk, 0.8, a.shape))
+      else:
+        vals.append(jax.random.normal(kk, a.shape, jnp.float32).astype(a.dtype))
+    want = jax.jit(_subgraph_fn(closed, m))(*vals)
+    have = jax.jit(repl)(*vals)
+    tol = 2e-2 if jnp.dtype(out_aval.dtype).itemsize < 4 else 2e-4
+    ok = np.allclose(np.asarray(have, np.float32), np.asarray(want, np.float32), atol=tol, rtol=tol)
+  return None if ok else "numeric spot check failed"
+
+
+def _retrace(closed: core.ClosedJaxpr, skip: set, repls: dict) -> core.ClosedJaxpr:
+  """Re-traces ``closed`` evaluating ``repls[i](read)`` instead of eqn i and skipping ``skip``."""
+  jaxpr = closed.jaxpr
+
+  def run(*args):
+    env = {}
+    for v, c in zip(jaxpr.constvars, closed.consts):
+      env[v] = c
+    for v, a in zip(jaxpr.invars, args):
+      env[v] = a
+    read = lambda a: a.val if isinstance(a, core.Literal) else env[a]
+    for i, e in enumerate(jaxpr.eqns):
+      if i in repls:
+        outs = repls[i](read)
+      elif i in skip:
+        continue
+      else:
+        params = e.primitive.get_bind_params(e.params)
+        if isinstance(params, tuple):
+          subfuns, params = params
+        else:
+          subfuns = []
+        with e.ctx.manager:
+          outs = e.primitive.bind(*subfuns, *[read(a) for a in e.invars], **params)
+        outs = outs if e.primitive.multiple_results else [outs]
+      for v, o in zip(e.outvars, outs):
+        if not isinstance(v, core.DropVar):
+          env[v] = o
+    return [read(a) for a in jaxpr.outvars]
+
+  in_specs = [jax.ShapeDtypeStruct(v.aval.shape, v.aval.dtype,
+                                   weak_type=getattr(v.aval, "weak_type", False))
+              for v in jaxpr.invars]
+  return jax.make_jaxpr(run)(*in_specs)
+
+
+def route_kernels(closed: core.ClosedJaxpr, *, kernels: str | None = "auto", spot_check: bool = True,
+                  **_) -> tuple[core.ClosedJaxpr, list[Rewrite]]:
+  """Routes exact attention matches to ``lepton_jax.pallas_kernels.flash_attention``.
+
+  Args:
+    closed: the jaxpr to rewrite; its interface is kept.
+    kernels: kernel backend (``"auto"``, ``"xla"``, ``"interpret"``, ...); ``None`` routes
+      nothing.
+    spot_check: also compare the replacement numerically on random inputs (when the score
+      matrix has at most 4M entries).
+
+  Returns:
+    ``(new_closed_jaxpr, rewrites)``.
+
+  >>> import jax, jax.numpy as jnp
+  >>> def attn(q, k, v):
+  ...   p = jax.nn.softmax(jnp.einsum("bqhd,bkhd->bhqk", q, k) / 4.0, axis=-1)
+  ...   return jnp.einsum("bhqk,bkhd->bqhd", p, v)
+  >>> x = jnp.ones((1, 8, 2, 16))
+  >>> [r.pattern for r in route_kernels(jax.make_jaxpr(attn)(x, x, x), kernels="xla")[1]]
+  ['attention']
+  """
+  if kernels is None:
+    return closed, []
+  work, _ = _inline_jits(closed)
+  matches = find_attention(work)
+  if not matches:
+    return closed, []
+  records, repls, skip = [], {}, set()
+  for m in matches:
+    repl = _attention_replacement(m, kernels)
+    reason = _check(work, m, repl, spot_check)
+    here = location(str(m.d2), work.jaxpr.eqns[m.d2])
+    if reason is not None:
+      warnings.warn(f"adaptive_jit: attention at eqn {here} was not routed to "
+                    f"pallas_kernels.flash_attention because its check failed ({reason}); the "
+                    "original computation is kept", RuntimeWarning, stacklevel=2)
+      continue
+
+    def make(m=m, repl=repl):
+      def r(read):
+        return [repl(read(m.q), read(m.k), read(m.v),
+                     None if m.bias is None else read(m.bias),
+                     None if m.mask is None else read(m.mask))]
+      return r
+
+    repls[m.d2] = make()
+    skip |= set(m.eqns) - {m.d2}
+    records.append(Rewrite("route_kernels", "attention", here, len(m.eqns)))
+  if not repls:
+    return closed, []
+  new = _retrace(work, skip, repls)
+  return new, records

@@ -1,0 +1,225 @@
+"""adaptive_jit: wrapper semantics, explain, cache behaviour, buckets, NNX."""
+
+import functools
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from lepton_jax.transforms import adaptive_jit
+
+
+def test_bare_and_with_options_and_wraps():
+  @adaptive_jit
+  def f(x):
+    """doc"""
+    return x * 2
+
+  @adaptive_jit(kernels=None, passes=["dce"])
+  def g(x):
+    return x + 1
+
+  assert f.__name__ == "f" and f.__doc__ == "doc"
+  np.testing.assert_allclose(f(jnp.ones(3)), 2.0)
+  np.testing.assert_allclose(g(jnp.ones(3)), 2.0)
+
+
+def test_option_validation_when_applied():
+  with pytest.raises(ValueError, match="kernels='cuda'.*'auto'"):
+    adaptive_jit(kernels="cuda")
+  with pytest.raises(ValueError, match="unknown pass 'fast'.*valid pass names"):
+    adaptive_jit(passes=["fast"])
+  with pytest.raises(ValueError, match="buckets\\['sizes'\\]"):
+    adaptive_jit(buckets={"argnum": 0, "axis": 0, "sizes": "pow3"})
+  with pytest.raises(ValueError, match="unknown keys"):
+    adaptive_jit(buckets={"argnum": 0, "axis": 0, "size": "pow2"})
+  with pytest.raises(ValueError, match="static_argnames contains 'z'"):
+    adaptive_jit(lambda x, y: x, static_argnames="z")
+  with pytest.raises(ValueError, match="both static and donated"):
+    adaptive_jit(lambda x, y: x, static_argnums=0, donate_argnums=0)
+
+
+def test_static_args_pytrees_kwargs_and_cache():
+  def f(params, x, *, act, n):
+    h = x
+    for _ in range(n):
+      h = act(h @ params["w"] + params["b"])
+    return {"out": h, "aux": (h.sum(), h.mean())}
+
+  p = {"w": jnp.eye(4) * 0.5, "b": jnp.ones(4)}
+  x = jnp.ones((2, 4))
+  g = adaptive_jit(f, static_argnames=("act", "n"))
+  ref = jax.jit(f, static_argnames=("act", "n"))(p, x, act=jnp.tanh, n=2)
+  out = g(p, x, act=jnp.tanh, n=2)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), out, ref)
+  for _ in range(3):
+    g(p, x + 1, act=jnp.tanh, n=2)
+  info = g.cache_info()
+  assert info.compiles == 1 and info.hits == 3 and info.calls == 4
+  g(p, x, act=jnp.tanh, n=3)            # new static value -> new compile
+  g(p, jnp.ones((3, 4)), act=jnp.tanh, n=3)  # new shape -> new compile
+  assert g.cache_info().compiles == 3
+  with pytest.raises(TypeError, match="static argument 'n' must be hashable"):
+    g(p, x, act=jnp.tanh, n=[1])
+
+
+def test_static_argnums_positional():
+  g = adaptive_jit(lambda x, k: x ** k, static_argnums=1)
+  np.testing.assert_allclose(g(jnp.full(3, 2.0), 3), 8.0)
+  g(jnp.full(3, 3.0), 3)
+  assert g.cache_info().compiles == 1
+
+
+def test_donate_argnums():
+  g = adaptive_jit(lambda x, y: x * 2 + y, donate_argnums=0)
+  x = jnp.ones(8)
+  out = g(x, jnp.ones(8))
+  np.testing.assert_allclose(out, 3.0)
+  lowered = g.lower(jnp.ones(8), jnp.ones(8))
+  assert "donated" in lowered.as_text() or "tf.aliasing_output" in lowered.as_text() or \
+      "jax.buffer_donor" in lowered.as_text()
+
+
+def test_lower_returns_lowered_with_memory_analysis():
+  g = adaptive_jit(lambda x: jnp.tanh(x @ x.T))
+  lowered = g.lower(jnp.ones((16, 16)))
+  assert isinstance(lowered, jax.stages.Lowered)
+  compiled = lowered.compile()
+  assert compiled.memory_analysis() is not None
+  assert compiled.cost_analysis() is not None
+
+
+def dead_and_duplicate(x, w):
+  dead = jnp.tanh(x @ w) @ w.T           # never used
+  a = jax.nn.relu(x @ w)
+  b = jax.nn.relu(x @ w)                 # duplicate of a
+  c = (a + b) * 1.0
+  return c.T.T.sum()
+
+
+def test_explain_dead_and_duplicate_flops():
+  x, w = jnp.ones((64, 64)), jnp.ones((64, 64)) * 0.01
+  g = adaptive_jit(dead_and_duplicate)
+  rep = g.explain(x, w)
+  assert rep.flops_after <= 0.55 * rep.flops_before, str(rep)
+  assert rep.peak_bytes_after <= rep.peak_bytes_before
+  d = rep.to_dict()
+  import json
+  json.dumps(d)
+  assert {r["pass_name"] for r in d["rewrites"]} >= {"dce", "cse", "simplify"}
+  s = str(rep)
+  assert "FLOPs" in s and "peak memory" in s and "cse" in s
+  np.testing.assert_allclose(g(x, w), jax.jit(dead_and_duplicate)(x, w), rtol=1e-6)
+
+
+def test_no_passes_is_plain_jit():
+  g = adaptive_jit(dead_and_duplicate, passes=None)
+  rep = g.explain(jnp.ones((8, 8)), jnp.ones((8, 8)))
+  assert rep.rewrites == () and rep.flops_after == rep.flops_before
+
+
+def test_grad_vmap_both_sides():
+  f = lambda x, w: jnp.sum(jnp.tanh(x @ w) * 1.0 + 0.0)
+  x, w = jnp.linspace(0, 1, 12).reshape(3, 4), jnp.linspace(-1, 1, 20).reshape(4, 5)
+  g = adaptive_jit(f)
+  np.testing.assert_allclose(jax.grad(g, argnums=(0, 1))(x, w)[1],
+                             jax.grad(f, argnums=(0, 1))(x, w)[1], rtol=1e-5)
+  np.testing.assert_allclose(adaptive_jit(jax.grad(f))(x, w), jax.grad(f)(x, w), rtol=1e-5)
+  xs = jnp.stack([x, x + 1])
+  np.testing.assert_allclose(jax.vmap(g, (0, None))(xs, w), jax.vmap(f, (0, None))(xs, w),
+                             rtol=1e-5)
+  np.testing.assert_allclose(adaptive_jit(jax.vmap(f, (0, None)))(xs, w),
+                             jax.vmap(f, (0, None))(xs, w), rtol=1e-5)
+  np.testing.assert_allclose(jax.jit(g)(x, w), f(x, w), rtol=1e-6)
+
+
+class _Model(nnx.Module):
+  def __init__(self, rngs):
+    self.lin = nnx.Linear(4, 4, rngs=rngs)
+    self.bn = nnx.BatchNorm(4, rngs=rngs)
+    self.drop = nnx.Dropout(0.5, rngs=rngs)
+    self.calls = nnx.BatchStat(jnp.zeros((), jnp.int32))
+
+  def __call__(self, x):
+    self.calls[...] += 1
+    return self.drop(self.bn(self.lin(x)))
+
+
+def test_nnx_in_place_updates_like_nnx_jit():
+  import optax
+  x = jnp.linspace(0, 1, 8).reshape(2, 4)
+  m1, m2 = _Model(nnx.Rngs(0)), _Model(nnx.Rngs(0))
+  o1 = nnx.Optimizer(m1, optax.adam(1e-2), wrt=nnx.Param)
+  o2 = nnx.Optimizer(m2, optax.adam(1e-2), wrt=nnx.Param)
+
+  def train(m, opt, x):
+    loss, grads = nnx.value_and_grad(lambda m: (m(x) ** 2).sum())(m)
+    opt.update(m, grads)
+    return loss
+
+  a, b = adaptive_jit(train), nnx.jit(train)
+  for _ in range(3):
+    np.testing.assert_allclose(a(m1, o1, x), b(m2, o2, x), rtol=1e-5)
+  np.testing.assert_allclose(m1.lin.kernel[...], m2.lin.kernel[...], rtol=1e-5)
+  np.testing.assert_allclose(m1.bn.mean[...], m2.bn.mean[...], rtol=1e-5)
+  assert int(m1.calls[...]) == 3
+  assert a.cache_info().compiles == 1 and a.cache_info().hits == 2
+
+
+def test_returning_module_is_a_clear_error():
+  with pytest.raises(TypeError, match="returning Flax NNX modules"):
+    adaptive_jit(lambda m: m)(nnx.Linear(2, 2, rngs=nnx.Rngs(0)))
+
+
+# ------------------------------------------------------------------------------ buckets
+
+def _per_token_mlp(w, x):
+  # Position-wise along axis 1 (sequence): safe to pad.
+  h = jax.nn.gelu(x @ w)
+  h = h - h.mean(axis=-1, keepdims=True)
+  return h * jax.lax.rsqrt((h * h).mean(axis=-1, keepdims=True) + 1e-6)
+
+
+def test_buckets_compile_at_most_three_times_and_exact():
+  w = jax.random.normal(jax.random.key(0), (8, 8))
+  g = adaptive_jit(_per_token_mlp, buckets={"argnum": 1, "axis": 1, "sizes": "pow2"})
+  ref = jax.jit(_per_token_mlp)
+  rng = np.random.default_rng(0)
+  for n in range(33, 129):
+    x = jnp.asarray(rng.normal(size=(2, n, 8)), jnp.float32)
+    out = g(w, x)
+    assert out.shape == (2, n, 8)
+    if n % 17 == 0:
+      np.testing.assert_allclose(out, ref(w, x), rtol=1e-5, atol=1e-5)
+  info = g.cache_info()
+  assert info.compiles <= 3 and info.bucket_fallbacks == 0, info
+  assert info.calls == 96
+
+
+def test_buckets_list_sizes_and_explain():
+  w = jnp.eye(8)
+  g = adaptive_jit(_per_token_mlp, buckets={"argnum": 1, "axis": 1, "sizes": [16, 48]})
+  x = jnp.ones((1, 20, 8))
+  assert g(w, x).shape == (1, 20, 8)
+  rep = g.explain(w, x)
+  assert rep.bucket == {"argnum": 1, "axis": 1, "length": 20, "bucket": 48}
+
+
+@pytest.mark.parametrize("fn,why", [
+    (lambda w, x: jax.nn.softmax(x @ w, axis=1), "reduces over the padded axis"),
+    (lambda w, x: x.sum(axis=1) @ w, "reduces over the padded axis"),
+    (lambda w, x: jnp.cumsum(x, axis=1), "accumulates along the padded axis"),
+    (lambda w, x: x / x.shape[1], "depends on the length itself"),
+    (lambda w, x: jnp.einsum("bsd,btd->bst", x, x), "pairs the padded axis with a different axis"),
+])
+def test_buckets_refused_when_padding_could_change_results(fn, why):
+  w = jnp.eye(8)
+  g = adaptive_jit(fn, buckets={"argnum": 1, "axis": 1, "sizes": "pow2"})
+  x = jax.random.normal(jax.random.key(1), (2, 5, 8))
+  with pytest.warns(RuntimeWarning, match=why):
+    out = g(w, x)
+  np.testing.assert_allclose(out, jax.jit(fn)(w, x), rtol=1e-5, atol=1e-6)
+  assert g.cache_info().bucket_fallbacks == 1

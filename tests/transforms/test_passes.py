@@ -1,0 +1,211 @@
+"""Unit tests of the jaxpr rewrite passes (each compared against the original program)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+
+from lepton_jax.transforms.passes._cond import cond
+from lepton_jax.transforms.passes._cse import cse
+from lepton_jax.transforms.passes._dce import dce
+from lepton_jax.transforms.passes._fold import fold
+from lepton_jax.transforms.passes._pipeline import normalize_passes, run_passes
+from lepton_jax.transforms.passes._simplify import simplify
+
+
+def _eval(closed, *args):
+  return jax.core.eval_jaxpr(closed.jaxpr, closed.consts, *args)
+
+
+def _prims(closed):
+  out = []
+
+  def rec(j):
+    for e in j.eqns:
+      out.append(e.primitive.name)
+      for v in e.params.values():
+        if isinstance(v, jax.extend.core.ClosedJaxpr):
+          rec(v.jaxpr)
+        elif isinstance(v, jax.extend.core.Jaxpr):
+          rec(v)
+        elif isinstance(v, (tuple, list)):
+          for b in v:
+            if isinstance(b, jax.extend.core.ClosedJaxpr):
+              rec(b.jaxpr)
+  rec(closed.jaxpr)
+  return out
+
+
+def _same(closed, new, *args):
+  for a, b in zip(_eval(closed, *args), _eval(new, *args)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-6)
+
+
+X = jnp.arange(12.0).reshape(3, 4) / 10
+
+
+def test_dce_removes_dead_and_unused_scan_and_while_outputs():
+  def f(x):
+    dead = jnp.exp(x) @ x.T
+    def body(c, t):
+      return (c[0] + t.sum(), c[1] * jnp.cos(t).sum()), jnp.sin(t)
+    (a, _), ys = lax.scan(body, (0.0, 1.0), x)
+    w = lax.while_loop(lambda c: c[0] < 3, lambda c: (c[0] + 1, c[1] * 2.0, jnp.tanh(c[2])),
+                       (0, x, x))
+    j = jax.jit(lambda t: (t * 2, jnp.log1p(t)))(x)[0]
+    return a + w[1].sum() + j.sum()
+  cj = jax.make_jaxpr(f)(X)
+  new, recs = dce(cj)
+  prims = _prims(new)
+  assert "exp" not in prims and "cos" not in prims and "sin" not in prims
+  assert "tanh" not in prims and "log1p" not in prims
+  pats = {r.pattern for r in recs}
+  assert "unused_outputs_of_while" in pats and "unused_outputs_of_scan" in pats
+  assert "unused_outputs_of_jit" in pats
+  _same(cj, new, X)
+
+
+def test_dce_keeps_effects():
+  def f(x):
+    jax.debug.print("x={x}", x=x)
+    return x * 2
+  cj = jax.make_jaxpr(f)(X)
+  new, _ = dce(cj)
+  assert "debug_print" in _prims(new) or "debug_callback" in _prims(new)
+
+
+def test_cse_merges_duplicates_including_nested():
+  def f(x):
+    a = jnp.tanh(x) @ x.T
+    b = jnp.tanh(x) @ x.T
+    def body(c, t):
+      return c + jnp.sin(t).sum() + jnp.sin(t).sum(), None
+    s, _ = lax.scan(body, 0.0, x)
+    return a + b, s, x * 3 + 3 * x
+  cj = jax.make_jaxpr(f)(X)
+  new, recs = cse(cj)
+  new, _ = dce(new)
+  prims = _prims(new)
+  assert prims.count("tanh") == 1 and prims.count("dot_general") == 1
+  assert prims.count("sin") == 1
+  assert prims.count("mul") == 1  # commutative x*3 == 3*x
+  assert any("scan" in r.location or "/jaxpr/" in r.location for r in recs)
+  _same(cj, new, X)
+
+
+def test_cse_never_merges_random_or_effects():
+  def f(x):
+    a = jax.random.normal(jax.random.key(0), x.shape)
+    jax.debug.print("{}", x)
+    jax.debug.print("{}", x)
+    return a, x
+  cj = jax.make_jaxpr(f)(X)
+  new, recs = cse(cj)
+  assert not any("print" in r.pattern or "callback" in r.pattern or "random" in r.pattern
+                 for r in recs)
+
+
+def test_fold_constants():
+  def f(x):
+    c = jnp.float32(2.0) * jnp.float32(3.0) + 1.0
+    m = jnp.ones((4,)) * 2.0
+    return x * c + m
+  cj = jax.make_jaxpr(f)(X)
+  new, recs = fold(cj)
+  assert len(recs) >= 2
+  _same(cj, new, X)
+  assert len(new.jaxpr.eqns) < len(cj.jaxpr.eqns)
+
+
+@pytest.mark.parametrize("fn,pattern", [
+    (lambda x: x * 1.0, "mul_by_one"),
+    (lambda x: 1.0 * x, "mul_by_one"),
+    (lambda x: x + 0.0, "add_zero"),
+    (lambda x: x - 0.0, "add_zero"),
+    (lambda x: x / 1.0, "div_by_one"),
+    (lambda x: -(-x), "double_neg"),
+    (lambda x: x.T.T, "double_transpose"),
+    (lambda x: x.astype(jnp.float64).astype(jnp.float32) if jax.config.jax_enable_x64
+     else lax.convert_element_type(x, jnp.float32), "noop_convert"),
+    (lambda x: x.reshape(3, 4), "noop_reshape"),
+    (lambda x: jnp.broadcast_to(x[:, :, None], (3, 4, 5)).sum(axis=2), "broadcast_then_reduce"),
+    (lambda x: jnp.broadcast_to(x[None], (7, 3, 4)).max(axis=0), "broadcast_then_reduce"),
+])
+def test_simplify_rules(fn, pattern):
+  cj = jax.make_jaxpr(fn)(X)
+  new, recs = simplify(cj)
+  if pattern in ("noop_convert", "noop_reshape") and not cj.jaxpr.eqns:
+    pytest.skip("JAX already dropped it at trace time")
+  assert pattern in {r.pattern for r in recs}, (recs, cj)
+  new, _ = dce(new)
+  _same(cj, new, X)
+  assert len(new.jaxpr.eqns) <= len(cj.jaxpr.eqns)
+
+
+def test_transpose_pair_merged_not_identity():
+  x = jnp.arange(24.0).reshape(2, 3, 4)
+  fn = lambda x: jnp.transpose(jnp.transpose(x, (1, 0, 2)), (0, 2, 1))
+  cj = jax.make_jaxpr(fn)(x)
+  new, recs = simplify(cj)
+  new, _ = dce(new)
+  assert _prims(new) == ["transpose"]
+  _same(cj, new, x)
+
+
+def test_mul_by_zero_only_with_flag():
+  fn = lambda x: x * 0.0
+  cj = jax.make_jaxpr(fn)(X)
+  assert not simplify(cj)[1]
+  new, recs = simplify(cj, nan_unsafe=True)
+  assert [r.pattern for r in recs] == ["mul_by_zero"]
+  _same(cj, new, X)
+  # NaN inputs are why it is opt-in.
+  nan = jnp.full((3, 4), jnp.nan)
+  assert np.isnan(np.asarray(_eval(cj, nan)[0])).all()
+
+
+def test_cond_static_predicate_inlined():
+  def f(x):
+    return lax.cond(True, lambda t: jnp.sin(t), lambda t: jnp.cos(t), x) + lax.switch(
+        2, [jnp.exp, jnp.tanh, jnp.log1p], x)
+  cj = jax.make_jaxpr(f)(X)
+  new, _ = fold(cj)  # the switch index is clamped first: folding makes it static
+  new, recs = cond(new)
+  new, _ = dce(new)
+  prims = _prims(new)
+  assert "cond" not in prims and "cos" not in prims and "exp" not in prims
+  assert "sin" in prims and "log1p" in prims
+  assert sum(r.count for r in recs) == 3
+  _same(cj, new, X)
+
+
+def test_cond_dynamic_predicate_kept():
+  f = lambda p, x: lax.cond(p, jnp.sin, jnp.cos, x)
+  cj = jax.make_jaxpr(f)(True, X)
+  new, recs = cond(cj)
+  assert not recs and "cond" in _prims(new)
+
+
+def test_normalize_passes_validation():
+  assert normalize_passes(None) == ()
+  assert normalize_passes("none") == ()
+  assert [n for n, _ in normalize_passes(["dce", ("simplify", {"nan_unsafe": True})])] == [
+      "dce", "simplify"]
+  with pytest.raises(ValueError, match="unknown pass 'dcee'.*valid pass names"):
+    normalize_passes(["dcee"])
+  with pytest.raises(ValueError, match="unknown options"):
+    normalize_passes([("dce", {"bogus": 1})])
+  with pytest.raises(TypeError, match="passes must be"):
+    normalize_passes(3)
+
+
+def test_default_pipeline_preserves_values_nested():
+  def f(x):
+    y = jax.jit(lambda t: (t * 1.0 + 0.0, jnp.exp(t)))(x)[0]
+    z = lax.cond(False, jnp.sin, jnp.cos, y)
+    return z @ z.T + (z @ z.T)
+  cj = jax.make_jaxpr(f)(X)
+  new, recs = run_passes(cj, normalize_passes("default"), kernels=None)
+  _same(cj, new, X)
+  assert {r.pass_name for r in recs} >= {"cond", "cse", "dce", "simplify"}
