@@ -16,3 +16,6 @@ from lepton_jax import sharding as sharding
 from lepton_jax.sharding._auto_shard import auto_shard as auto_shard
 from lepton_jax import pallas_kernels as pallas_kernels
 from lepton_jax.transforms._adaptive_jit import adaptive_jit as adaptive_jit
+from lepton_jax.transforms._remat_plan import RematPlan as RematPlan
+from lepton_jax.transforms._remat_plan import remat_plan as remat_plan
+from lepton_jax import offload as offload

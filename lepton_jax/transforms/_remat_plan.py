@@ -1,0 +1,966 @@
+"""``lj.remat_plan``: choose save / recompute / host-offload per activation under a budget.
+
+How it works:
+
+1. Trace ``fun`` to a jaxpr (``jit`` calls inlined, ``scan`` kept as a layer stack).
+2. Candidates are the intermediates plain ``jax.grad`` saves: every equation output
+   is tagged with ``jax.ad_checkpoint.checkpoint_name`` and JAX's own partial
+   evaluation (``saved_residuals`` under a save-every-name policy) says which of
+   them the backward pass needs. Inside a ``scan`` the same is done per iteration.
+3. The top level is cut into segments (each a ``jax.checkpoint`` region; a
+   ``scan`` body is checkpointed per iteration). Bytes come from the shared
+   analysis layer (``lepton_jax.jaxpr``): ``aval_bytes``, ``eqn_cost`` FLOPs.
+4. A solver (``_remat_solver``: greedy or MILP) picks which residuals to keep,
+   recompute or offload under the budget, for several segmentations; the cheapest
+   feasible plan wins.
+5. The plan is applied with JAX's own machinery: ``checkpoint_name`` +
+   ``jax.checkpoint(policy=save_only_these_names / save_and_offload_only_these_names)``.
+   The result is checked with JAX's saved-residual accounting and the shared
+   liveness analysis; the plan is tightened if the measured bytes exceed the model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import itertools
+import math
+import threading
+from typing import Any, Callable, Literal, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.ad_checkpoint import checkpoint_name
+import jax.extend.core as jex_core
+
+from lepton_jax import jaxpr as ljx
+from lepton_jax._errors import BudgetError
+from lepton_jax._utils import format_bytes, parse_bytes
+from lepton_jax.transforms import _remat_solver as solver_lib
+
+__all__ = ["remat_plan", "RematPlan", "TensorDecision", "CostModel"]
+
+_API = "lj.remat_plan"
+_SOLVERS = ("auto", "greedy", "milp")
+_INLINE_PRIMS = ("pjit", "jit", "closed_call", "core_call")
+
+
+# --------------------------------------------------------------------------- data
+
+
+@dataclasses.dataclass(frozen=True)
+class CostModel:
+  """Device FLOP/s and host<->device bandwidth used to price recompute vs offload.
+
+  >>> CostModel(device_flops=1e14, host_bandwidth=2e10).recompute_seconds(1e12)
+  0.01
+  """
+  device_flops: float
+  host_bandwidth: float
+
+  def recompute_seconds(self, flops: float) -> float:
+    return float(flops) / self.device_flops
+
+  def transfer_seconds(self, nbytes: float) -> float:
+    return 2.0 * float(nbytes) / self.host_bandwidth  # to host and back
+
+  @classmethod
+  def default(cls, platform: str | None = None) -> "CostModel":
+    platform = platform or jax.default_backend()
+    if platform == "gpu" or platform == "cuda" or platform == "rocm":
+      return cls(device_flops=4e14, host_bandwidth=2.5e10)
+    if platform == "tpu":
+      return cls(device_flops=2e14, host_bandwidth=2e10)
+    return cls(device_flops=1e11, host_bandwidth=1e10)
+
+  def to_dict(self) -> dict:
+    return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorDecision:
+  """What the plan does with one residual.
+
+  Attributes:
+    name: the checkpoint name given to the value (``checkpoint_name``).
+    shape, dtype: of one instance (one scan iteration inside a scan).
+    count: how many instances (scan trip count, else 1).
+    nbytes: device bytes if kept (``count`` instances).
+    decision: ``"save"``, ``"recompute"``, ``"offload"`` or ``"boundary"`` (a value
+      crossing checkpoint regions, kept on device).
+    segment: index of the checkpoint region.
+    recompute_flops: FLOPs to recompute it (all instances).
+    primitive: the primitive that produced it.
+  """
+  name: str
+  shape: tuple[int, ...]
+  dtype: str
+  count: int
+  nbytes: int
+  decision: str
+  segment: int
+  recompute_flops: float
+  primitive: str
+
+  def to_dict(self) -> dict:
+    d = dataclasses.asdict(self)
+    d["shape"] = list(self.shape)
+    return d
+
+
+@dataclasses.dataclass(frozen=True)
+class RematPlan:
+  """A remat plan for one argument signature (see :func:`remat_plan`).
+
+  Attributes:
+    budget_bytes: the device activation budget in bytes.
+    baseline_bytes: activation peak of plain ``jax.grad``.
+    peak_bytes: planned activation peak (max of the model and the measured jaxpr liveness).
+    saved_bytes: residuals kept on device between forward and backward (JAX's
+      saved-residual accounting of the planned function, inputs excluded).
+    offloaded_bytes: residuals kept in host memory between forward and backward.
+    recompute_flops: extra FLOPs spent recomputing residuals in the backward pass.
+    transfer_bytes: bytes moved device->host->device for offloaded residuals.
+    num_segments: checkpoint regions at the top level (scan bodies count once).
+    solver: which solver produced the decisions.
+    decisions: one :class:`TensorDecision` per candidate and boundary value.
+    baseline_saved_bytes: plain ``jax.grad``'s saved residual bytes (inputs excluded).
+    cost_model: the FLOP/s and bandwidth used.
+  """
+  budget_bytes: int
+  baseline_bytes: int
+  peak_bytes: int
+  saved_bytes: int
+  offloaded_bytes: int
+  recompute_flops: float
+  transfer_bytes: int
+  num_segments: int
+  solver: str
+  decisions: tuple[TensorDecision, ...]
+  baseline_saved_bytes: int
+  model_peak_bytes: int
+  measured_peak_bytes: int
+  cost_model: CostModel
+
+  @property
+  def estimated_seconds(self) -> float:
+    return (self.cost_model.recompute_seconds(self.recompute_flops)
+            + self.transfer_bytes / self.cost_model.host_bandwidth)
+
+  def names(self, decision: str) -> tuple[str, ...]:
+    return tuple(d.name for d in self.decisions if d.decision == decision)
+
+  def to_dict(self) -> dict:
+    d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+    d["decisions"] = [x.to_dict() for x in self.decisions]
+    d["cost_model"] = self.cost_model.to_dict()
+    d["estimated_seconds"] = self.estimated_seconds
+    return d
+
+  def __str__(self) -> str:
+    lines = [
+        f"RematPlan (solver={self.solver}, segments={self.num_segments})",
+        f"  budget   {format_bytes(self.budget_bytes):>12}   baseline peak {format_bytes(self.baseline_bytes)}",
+        f"  peak     {format_bytes(self.peak_bytes):>12}   saved {format_bytes(self.saved_bytes)}"
+        f" (plain jax.grad saves {format_bytes(self.baseline_saved_bytes)})",
+        f"  offload  {format_bytes(self.offloaded_bytes):>12}   recompute {self.recompute_flops:.3g} FLOPs"
+        f"   est. {self.estimated_seconds * 1e3:.3g} ms",
+        "",
+        f"  {'name':<16} {'decision':<10} {'seg':>3} {'shape':<20} {'count':>5} {'bytes':>10} {'FLOPs':>10}  primitive",
+    ]
+    for x in self.decisions:
+      shape = "x".join(map(str, x.shape)) + f" {x.dtype}"
+      lines.append(f"  {x.name:<16} {x.decision:<10} {x.segment:>3} {shape:<20} {x.count:>5} "
+                   f"{format_bytes(x.nbytes):>10} {x.recompute_flops:>10.3g}  {x.primitive}")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------ jaxpr helpers
+
+
+def _is_inexact(aval) -> bool:
+  return hasattr(aval, "dtype") and jnp.issubdtype(aval.dtype, jnp.inexact)
+
+
+def _bind(eqn, invals):
+  """Binds ``eqn``'s primitive on new inputs (as ``jax.core.eval_jaxpr`` does)."""
+  params = eqn.primitive.get_bind_params(eqn.params)
+  if isinstance(params, tuple):  # older jax: (subfuns, params)
+    subfuns, params = params
+    invals = [*subfuns, *invals]
+  with eqn.ctx.manager:
+    outs = eqn.primitive.bind(*invals, **params)
+  return outs if eqn.primitive.multiple_results else [outs]
+
+
+def _read(env, atom):
+  if isinstance(atom, jex_core.Literal):
+    return atom.val
+  return env[atom]
+
+
+def _inline_eval(jaxpr, consts, args):
+  """Evaluates a jaxpr, inlining ``jit``/``closed_call`` so the result traces flat."""
+  env = {}
+  for v, x in zip(jaxpr.constvars, consts):
+    env[v] = x
+  for v, x in zip(jaxpr.invars, args):
+    env[v] = x
+  for eqn in jaxpr.eqns:
+    invals = [_read(env, a) for a in eqn.invars]
+    inner = eqn.params.get("jaxpr", None) if eqn.primitive.name in _INLINE_PRIMS else None
+    if inner is not None:
+      if isinstance(inner, jex_core.ClosedJaxpr):
+        outs = _inline_eval(inner.jaxpr, inner.consts, invals)
+      else:
+        outs = _inline_eval(inner, (), invals)
+    else:
+      outs = _bind(eqn, invals)
+    for v, x in zip(eqn.outvars, outs):
+      env[v] = x
+  return [_read(env, a) for a in jaxpr.outvars]
+
+
+def _eval_named(jaxpr, consts, args, names: dict):
+  """Evaluates ``jaxpr`` tagging each var in ``names`` with ``checkpoint_name``."""
+  env = {}
+  for v, x in zip(jaxpr.constvars, consts):
+    env[v] = x
+  for v, x in zip(jaxpr.invars, args):
+    env[v] = x
+  for eqn in jaxpr.eqns:
+    outs = _bind(eqn, [_read(env, a) for a in eqn.invars])
+    for v, x in zip(eqn.outvars, outs):
+      name = names.get(v)
+      env[v] = checkpoint_name(x, name) if name is not None else x
+  return [_read(env, a) for a in jaxpr.outvars]
+
+
+def _saved_residuals(fun, *args):
+  """JAX's saved-residual list ``[(aval, description)]`` (``jax.ad_checkpoint``)."""
+  from jax._src.ad_checkpoint import saved_residuals  # public only as print_saved_residuals
+  return saved_residuals(fun, *args)
+
+
+def _needed_names(fun, avals, names: Sequence[str]) -> set[str]:
+  """Names that JAX keeps as residuals when every name is saveable."""
+  if not names:
+    return set()
+  policy = jax.checkpoint_policies.save_only_these_names(*names)
+  res = _saved_residuals(jax.checkpoint(fun, policy=policy), *avals)
+  found = set()
+  for _, desc in res:
+    if desc.startswith("named '"):
+      found.add(desc.split("'")[1])
+  return found
+
+
+def _eqn_flops(eqn) -> float:
+  c = ljx.eqn_cost(eqn)
+  return float(c.flops + c.transcendentals)
+
+
+def _recompute_flops(jaxpr, idx_of_def: dict, var, stop: set, lo: int, hi: int) -> float:
+  """FLOPs of the producer of ``var`` plus non-stop ancestors defined in [lo, hi)."""
+  total, seen, stack = 0.0, set(), [var]
+  while stack:
+    v = stack.pop()
+    i = idx_of_def.get(v)
+    if i is None or i in seen or not (lo <= i < hi):
+      continue
+    if v is not var and v in stop:
+      continue
+    seen.add(i)
+    eqn = jaxpr.eqns[i]
+    total += _eqn_flops(eqn)
+    stack.extend(a for a in eqn.invars if not isinstance(a, jex_core.Literal))
+  return total
+
+
+# ------------------------------------------------------------- graph description
+
+
+@dataclasses.dataclass
+class _Cand:
+  var: Any
+  name: str
+  nbytes: int
+  count: int
+  segment_local: int  # eqn index (top-level) or scan position
+  primitive: str
+  flops: float = 0.0
+
+
+@dataclasses.dataclass
+class _Scan:
+  index: int           # top-level eqn index
+  body: Any            # ClosedJaxpr
+  length: int
+  carry_bytes: int
+  cands: list          # list[_Cand] inside the body (nbytes per iteration)
+
+
+@dataclasses.dataclass
+class _Graph:
+  closed: Any                      # flat ClosedJaxpr
+  cands: dict                      # var -> _Cand (top-level)
+  scans: dict                      # eqn index -> _Scan
+  def_idx: dict                    # var -> eqn index
+  last_use: dict                   # var -> last eqn index using it (n for outputs)
+  n: int
+
+
+def _build_graph(closed, prefix: str) -> _Graph:
+  jaxpr = closed.jaxpr
+  n = len(jaxpr.eqns)
+  def_idx, last_use = {}, {}
+  for i, eqn in enumerate(jaxpr.eqns):
+    for a in eqn.invars:
+      if not isinstance(a, jex_core.Literal):
+        last_use[a] = i
+    for v in eqn.outvars:
+      def_idx[v] = i
+  for a in jaxpr.outvars:
+    if not isinstance(a, jex_core.Literal):
+      last_use[a] = n
+  # top-level candidates (outputs of non-scan equations)
+  names = {}
+  for i, eqn in enumerate(jaxpr.eqns):
+    if eqn.primitive.name == "scan":
+      continue
+    for k, v in enumerate(eqn.outvars):
+      if _is_inexact(v.aval) and v in last_use and ljx.aval_bytes(v.aval) > 0:
+        names[v] = f"{prefix}{i}.{k}"
+  fun = lambda *a: _eval_named(jaxpr, closed.consts, a, names)
+  needed = _needed_names(fun, [jax.ShapeDtypeStruct(v.aval.shape, v.aval.dtype) for v in jaxpr.invars],
+                         list(names.values()))
+  cands = {}
+  for v, nm in names.items():
+    if nm in needed:
+      eqn = jaxpr.eqns[def_idx[v]]
+      cands[v] = _Cand(v, nm, ljx.aval_bytes(v.aval), 1, def_idx[v], eqn.primitive.name)
+  stop = set(cands)
+  for v, c in cands.items():
+    c.flops = _recompute_flops(jaxpr, def_idx, v, stop, 0, n)  # refined per segment later
+  scans = {}
+  for i, eqn in enumerate(jaxpr.eqns):
+    if eqn.primitive.name == "scan":
+      scans[i] = _scan_info(eqn, i, prefix)
+  return _Graph(closed, cands, scans, def_idx, last_use, n)
+
+
+def _scan_info(eqn, i: int, prefix: str) -> _Scan:
+  body = eqn.params["jaxpr"]
+  bj = body.jaxpr
+  length = int(eqn.params["length"])
+  nc, ncar = eqn.params["num_consts"], eqn.params["num_carry"]
+  carry_bytes = sum(ljx.aval_bytes(v.aval) for v in bj.invars[nc:nc + ncar] if _is_inexact(v.aval))
+  used = set()
+  for e in bj.eqns:
+    used.update(a for a in e.invars if not isinstance(a, jex_core.Literal))
+  used.update(a for a in bj.outvars if not isinstance(a, jex_core.Literal))
+  def_idx = {}
+  names = {}
+  for j, e in enumerate(bj.eqns):
+    for k, v in enumerate(e.outvars):
+      def_idx[v] = j
+      if _is_inexact(v.aval) and v in used and ljx.aval_bytes(v.aval) > 0:
+        names[v] = f"{prefix}s{i}/{j}.{k}"
+  fun = lambda *a: _eval_named(bj, body.consts, a, names)
+  needed = _needed_names(fun, [jax.ShapeDtypeStruct(v.aval.shape, v.aval.dtype) for v in bj.invars],
+                         list(names.values()))
+  cands = []
+  for v, nm in names.items():
+    if nm in needed:
+      e = bj.eqns[def_idx[v]]
+      cands.append(_Cand(v, nm, ljx.aval_bytes(v.aval), length, def_idx[v], e.primitive.name))
+  stop = {c.var for c in cands}
+  for c in cands:
+    c.flops = _recompute_flops(bj, def_idx, c.var, stop, 0, len(bj.eqns)) * length
+  return _Scan(i, body, length, carry_bytes, cands)
+
+
+# --------------------------------------------------------------- segmentations
+
+
+@dataclasses.dataclass(frozen=True)
+class _Seg:
+  lo: int
+  hi: int
+  scan: bool
+
+
+def _segments_from_cuts(g: _Graph, cuts: Sequence[int]) -> list[_Seg]:
+  """Top-level segments from cut positions; every scan is its own segment."""
+  bounds = sorted(set([0, g.n] + list(cuts) + [i for i in g.scans] + [i + 1 for i in g.scans]))
+  segs = []
+  for lo, hi in zip(bounds[:-1], bounds[1:]):
+    if hi > lo:
+      segs.append(_Seg(lo, hi, hi - lo == 1 and lo in g.scans))
+  return segs
+
+
+def _crossing(g: _Graph, segs: Sequence[_Seg]):
+  """Intermediates defined in one segment and used in a later one (or returned)."""
+  seg_of = {}
+  for s, seg in enumerate(segs):
+    for i in range(seg.lo, seg.hi):
+      seg_of[i] = s
+  out = set()
+  for v, i in g.def_idx.items():
+    lu = g.last_use.get(v)
+    if lu is None:
+      continue
+    if lu == g.n or seg_of[lu] != seg_of[i]:
+      out.add(v)
+  return out, seg_of
+
+
+def _crossing_profile(g: _Graph) -> np.ndarray:
+  """bytes crossing the cut before eqn c, for c in 0..n."""
+  diff = np.zeros(g.n + 2)
+  for v, i in g.def_idx.items():
+    lu = g.last_use.get(v)
+    if lu is None or lu <= i:
+      continue
+    b = ljx.aval_bytes(v.aval)
+    diff[i + 1] += b
+    diff[min(lu, g.n) + 1] -= b
+  return np.cumsum(diff)[: g.n + 1]
+
+
+def _candidate_cut_sets(g: _Graph) -> list[tuple[int, ...]]:
+  prof = _crossing_profile(g)
+  weights = np.zeros(g.n)
+  for c in g.cands.values():
+    weights[c.segment_local] += c.nbytes
+  cum = np.concatenate([[0.0], np.cumsum(weights)])
+  total = cum[-1]
+  sets = {()}
+  n_cand = len(g.cands)
+  ks = sorted({k for k in (2, 3, 4, 6, 8, 12, 16) if k <= max(n_cand, 1)})
+  for k in ks:
+    cuts = []
+    for j in range(1, k):
+      target = total * j / k
+      c0 = int(np.searchsorted(cum, target))
+      win = max(1, g.n // (3 * k))
+      lo, hi = max(1, c0 - win), min(g.n - 1, c0 + win)
+      if hi < lo:
+        continue
+      best = min(range(lo, hi + 1), key=lambda c: (prof[c], abs(c - c0)))
+      cuts.append(best)
+    sets.add(tuple(sorted(set(cuts))))
+  return sorted(sets, key=len)
+
+
+@dataclasses.dataclass
+class _Layout:
+  segs: list
+  seg_of: dict
+  crossing: set
+  items: list          # list[(Item, _Cand, seg_index, scan_index or None)]
+  problem: solver_lib.Problem
+
+
+def _layout(g: _Graph, cuts: Sequence[int], cm: CostModel, offload: bool) -> _Layout:
+  segs = _segments_from_cuts(g, cuts)
+  crossing, seg_of = _crossing(g, segs)
+  invars = set(g.closed.jaxpr.invars) | set(g.closed.jaxpr.constvars)
+  fixed = sum(ljx.aval_bytes(v.aval) for v in crossing if v not in invars)
+  jaxpr = g.closed.jaxpr
+  items = []
+  for s, seg in enumerate(segs):
+    if seg.scan:
+      sc = g.scans[seg.lo]
+      if sc.cands:
+        fixed += sc.carry_bytes * sc.length
+      for c in sc.cands:
+        it = solver_lib.Item(
+            key=c.name, segment=s, saved_bytes=c.nbytes * c.count, transient_bytes=c.nbytes,
+            recompute_time=cm.recompute_seconds(c.flops),
+            transfer_time=cm.transfer_seconds(c.nbytes * c.count) if offload else math.inf,
+            recompute_flops=c.flops)
+        items.append((it, c, s, seg.lo))
+      continue
+    stop = {v for v in g.cands} | crossing
+    for i in range(seg.lo, seg.hi):
+      for v in jaxpr.eqns[i].outvars:
+        c = g.cands.get(v)
+        if c is None or v in crossing:
+          continue
+        flops = _recompute_flops(jaxpr, g.def_idx, v, stop, seg.lo, seg.hi)
+        it = solver_lib.Item(
+            key=c.name, segment=s, saved_bytes=c.nbytes, transient_bytes=c.nbytes,
+            recompute_time=cm.recompute_seconds(flops),
+            transfer_time=cm.transfer_seconds(c.nbytes) if offload else math.inf,
+            recompute_flops=flops)
+        items.append((it, c, s, None))
+  problem = solver_lib.Problem(tuple(x[0] for x in items), int(fixed), len(segs))
+  return _Layout(segs, seg_of, crossing, items, problem)
+
+
+# ------------------------------------------------------------------ application
+
+
+def _policy(saved: Sequence[str], offloaded: Sequence[str]):
+  if offloaded:
+    return jax.checkpoint_policies.save_and_offload_only_these_names(
+        names_which_can_be_saved=list(saved), names_which_can_be_offloaded=list(offloaded),
+        offload_src="device", offload_dst="pinned_host")
+  return jax.checkpoint_policies.save_only_these_names(*saved)
+
+
+def _apply(g: _Graph, layout: _Layout | None, decision: dict) -> Callable:
+  """Builds ``flat_fun(*leaves) -> flat outs`` applying ``decision`` (name -> str)."""
+  closed = g.closed
+  jaxpr = closed.jaxpr
+  if layout is None:
+    return lambda *args: _inline_eval(jaxpr, closed.consts, args)
+  segs, seg_of = layout.segs, layout.seg_of
+  seg_names: dict[int, dict] = {s: {} for s in range(len(segs))}
+  seg_removed = {s: False for s in range(len(segs))}
+  for it, c, s, _ in layout.items:
+    d = decision[c.name]
+    if d in ("save", "offload"):
+      seg_names[s][c.var] = c.name
+    if d != "save":
+      seg_removed[s] = True
+  saved_names = [n for n, d in decision.items() if d == "save"]
+  off_names = [n for n, d in decision.items() if d == "offload"]
+  policy = _policy(saved_names, off_names)
+
+  # Per segment: inputs (vars defined elsewhere) and outputs (vars used elsewhere).
+  seg_in, seg_out = [], []
+  for s, seg in enumerate(segs):
+    ins, seen = [], set()
+    defined = set()
+    for i in range(seg.lo, seg.hi):
+      for a in jaxpr.eqns[i].invars:
+        if not isinstance(a, jex_core.Literal) and a not in defined and a not in seen:
+          seen.add(a); ins.append(a)
+      defined.update(jaxpr.eqns[i].outvars)
+    outs = [v for i in range(seg.lo, seg.hi) for v in jaxpr.eqns[i].outvars if v in layout.crossing]
+    seg_in.append(ins); seg_out.append(outs)
+
+  def flat_fun(*args):
+    env = dict(zip(jaxpr.constvars, closed.consts))
+    env.update(zip(jaxpr.invars, args))
+    for s, seg in enumerate(segs):
+      if seg.scan:
+        eqn = jaxpr.eqns[seg.lo]
+        outs = _run_scan(eqn, [_read(env, a) for a in eqn.invars], seg_names[s], policy, seg_removed[s])
+        env.update(zip(eqn.outvars, outs))
+        continue
+      sub = jaxpr.eqns[seg.lo:seg.hi]
+      ins, outs_v = seg_in[s], seg_out[s]
+      names = seg_names[s]
+
+      def seg_fun(*vals, sub=sub, ins=ins, outs_v=outs_v, names=names):
+        local = dict(zip(ins, vals))
+        for eqn in sub:
+          res = _bind(eqn, [_read(local, a) for a in eqn.invars])
+          for v, x in zip(eqn.outvars, res):
+            nm = names.get(v)
+            local[v] = checkpoint_name(x, nm) if nm is not None else x
+        return [local[v] for v in outs_v]
+
+      vals = [env[v] for v in ins]
+      fn = jax.checkpoint(seg_fun, policy=policy) if seg_removed[s] else seg_fun
+      env.update(zip(outs_v, fn(*vals)))
+    return [_read(env, a) for a in jaxpr.outvars]
+
+  return flat_fun
+
+
+def _run_scan(eqn, invals, names: dict, policy, checkpointed: bool):
+  p = eqn.params
+  body = p["jaxpr"]
+  nc, ncar = p["num_consts"], p["num_carry"]
+  consts, init, xs = invals[:nc], invals[nc:nc + ncar], invals[nc + ncar:]
+
+  def body_fn(consts, carry, x):
+    outs = _eval_named(body.jaxpr, body.consts, list(consts) + list(carry) + list(x), names)
+    return outs[:ncar], outs[ncar:]
+
+  if checkpointed:
+    body_fn = jax.checkpoint(body_fn, policy=policy)
+  carry, ys = jax.lax.scan(lambda c, x: body_fn(consts, c, x), list(init), list(xs),
+                           length=p["length"], reverse=p["reverse"], unroll=p["unroll"])
+  return list(carry) + list(ys)
+
+
+# ------------------------------------------------------------ NNX / pytree glue
+
+
+def _nnx():
+  try:
+    from flax import nnx
+    return nnx
+  except Exception:  # pragma: no cover - flax is a dependency
+    return None
+
+
+def _split_nodes(args, kwargs):
+  """Replaces NNX graph nodes by (graphdef, state) so everything is arrays."""
+  nnx = _nnx()
+  is_node = (lambda x: nnx.graph.is_graph_node(x)) if nnx is not None else (lambda x: False)
+  leaves, treedef = jax.tree_util.tree_flatten((args, kwargs), is_leaf=is_node)
+  nodes, pure = {}, []
+  for i, x in enumerate(leaves):
+    if is_node(x):
+      gdef, state = nnx.split(x)
+      nodes[i] = (x, gdef)
+      pure.append(state)
+    else:
+      pure.append(x)
+  return treedef, nodes, pure
+
+
+def _make_pure(fun, treedef, nodes):
+  """``pure(pure_leaves) -> (out, new_states)`` re-merging NNX nodes inside."""
+  nnx = _nnx()
+
+  def pure(pure_leaves):
+    leaves = list(pure_leaves)
+    merged = {}
+    for i, (_, gdef) in nodes.items():
+      merged[i] = nnx.merge(gdef, leaves[i])
+      leaves[i] = merged[i]
+    args, kwargs = jax.tree_util.tree_unflatten(treedef, leaves)
+    out = fun(*args, **kwargs)
+    new_states = {i: nnx.state(m) for i, m in merged.items()}
+    return out, new_states
+
+  return pure
+
+
+def _spec(x):
+  if isinstance(x, (jax.Array, np.ndarray, np.generic)) or isinstance(x, jax.core.Tracer):
+    return jax.ShapeDtypeStruct(np.shape(x), x.dtype)
+  if isinstance(x, (bool, int, float, complex)):
+    return jax.ShapeDtypeStruct((), jnp.asarray(x).dtype)
+  return x
+
+
+# ---------------------------------------------------------------------- planner
+
+
+@dataclasses.dataclass
+class _Compiled:
+  plan: RematPlan
+  flat_fun: Callable  # flat leaves -> flat outs
+  out_tree: Any
+
+
+def _measure(flat_fun, flat_specs, argnums_leaves):
+  """(saved residual bytes on device excl. inputs, host bytes, grad peak) of ``flat_fun``."""
+  res = _saved_residuals(flat_fun, *flat_specs)
+  dev = host = 0
+  for aval, desc in res:
+    if desc.startswith("from the argument") or desc.startswith("from a literal") or desc.startswith("from a constant"):
+      continue
+    b = ljx.aval_bytes(aval)
+    if getattr(aval, "memory_space", None) is not None and "host" in str(aval.memory_space).lower():
+      host += b
+    else:
+      dev += b
+  peak = _grad_peak(flat_fun, flat_specs, argnums_leaves)
+  return dev, host, peak
+
+
+def _grad_peak(flat_fun, flat_specs, argnums_leaves) -> int:
+  gp = getattr(ljx, "grad_peak_bytes", None)
+  if gp is None or not argnums_leaves:
+    return 0
+  def loss(*diff_and_rest):
+    return jnp.sum(jnp.asarray(flat_fun(*diff_and_rest)[0], jnp.float32))
+  return int(gp(loss, *flat_specs, argnums=tuple(argnums_leaves)))
+
+
+class _Planner:
+  """Plans for one (fun, options); caches per abstract signature."""
+
+  def __init__(self, fun, budget, offload, solver, cost_model):
+    self.fun = fun
+    self.budget = budget
+    self.offload = offload
+    self.solver = solver
+    self.cost_model = cost_model
+    self._cache: dict = {}
+    self._lock = threading.Lock()
+    self._prefix = f"ljr{id(self) % 100000}:"
+
+  def clear_cache(self):
+    self._cache.clear()
+
+  def _budget_bytes(self, baseline: int) -> int:
+    b = self.budget
+    if isinstance(b, float):
+      return int(math.floor(b * baseline))
+    return int(b)
+
+  def compiled(self, treedef, nodes, pure_leaves) -> _Compiled:
+    specs = [jax.tree.map(_spec, x) for x in pure_leaves]
+    flat_specs, in_tree = jax.tree_util.tree_flatten(specs)
+    key = (treedef, in_tree, tuple((s.shape, str(s.dtype)) if hasattr(s, "shape") else s for s in flat_specs),
+           tuple((i, id(gd)) for i, (_, gd) in nodes.items()))
+    hit = self._cache.get(key)
+    if hit is not None:
+      return hit
+    pure = _make_pure(self.fun, treedef, nodes)
+
+    def flat_user(*flat):
+      return jax.tree_util.tree_flatten(pure(jax.tree_util.tree_unflatten(in_tree, flat)))[0]
+
+    closed0, out_shape = jax.make_jaxpr(lambda *a: flat_user(*a), return_shape=True)(*flat_specs)
+    # inline jit calls so that the top level is a flat sequence of equations
+    closed = jax.make_jaxpr(lambda *a: _inline_eval(closed0.jaxpr, closed0.consts, a))(*flat_specs)
+    out_tree = jax.eval_shape(pure, jax.tree_util.tree_unflatten(in_tree, flat_specs))
+    out_tree = jax.tree_util.tree_structure(out_tree)
+    comp = self._plan(closed, flat_specs, in_tree, out_tree)
+    self._cache[key] = comp
+    return comp
+
+  def _plan(self, closed, flat_specs, in_tree, out_tree) -> _Compiled:
+    cm = self.cost_model or CostModel.default()
+    # differentiate w.r.t. the first positional argument's leaves (plain jax.grad)
+    n_first = len(jax.tree_util.tree_leaves(jax.tree_util.tree_unflatten(in_tree, flat_specs)[0]))
+    argnums = [i for i in range(n_first) if _is_inexact(flat_specs[i])]
+    if not argnums:
+      argnums = [i for i, s in enumerate(flat_specs) if _is_inexact(s)]
+    g = _build_graph(closed, self._prefix)
+    plain = _apply(g, None, {})
+    base_saved, _, baseline = _measure(plain, flat_specs, argnums)
+    baseline = max(baseline, base_saved)
+    budget = self._budget_bytes(baseline)
+
+    layouts = [_layout(g, cuts, cm, self.offload) for cuts in _candidate_cut_sets(g)]
+
+    def pick(model_budget):
+      mode = self.solver
+      scored = []
+      for lay in layouts:
+        sol = solver_lib.solve(lay.problem, model_budget, "greedy" if mode == "auto" else mode)
+        if sol is not None:
+          scored.append(((sol.cost, sol.peak, len(lay.segs)), lay, sol))
+      scored.sort(key=lambda t: t[0])
+      if mode == "auto":  # refine the most promising layouts exactly
+        refined = []
+        for k, lay, sol in scored[:3]:
+          if len(lay.problem.items) <= solver_lib.MILP_MAX_ITEMS:
+            m = solver_lib.solve_milp(lay.problem, model_budget, time_limit=5.0)
+            if m is not None and m.cost <= sol.cost:
+              sol = m
+          refined.append(((sol.cost, sol.peak, len(lay.segs)), lay, sol))
+        scored = sorted(refined + scored[3:], key=lambda t: t[0])
+      return scored[0] if scored else None
+
+    # Budget at or above the plain peak: nothing to do.
+    if budget >= baseline:
+      return self._finish(g, None, None, plain, flat_specs, argnums, budget, baseline, base_saved, cm,
+                          out_tree, "none")
+    # the model leaves out cotangents and XLA temporaries: start from plain grad's gap
+    slack = max(0, baseline - base_saved)
+    model_budget = budget - slack
+    for _ in range(4):
+      best = pick(model_budget)
+      if best is None:
+        break
+      _, lay, sol = best
+      decision = self._decisions(lay, sol)
+      fn = _apply(g, lay, decision)
+      dev, host, peak = _measure(fn, flat_specs, argnums)
+      measured_peak = max(dev, peak)
+      model_peak = sol.peak
+      if measured_peak <= budget and dev <= budget and model_peak <= budget:
+        return self._finish(g, lay, sol, fn, flat_specs, argnums, budget, baseline, base_saved, cm,
+                            out_tree, sol.solver, measured=(dev, host, peak))
+      slack = max(slack, measured_peak - model_peak, 0)
+      model_budget = min(budget - slack, model_budget - 1)
+    # Infeasible: report the smallest budget a plan reaches (measured).
+    smallest = None
+    by_min = sorted(layouts, key=lambda lay: solver_lib.min_peak(lay.problem))[:2]
+    for lay in by_min:
+      mp = solver_lib.min_peak(lay.problem)
+      sol = solver_lib.Solution(tuple([True] * len(lay.problem.items)), mp, 0.0, "min")
+      decision = self._decisions(lay, sol)
+      dev, _, peak = _measure(_apply(g, lay, decision), flat_specs, argnums)
+      cand = max(mp, dev, peak)
+      if cand <= budget:  # the recompute-everything plan of this layout fits
+        return self._finish(g, lay, sol, _apply(g, lay, decision), flat_specs, argnums, budget,
+                            baseline, base_saved, cm, out_tree, "min", measured=(dev, _, peak))
+      smallest = cand if smallest is None else min(smallest, cand)
+    smallest = int(smallest if smallest is not None else baseline)
+    raise BudgetError(
+        f"{_API}: budget={format_bytes(budget)} ({self.budget!r}) is below the smallest feasible "
+        f"plan ({format_bytes(smallest)}, recompute everything; plain jax.grad peak is "
+        f"{format_bytes(baseline)}); pass budget>={format_bytes(smallest)} "
+        f"(budget>={smallest} bytes, or a fraction >= {smallest / max(baseline, 1):.3f})",
+        smallest_feasible_bytes=smallest)
+
+  def _decisions(self, lay: _Layout, sol) -> dict:
+    decision = {}
+    for (it, c, s, _), r in zip(lay.items, sol.removed):
+      if not r:
+        decision[c.name] = "save"
+      elif self.offload and it.offload_is_cheaper:
+        decision[c.name] = "offload"
+      else:
+        decision[c.name] = "recompute"
+    return decision
+
+  def _finish(self, g, lay, sol, fn, flat_specs, argnums, budget, baseline, base_saved, cm, out_tree,
+              solver_name, measured=None):
+    if measured is None:
+      measured = _measure(fn, flat_specs, argnums)
+    dev, host, peak = measured
+    decisions = []
+    recompute = 0.0
+    transfer = 0
+    if lay is None:
+      for c in g.cands.values():
+        decisions.append(TensorDecision(c.name, tuple(c.var.aval.shape), str(c.var.aval.dtype), 1,
+                                        c.nbytes, "save", 0, c.flops, c.primitive))
+      model_peak = baseline
+      nseg = 1
+    else:
+      decision = self._decisions(lay, sol)
+      jaxpr = g.closed.jaxpr
+      invars = set(jaxpr.invars) | set(jaxpr.constvars)
+      for v in sorted(lay.crossing - invars, key=lambda v: g.def_idx[v]):
+        if not _is_inexact(v.aval):
+          continue
+        i = g.def_idx[v]
+        decisions.append(TensorDecision(f"boundary@{i}", tuple(v.aval.shape), str(v.aval.dtype), 1,
+                                        ljx.aval_bytes(v.aval), "boundary", lay.seg_of[i], 0.0,
+                                        jaxpr.eqns[i].primitive.name))
+      for it, c, s, _ in lay.items:
+        d = decision[c.name]
+        if d == "recompute":
+          recompute += it.recompute_flops
+        if d == "offload":
+          transfer += 2 * it.saved_bytes
+        decisions.append(TensorDecision(c.name, tuple(c.var.aval.shape), str(c.var.aval.dtype), c.count,
+                                        it.saved_bytes, d, s, it.recompute_flops, c.primitive))
+      model_peak = sol.peak
+      nseg = len(lay.segs)
+    plan = RematPlan(
+        budget_bytes=int(budget), baseline_bytes=int(baseline),
+        peak_bytes=int(max(model_peak, peak, dev)) if lay is not None else int(baseline),
+        saved_bytes=int(dev), offloaded_bytes=int(host), recompute_flops=float(recompute),
+        transfer_bytes=int(transfer), num_segments=nseg, solver=solver_name,
+        decisions=tuple(decisions), baseline_saved_bytes=int(base_saved),
+        model_peak_bytes=int(model_peak), measured_peak_bytes=int(peak), cost_model=cm)
+    return _Compiled(plan, fn, out_tree)
+
+
+# ------------------------------------------------------------------ public API
+
+
+def _validate_budget(budget):
+  if isinstance(budget, bool) or budget is None:
+    raise TypeError(f"{_API}: budget must be bytes (int), a size string like '512MiB', or a float "
+                    f"fraction in (0, 1] of plain jax.grad's peak; got {budget!r}")
+  if isinstance(budget, float):
+    if not (0.0 < budget <= 1.0) or math.isnan(budget):
+      raise ValueError(f"{_API}: budget={budget!r} as a float is a fraction of plain jax.grad's "
+                       "activation peak and must be in (0, 1]; pass bytes (int) or a string "
+                       "like '512MiB' for an absolute budget")
+    return budget
+  if isinstance(budget, (int, np.integer)):
+    return parse_bytes(int(budget), name="budget", api=_API)
+  if isinstance(budget, str):
+    return parse_bytes(budget, name="budget", api=_API)
+  raise TypeError(f"{_API}: budget must be bytes (int), a size string like '512MiB', or a float "
+                  f"fraction in (0, 1]; got {type(budget).__name__} {budget!r}")
+
+
+class _RematPlanned:
+  """The callable returned by :func:`remat_plan`."""
+
+  def __init__(self, fun, planner: _Planner):
+    functools.update_wrapper(self, fun)
+    self._fun = fun
+    self._planner = planner
+
+  def __call__(self, *args, **kwargs):
+    treedef, nodes, pure = _split_nodes(args, kwargs)
+    comp = self._planner.compiled(treedef, nodes, pure)
+    flat = jax.tree_util.tree_leaves(pure)
+    outs = comp.flat_fun(*flat)
+    out, new_states = jax.tree_util.tree_unflatten(comp.out_tree, outs)
+    nnx = _nnx()
+    for i, (node, _) in nodes.items():
+      nnx.update(node, new_states[i])
+    return out
+
+  def plan(self, *args, **kwargs) -> RematPlan:
+    """The :class:`RematPlan` for these arguments (arrays or ``jax.ShapeDtypeStruct``)."""
+    treedef, nodes, pure = _split_nodes(args, kwargs)
+    return self._planner.compiled(treedef, nodes, pure).plan
+
+  def clear_cache(self) -> None:
+    self._planner.clear_cache()
+
+  def __get__(self, obj, objtype=None):
+    if obj is None:
+      return self
+    return functools.partial(self, obj)
+
+
+def remat_plan(fun: Callable | None = None, /, *, budget, offload: bool = False,
+               solver: Literal["auto", "greedy", "milp"] = "auto",
+               cost_model: CostModel | None = None):
+  """Plans activation rematerialisation of ``fun`` under a device-memory budget.
+
+  Each intermediate that ``jax.grad`` would save is kept on device, recomputed in
+  the backward pass, or (``offload=True``) offloaded to ``pinned_host`` memory,
+  minimising recompute + transfer time (``cost_model``) while the activation
+  peak fits ``budget``. The plan is applied with ``checkpoint_name`` and
+  ``jax.checkpoint`` policies; values and gradients equal those of ``fun``.
+
+  Args:
+    fun: the function to differentiate (arrays, pytrees, Flax NNX modules).
+    budget: bytes (``int``), a size string (``"512MiB"``), or a float in (0, 1]:
+      that fraction of plain ``jax.grad``'s activation peak.
+    offload: allow offloading residuals to host memory.
+    solver: ``"auto"`` (MILP for small graphs, else greedy), ``"greedy"``, ``"milp"``.
+    cost_model: device FLOP/s and host bandwidth (default by backend).
+
+  Returns:
+    A function with ``fun``'s signature, plus ``.plan(*args) -> RematPlan``.
+
+  Raises:
+    BudgetError: (when planning) the budget is below the smallest feasible plan.
+
+  >>> import jax, jax.numpy as jnp, lepton_jax as lj
+  >>> @lj.remat_plan(budget=0.5)
+  ... def loss(w, x):
+  ...   for _ in range(8):
+  ...     x = jnp.tanh(x @ w)
+  ...   return jnp.sum(x)
+  >>> g = jax.grad(loss)(jnp.eye(16) * 0.5, jnp.ones((4, 16)))
+  """
+  budget = _validate_budget(budget)
+  if not isinstance(offload, bool):
+    raise TypeError(f"{_API}: offload must be True or False, got {offload!r}")
+  if solver not in _SOLVERS:
+    raise ValueError(f"{_API}: solver={solver!r} is not one of {_SOLVERS}")
+  if cost_model is not None and not isinstance(cost_model, CostModel):
+    raise TypeError(f"{_API}: cost_model must be a lj.transforms.CostModel, got {type(cost_model).__name__}")
+  if offload:
+    kinds = [m.kind for m in jax.devices()[0].addressable_memories()]
+    if "pinned_host" not in kinds:
+      raise ValueError(f"{_API}: offload=True needs a 'pinned_host' memory space; "
+                       f"{jax.devices()[0].platform} offers {kinds}. Use offload=False.")
+
+  def wrap(f):
+    if not callable(f):
+      raise TypeError(f"{_API}: fun must be callable, got {type(f).__name__}")
+    return _RematPlanned(f, _Planner(f, budget, offload, solver, cost_model))
+
+  if fun is None:
+    return wrap
+  return wrap(fun)
