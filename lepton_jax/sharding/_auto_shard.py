@@ -13,6 +13,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from lepton_jax import jaxpr as ljx
 from lepton_jax._errors import ShardingError
+from lepton_jax._nnx import is_graph_node, nnx_module
 from lepton_jax._utils import parse_bytes
 from lepton_jax.sharding import _cost_model as cm
 from lepton_jax.sharding._dims import analyze_dims
@@ -25,17 +26,6 @@ __all__ = ["auto_shard", "AutoShardFunction"]
 _API = "auto_shard"
 
 
-def _nnx():
-  try:
-    from flax import nnx
-  except ImportError:  # pragma: no cover - flax is a dependency
-    return None
-  return nnx
-
-
-def _is_graph_node(x) -> bool:
-  nnx = _nnx()
-  return nnx is not None and nnx.graph.is_graph_node(x)
 
 
 def _norm_argnums(v, name) -> tuple:
@@ -71,11 +61,14 @@ class AutoShardFunction:
   Attributes:
     mesh: the mesh it shards over.
     strategy / memory_budget: the options it was created with.
+    model_axes: the mesh axes used for tensor parallelism (the others are data axes).
   """
 
-  def __init__(self, fun, mesh, strategy, static_argnums, donate_argnums, memory_budget):
+  def __init__(self, fun, mesh, strategy, static_argnums, donate_argnums, memory_budget,
+               model_axes=None):
     self._fun = fun
-    self._mi: MeshInfo = resolve_mesh(mesh, api=_API)
+    self._mi: MeshInfo = resolve_mesh(mesh, api=_API, model_axes=model_axes)
+    self.model_axes = self._mi.tensor_axes
     self.mesh = self._mi.mesh
     self.strategy = strategy
     self.memory_budget = memory_budget
@@ -98,9 +91,9 @@ class AutoShardFunction:
                       f"{[type(a).__name__ for _, a in statics]}") from None
     dyn_args = tuple(None if i in self._static else a for i, a in enumerate(args))
     nnx_info = None
-    graph_idx = tuple(i for i, a in enumerate(dyn_args) if _is_graph_node(a))
+    graph_idx = tuple(i for i, a in enumerate(dyn_args) if is_graph_node(a))
     if graph_idx:
-      nnx = _nnx()
+      nnx = nnx_module()
       graphdef, state = nnx.split(tuple(a if i in graph_idx else None for i, a in enumerate(dyn_args)))
       nnx_info = (graphdef, len(args), graph_idx)
       dyn = (state, tuple(None if i in graph_idx else a for i, a in enumerate(dyn_args)), kwargs)
@@ -115,14 +108,14 @@ class AutoShardFunction:
     def flat(*leaves):
       state, dyn_args, kwargs = jax.tree_util.tree_unflatten(dyn_tree, leaves)
       if nnx_info is not None:
-        nnx = _nnx()
+        nnx = nnx_module()
         graphdef, nargs, gidx = nnx_info
         nodes = nnx.merge(graphdef, state)
         dyn_args = tuple(nodes[i] if i in gidx else a for i, a in enumerate(dyn_args))
       args = tuple(sdict[i] if i in sdict else a for i, a in enumerate(dyn_args))
       out = fun(*args, **kwargs)
       if nnx_info is not None:
-        nnx = _nnx()
+        nnx = nnx_module()
         new_state = nnx.split(tuple(a if i in nnx_info[2] else None for i, a in enumerate(args)))[1]
         out = (out, new_state)
       leaves_out, tree = jax.tree_util.tree_flatten(out)
@@ -145,9 +138,6 @@ class AutoShardFunction:
         paths.append("kwargs" + jax.tree_util.keystr(tuple(rest)))
         argidx.append(None)
     return paths, argidx
-
-  def _check_axes(self):
-    pass
 
   # -------------------------------------------------------------- planning
   def _entry(self, args, kwargs) -> tuple[_Entry, list]:
@@ -210,10 +200,7 @@ class AutoShardFunction:
                 for p, a in zip(out_paths, traced.out_avals)]
     donated_leaves = {k for k, a in enumerate(argidx) if a is not None and a in self._donate}
     an = analyze_dims(traced.closed_jaxpr)
-    act = None
-    peak = getattr(ljx, "peak_live_bytes", None)
-    if peak is not None:
-      act = int(peak(traced.closed_jaxpr.jaxpr))
+    act = int(ljx.peak_live_bytes(traced.closed_jaxpr))
     budget = self.memory_budget
     core = plan_placement(an, mi, in_info, out_info, self.strategy, budget, donated_leaves,
                           act, api=_API)
@@ -244,7 +231,7 @@ class AutoShardFunction:
         param_bytes_per_device=int(sum(l.per_device_bytes for l in params)),
         replicated_param_bytes=int(sum(l.bytes for l in params if l.replicated)),
         input_bytes_per_device=int(in_dev), output_bytes_per_device=int(out_dev),
-        activation_bytes_per_device=None if act is None else int(core.memory["activation"]),
+        activation_bytes_per_device=int(core.memory["activation"]),
         memory_bytes_per_device=int(total), memory_budget=budget,
         collective_bytes=core.collectives, search=core.search,
         planning_seconds=time.perf_counter() - t0,
@@ -313,7 +300,7 @@ class AutoShardFunction:
     outs = entry.jitted(*placed)
     result = jax.tree_util.tree_unflatten(entry.out_tree, outs)
     if entry.nnx_info is not None:
-      nnx = _nnx()
+      nnx = nnx_module()
       result, new_state = result
       for i in entry.nnx_info[2]:
         nnx.update(args[i], new_state[i])
@@ -373,16 +360,17 @@ class AutoShardFunction:
 
 @typing.overload
 def auto_shard(fun: Callable, mesh=None, /, *, strategy: str = "auto", static_argnums=(),
-               donate_argnums=(), memory_budget=None) -> AutoShardFunction: ...
+               donate_argnums=(), memory_budget=None, model_axes=None) -> AutoShardFunction: ...
 
 
 @typing.overload
 def auto_shard(fun: None = None, mesh=None, /, *, strategy: str = "auto", static_argnums=(),
-               donate_argnums=(), memory_budget=None) -> Callable[[Callable], AutoShardFunction]: ...
+               donate_argnums=(), memory_budget=None,
+               model_axes=None) -> Callable[[Callable], AutoShardFunction]: ...
 
 
 def auto_shard(fun=None, mesh=None, /, *, strategy="auto", static_argnums=(), donate_argnums=(),
-               memory_budget=None):
+               memory_budget=None, model_axes=None):
   """Chooses shardings for ``fun``'s inputs and outputs over ``mesh`` and jits it.
 
   Batch-like inputs are split along their batch dimension over the data axes,
@@ -400,6 +388,9 @@ def auto_shard(fun=None, mesh=None, /, *, strategy="auto", static_argnums=(), do
     donate_argnums: positional arguments whose buffers may be reused for outputs.
     memory_budget: per-device bytes (int or ``"2GiB"``) the plan must fit: inputs,
       outputs and estimated activations. ``ShardingError`` if no plan fits.
+    model_axes: mesh axis name(s) for tensor parallelism (default: the axes named
+      ``"tensor"`` or ``"model"``; ``()``: none). All other axes are data axes
+      (batch and FSDP). A name the mesh does not have raises ``ShardingError``.
 
   Returns:
     An :class:`AutoShardFunction` with ``.shardings``, ``.explain``, ``.lower``.
@@ -418,18 +409,32 @@ def auto_shard(fun=None, mesh=None, /, *, strategy="auto", static_argnums=(), do
   budget = None if memory_budget is None else parse_bytes(memory_budget, name="memory_budget", api=_API)
   if budget is not None and strategy != "auto":
     raise ValueError(f"{_API}: memory_budget is only used by strategy='auto', got strategy={strategy!r}")
-  resolve_mesh(mesh, api=_API)  # validate now
+  if model_axes is not None:
+    if isinstance(model_axes, str):
+      model_axes = (model_axes,)
+    if not isinstance(model_axes, (tuple, list)) or not all(isinstance(a, str) for a in model_axes):
+      raise TypeError(f"{_API}: model_axes must be None, a mesh axis name or a tuple of names, got "
+                      f"{model_axes!r}")
+    model_axes = tuple(model_axes)
+    if strategy in ("dp", "fsdp", "replicate") and model_axes:
+      raise ValueError(f"{_API}: model_axes={model_axes} is only used by strategy='auto' or 'tp', "
+                       f"got strategy={strategy!r}")
+    if strategy == "tp" and not model_axes:
+      raise ValueError(f"{_API}: strategy='tp' needs at least one model axis, got model_axes=()")
+  if mesh is not None or fun is None or callable(fun):
+    resolve_mesh(mesh, api=_API, model_axes=model_axes)  # validate now
 
   def wrap(f):
     if not callable(f):
       raise TypeError(f"{_API}: fun must be callable, got {type(f).__name__}")
-    return AutoShardFunction(f, mesh, strategy, static, donate, budget)
+    return AutoShardFunction(f, mesh, strategy, static, donate, budget, model_axes)
 
   if fun is None:
     return wrap
   if not callable(fun):
     if mesh is None and hasattr(fun, "axis_names"):  # auto_shard(mesh) used as decorator factory
       m = fun
-      return lambda f: AutoShardFunction(f, m, strategy, static, donate, budget)
+      resolve_mesh(m, api=_API, model_axes=model_axes)
+      return lambda f: AutoShardFunction(f, m, strategy, static, donate, budget, model_axes)
     raise TypeError(f"{_API}: fun must be callable, got {type(fun).__name__}")
   return wrap(fun)

@@ -46,8 +46,12 @@ class MeshInfo:
     return best
 
 
-def resolve_mesh(mesh, *, api: str = "auto_shard") -> MeshInfo:
-  """Validates ``mesh`` (``None`` -> all devices on a 1-D ``"data"`` axis)."""
+def resolve_mesh(mesh, *, api: str = "auto_shard", model_axes=None) -> MeshInfo:
+  """Validates ``mesh`` (``None`` -> all devices on a 1-D ``"data"`` axis).
+
+  ``model_axes``: the tensor-parallel axes (``None``: those named ``"tensor"``/``"model"``);
+  every other axis is a data (batch / FSDP) axis.
+  """
   if mesh is None:
     devs = np.asarray(jax.devices())
     mesh = Mesh(devs, ("data",), axis_types=(AxisType.Auto,))
@@ -65,7 +69,16 @@ def resolve_mesh(mesh, *, api: str = "auto_shard") -> MeshInfo:
     raise ShardingError(f"{api}: mesh axes {names} include Manual axes (types {types}); auto_shard "
                         "needs Auto or Explicit axes. Call it outside shard_map.")
   explicit = any(t == AxisType.Explicit for t in types)
-  tensor = tuple(n for n in names if n in TENSOR_AXIS_NAMES)
+  if model_axes is None:
+    tensor = tuple(n for n in names if n in TENSOR_AXIS_NAMES)
+  else:
+    bad = [a for a in model_axes if a not in names]
+    if bad:
+      raise ShardingError(
+          f"{api}: model_axes={tuple(model_axes)} names {bad[0]!r}, which is not an axis of the mesh; "
+          f"its axes are {names} (sizes {sizes}). Pass names from those, or model_axes=() for no "
+          "tensor parallelism.")
+    tensor = tuple(n for n in names if n in model_axes)
   data = tuple(n for n in names if n not in tensor)
   return MeshInfo(mesh, names, sizes, explicit, isinstance(mesh, AbstractMesh), tensor, data)
 

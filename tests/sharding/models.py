@@ -6,11 +6,13 @@ import numpy as np
 import optax
 
 
-def mlp_init(key, sizes):
+def mlp_init(seed, sizes, dtype=np.float32):
+  """MLP parameters from a numpy RNG (no jax.random: nothing to compile)."""
+  rng = np.random.default_rng(seed)
   ps = {}
   for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
-    key, k = jax.random.split(key)
-    ps[f"l{i}"] = {"w": jax.random.normal(k, (a, b)) / np.sqrt(a), "b": jnp.zeros((b,))}
+    ps[f"l{i}"] = {"w": jnp.asarray(rng.standard_normal((a, b)) / np.sqrt(a), dtype),
+                   "b": jnp.zeros((b,), dtype)}
   return ps
 
 
@@ -31,9 +33,10 @@ def make_mlp_step(tx):
   return step
 
 
-def lm_init(key, vocab=64, d=32, heads=4, ff=64, layers=2, seq=16, dtype=jnp.float32):
-  ks = iter(jax.random.split(key, 4 + 6 * layers))
-  n = lambda shape, s: (jax.random.normal(next(ks), shape) * s).astype(dtype)
+def lm_init(seed, vocab=64, d=32, heads=4, ff=64, layers=2, seq=16, dtype=jnp.float32):
+  """Transformer LM parameters from a numpy RNG (plus ``"heads"``)."""
+  rng = np.random.default_rng(seed)
+  n = lambda shape, s: jnp.asarray(rng.standard_normal(shape) * s, dtype)
   ps = {"embed": n((vocab, d), 0.02), "pos": n((seq, d), 0.02), "ln_f": jnp.ones((d,), dtype),
         "unembed": n((d, vocab), d ** -0.5), "layers": []}
   for _ in range(layers):
@@ -78,13 +81,27 @@ def make_lm_step(tx, heads):
   return step
 
 
-def lm_params(key, **kw):
-  ps = lm_init(key, **kw)
+def lm_params(seed, **kw):
+  ps = lm_init(seed, **kw)
   heads = ps.pop("heads")
   return ps, heads
 
 
-def make_resnet(seed=0, channels=8, classes=10):
+def make_resnet_and_optimizer(seed=0, channels=8, classes=10, lr=1e-2):
+  """A small NNX ResNet and its AdamW ``nnx.Optimizer``, built in one ``nnx.jit`` call.
+
+  The ``unsafe_rbg`` PRNG compiles ~6x faster on CPU than threefry.
+  """
+  from flax import nnx
+
+  @nnx.jit
+  def build():
+    m = make_resnet(seed, channels, classes, impl="unsafe_rbg")
+    return m, nnx.Optimizer(m, optax.adamw(lr), wrt=nnx.Param)
+  return build()
+
+
+def make_resnet(seed=0, channels=8, classes=10, impl="threefry2x32"):
   from flax import nnx
 
   class Block(nnx.Module):
@@ -110,7 +127,7 @@ def make_resnet(seed=0, channels=8, classes=10):
       x = self.block(x)
       return self.head(x.mean((1, 2)))
 
-  return ResNet(nnx.Rngs(seed))
+  return ResNet(nnx.Rngs(jax.random.key(seed, impl=impl)))
 
 
 def resnet_step(model, opt, x, y):
@@ -122,3 +139,10 @@ def resnet_step(model, opt, x, y):
   loss, g = nnx.value_and_grad(loss_fn)(model)
   opt.update(model, g)
   return loss
+
+
+def mp_batch(rows=8):
+  """The global batch of the 2-process test (the same on every process)."""
+  rng = np.random.default_rng(3)
+  return (rng.standard_normal((rows, 8)).astype(np.float32),
+          rng.standard_normal((rows, 4)).astype(np.float32))

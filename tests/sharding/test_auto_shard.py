@@ -2,6 +2,7 @@
 
 import math
 import time
+import types
 
 import jax
 import jax.numpy as jnp
@@ -49,20 +50,30 @@ def _check_memory(plan, state_out, n):
   assert plan.replicated_param_bytes <= 0.02 * plan.param_bytes
 
 
-@pytest.mark.parametrize("shape,names", MESHES)
-def test_mlp_adamw_equals_jit(shape, names):
+@pytest.fixture(scope="module")
+def mlp():
+  """An MLP + AdamW train step and its single-device jax.jit results (two steps)."""
   tx = optax.adamw(1e-2)
   step = M.make_mlp_step(tx)
-  ps = M.mlp_init(jax.random.key(0), [16, 64, 32, 8])
+  ps = M.mlp_init(0, [16, 64, 32, 8])
   st = tx.init(ps)
-  x = jax.random.normal(jax.random.key(1), (32, 16))
-  y = jax.random.normal(jax.random.key(2), (32, 8))
-  f = auto_shard(step, _mesh(shape, names))
-  ref = jax.jit(step)(ps, st, x, y)
+  rng = np.random.default_rng(1)
+  x = jnp.asarray(rng.standard_normal((32, 16)), jnp.float32)
+  y = jnp.asarray(rng.standard_normal((32, 8)), jnp.float32)
+  ref = jax.jit(step)
+  r1 = ref(ps, st, x, y)
+  r2 = ref(*r1[:2], x, y)
+  return types.SimpleNamespace(step=step, args=(ps, st, x, y), ref1=r1, ref2=r2)
+
+
+@pytest.mark.parametrize("shape,names", MESHES)
+def test_mlp_adamw_equals_jit(mlp, shape, names):
+  ps, st, x, y = mlp.args
+  f = auto_shard(mlp.step, _mesh(shape, names))
   out = f(ps, st, x, y)
-  _close(out, ref)
+  _close(out, mlp.ref1)
   out2 = f(*out[:2], x, y)  # second step: reuses the compiled function
-  _close(out2, jax.jit(step)(*ref[:2], x, y))
+  _close(out2, mlp.ref2)
   assert len(f._cache) == 1
   plan = f.explain(ps, st, x, y)
   _check_memory(plan, out[:2], math.prod(shape))
@@ -70,14 +81,14 @@ def test_mlp_adamw_equals_jit(shape, names):
   assert all(l.role == "batch" and l.spec[0] for l in batch)
   ins, outs = f.shardings(ps, st, x, y)
   assert jax.tree.structure(ins) == jax.tree.structure((ps, st, x, y))
-  assert jax.tree.structure(outs) == jax.tree.structure(ref)
+  assert jax.tree.structure(outs) == jax.tree.structure(mlp.ref1)
   assert out[0]["l0"]["w"].sharding.spec == ins[0]["l0"]["w"].spec
 
 
 def test_tensor_parallel_pair_on_model_axis():
   tx = optax.sgd(0.1)
   step = M.make_mlp_step(tx)
-  ps = M.mlp_init(jax.random.key(0), [16, 64, 32, 8])
+  ps = M.mlp_init(0, [16, 64, 32, 8])
   st = tx.init(ps)
   x, y = jnp.ones((8, 16)), jnp.ones((8, 8))
   plan = auto_shard(step, _mesh((2, 4), ("data", "model"))).explain(ps, st, x, y)
@@ -88,35 +99,50 @@ def test_tensor_parallel_pair_on_model_axis():
   assert plan.tensor_parallel
 
 
-@pytest.mark.parametrize("shape,names,explicit", [((8,), ("data",), True), ((2, 4), ("data", "model"), False),
-                                                  ((4, 2), ("data", "tensor"), True)])
-def test_transformer_lm_adamw(shape, names, explicit):
-  ps, heads = M.lm_params(jax.random.key(0), layers=1, vocab=32, d=16, ff=32, seq=8, heads=2)
+@pytest.fixture(scope="module")
+def lm():
+  """A 1-layer transformer LM + AdamW train step and its single-device jax.jit result."""
+  ps, heads = M.lm_params(0, layers=1, vocab=32, d=16, ff=32, seq=8, heads=2)
   tx = optax.adamw(1e-3, weight_decay=0.1)
   st = tx.init(ps)
   step = M.make_lm_step(tx, heads)
-  toks = jax.random.randint(jax.random.key(1), (8, 8), 0, 32)
-  tgts = jnp.roll(toks, -1, axis=1)
-  f = auto_shard(step, _mesh(shape, names, explicit))
-  ref = jax.jit(step)(ps, st, toks, tgts)
-  out = f(ps, st, toks, tgts)
-  _close(out, ref, 5e-5)
-  plan = f.explain(ps, st, toks, tgts)
+  toks = jnp.asarray(np.random.default_rng(1).integers(0, 32, (8, 8)), jnp.int32)
+  tgts = jnp.asarray(np.roll(np.asarray(toks), -1, axis=1))
+  args = (ps, st, toks, tgts)
+  return types.SimpleNamespace(step=step, args=args, ref=jax.jit(step)(*args))
+
+
+@pytest.mark.parametrize("shape,names,explicit", [((8,), ("data",), True), ((2, 4), ("data", "model"), False),
+                                                  ((4, 2), ("data", "tensor"), True)])
+def test_transformer_lm_adamw(lm, shape, names, explicit):
+  f = auto_shard(lm.step, _mesh(shape, names, explicit))
+  out = f(*lm.args)
+  _close(out, lm.ref, 5e-5)
+  plan = f.explain(*lm.args)
   _check_memory(plan, out[:2], math.prod(shape))
   assert str(plan).startswith("auto_shard plan")
 
 
-def test_nnx_resnet_state_updates_like_nnx_jit():
-  m1, m2 = M.make_resnet(), M.make_resnet()
-  o1 = nnx.Optimizer(m1, optax.adamw(1e-2), wrt=nnx.Param)
-  o2 = nnx.Optimizer(m2, optax.adamw(1e-2), wrt=nnx.Param)
-  x = jax.random.normal(jax.random.key(1), (16, 4, 4, 3))
-  y = jnp.arange(16) % 10
-  f = auto_shard(M.resnet_step, _mesh((4, 2), ("data", "model")))
-  ref_step = nnx.jit(M.resnet_step)
-  np.testing.assert_allclose(float(f(m1, o1, x, y)), float(ref_step(m2, o2, x, y)), rtol=1e-5)
-  _close(nnx.state(m1), nnx.state(m2), 2e-4)        # params and BatchNorm statistics
-  _close(nnx.state(o1), nnx.state(o2), 2e-4)
+@pytest.fixture(scope="module")
+def resnet():
+  """A small NNX ResNet + AdamW, and its state after one nnx.jit train step."""
+  m0, o0 = M.make_resnet_and_optimizer()
+  x = jnp.asarray(np.random.default_rng(1).standard_normal((16, 4, 4, 3)), jnp.float32)
+  y = jnp.asarray(np.arange(16) % 10, jnp.int32)
+  m, o = nnx.clone((m0, o0))
+  loss = nnx.jit(M.resnet_step)(m, o, x, y)
+  return types.SimpleNamespace(init=(m0, o0), x=x, y=y, loss=float(loss), model=nnx.state(m),
+                               opt=nnx.state(o))
+
+
+@pytest.mark.parametrize("shape,names", [((4, 2), ("data", "model")), ((8,), ("data",))])
+def test_nnx_resnet_state_updates_like_nnx_jit(resnet, shape, names):
+  m1, o1 = nnx.clone(resnet.init)
+  x, y = resnet.x, resnet.y
+  f = auto_shard(M.resnet_step, _mesh(shape, names))
+  np.testing.assert_allclose(float(f(m1, o1, x, y)), resnet.loss, rtol=1e-5)
+  _close(nnx.state(m1), resnet.model, 2e-4)        # params and BatchNorm statistics
+  _close(nnx.state(o1), resnet.opt, 2e-4)
   plan = f.explain(m1, o1, x, y)
   assert plan.replicated_param_bytes <= 0.02 * plan.param_bytes
   full = sum(v.nbytes for v in jax.tree.leaves(nnx.state(o1)))
@@ -126,17 +152,13 @@ def test_nnx_resnet_state_updates_like_nnx_jit():
 
 
 @pytest.mark.parametrize("strategy", ["dp", "fsdp", "tp", "replicate"])
-def test_named_baselines(strategy):
-  tx = optax.adam(1e-2)
-  step = M.make_mlp_step(tx)
-  ps = M.mlp_init(jax.random.key(0), [16, 32, 8])
-  st = tx.init(ps)
-  x, y = jnp.ones((16, 16)), jnp.ones((16, 8))
+def test_named_baselines(mlp, strategy):
   mesh = _mesh((2, 4), ("data", "model"))
-  f = auto_shard(strategy=strategy)(step)
-  f = auto_shard(step, mesh, strategy=strategy)
-  _close(f(ps, st, x, y), jax.jit(step)(ps, st, x, y))
-  plan = f.explain(ps, st, x, y)
+  bare = auto_shard(strategy=strategy)(mlp.step)
+  assert bare.strategy == strategy and bare.mesh.devices.size == len(jax.devices())
+  f = auto_shard(mlp.step, mesh, strategy=strategy)
+  _close(f(*mlp.args), mlp.ref1)
+  plan = f.explain(*mlp.args)
   w = {l.path: l for l in plan.inputs}["args[0]['l0']['w']"]
   if strategy in ("dp", "replicate"):
     assert w.replicated and "strategy" in w.reason
@@ -182,26 +204,22 @@ def test_lower_static_donate_and_dtypes():
   np.testing.assert_allclose(d(p, jnp.ones((8, 2)))["w"], 2.0)
 
 
-def test_plan_is_deterministic_and_serialisable():
+def test_plan_is_deterministic_and_serialisable(lm):
   import json
-  ps, heads = M.lm_params(jax.random.key(0))
-  tx = optax.adamw(1e-3)
-  st = tx.init(ps)
-  step = M.make_lm_step(tx, heads)
-  toks = jnp.zeros((8, 16), jnp.int32)
   mesh = _mesh((2, 4), ("data", "model"))
-  p1 = auto_shard(step, mesh).explain(ps, st, toks, toks)
-  p2 = auto_shard(step, mesh).explain(ps, st, toks, toks)
+  p1 = auto_shard(lm.step, mesh).explain(*lm.args)
+  p2 = auto_shard(lm.step, mesh).explain(*lm.args)
   assert isinstance(p1, ShardingPlan) and p1.plan_hash == p2.plan_hash
   d = json.loads(json.dumps(p1.to_dict()))
   assert d["plan_hash"] == p1.plan_hash and d["collective_bytes"]["total"] > 0
   assert all(l["reason"] for l in d["inputs"])
+  assert p1.activation_bytes_per_device > 0
 
 
 def test_memory_budget_constrains_and_errors():
   tx = optax.adam(1e-2)
   step = M.make_mlp_step(tx)
-  ps = M.mlp_init(jax.random.key(0), [64, 128, 64])
+  ps = M.mlp_init(0, [64, 128, 64])
   st = tx.init(ps)
   x, y = jnp.ones((16, 64)), jnp.ones((16, 64))
   mesh = _mesh((8,), ("data",))
@@ -271,3 +289,40 @@ def test_abstract_1b_transformer_planning_time():
   assert ins[2].spec == P("data")
   with pytest.raises(ShardingError, match="AbstractMesh"):
     f(ps, st, toks, toks)
+
+
+def test_model_axes_option(mlp):
+  mesh = _mesh((2, 4), ("dp", "mp"))
+  f = auto_shard(mlp.step, mesh, model_axes="mp")
+  assert f.model_axes == ("mp",)
+  _close(f(*mlp.args), mlp.ref1)
+  spec = {l.path: l.spec for l in f.explain(*mlp.args).inputs}
+  assert "mp" in spec["args[0]['l0']['w']"][1] and "mp" in spec["args[0]['l1']['w']"][0]
+  assert spec["args[2]"][0] == ("dp",)
+  plain = auto_shard(mlp.step, _mesh((2, 4), ("data", "model")), model_axes=()).explain(*mlp.args)
+  assert not plain.tensor_parallel and plain.tensor_axes == ()
+  with pytest.raises(ShardingError, match=r"model_axes=\('mq',\) names 'mq'.*its axes are \('dp', 'mp'\)"):
+    auto_shard(mlp.step, mesh, model_axes="mq")
+  with pytest.raises(ShardingError, match=r"'model'.*its axes are \('data',\)"):
+    auto_shard(model_axes=("model",))(mlp.step)
+  with pytest.raises(ValueError, match="model_axes"):
+    auto_shard(mlp.step, mesh, strategy="fsdp", model_axes="mp")
+  with pytest.raises(TypeError, match="model_axes"):
+    auto_shard(mlp.step, mesh, model_axes=1)
+
+
+def test_benchmark_hlo_collective_parser(mlp):
+  from benchmarks.auto_shard import collective_bytes
+  mesh = _mesh((8,), ("data",))
+  grads = sum(x.nbytes for x in jax.tree.leaves(mlp.args[0]))
+  dp = collective_bytes(auto_shard(mlp.step, mesh, strategy="dp").lower(*mlp.args).compile().as_text())
+  assert grads <= dp["all_reduce"] <= grads + 64       # gradients (+ the loss) all-reduced once
+  assert dp["total"] == dp["all_reduce"] and dp["count"] >= 1
+  hlo = ("%p.1 = f32[2,16]{1,0} parameter(0)\n"
+         "%all-gather.2 = f32[16,16]{1,0} all-gather(%p.1), dimensions={0}\n"
+         "%t = (f32[4]{0}, /*index=1*/bf16[8]{0}) all-reduce-start(%a, %b), to_apply=%add\n"
+         "%a = f32[4]{0} parameter(1)\n%b = bf16[8]{0} parameter(2)\n"
+         "%d = (f32[4]{0}, bf16[8]{0}) all-reduce-done(%t)\n")
+  got = collective_bytes(hlo)
+  assert got["all_gather"] == 128 and got["all_reduce"] == 32 and got["count"] == 2
+  assert got["result_total"] == 16 * 16 * 4 + 32
