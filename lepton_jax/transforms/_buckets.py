@@ -94,9 +94,11 @@ class BucketCache:
 
   def __init__(self):
     self.decisions: dict = {}
+    self.traces: dict = {}     # traces at a bucket size, shared by all lengths in it
 
   def clear(self):
     self.decisions.clear()
+    self.traces.clear()
 
 
 # ------------------------------------------------------------------------------------
@@ -423,10 +425,18 @@ def _decide(jitted, args, kwargs, L, P):
     args_p[spec.argnum] = _abstract_pad(args[spec.argnum], spec.axis, P)
     traces = []
     for a in (args_l, args_p):
+      tkey = None
+      if a is args_p and key is not None:
+        tkey = _signature_key(tuple(a), kwargs)
+        if tkey in jitted._bucket_cache.traces:  # pylint: disable=protected-access
+          traces.append(jitted._bucket_cache.traces[tkey])  # pylint: disable=protected-access
+          continue
       static, leaves, nodes, state = jitted._split(tuple(a), kwargs)  # pylint: disable=protected-access
       state_abs = _abstract(state) if state is not None else None
       closed, out_tree, _ = jitted._trace(static, leaves, state_abs)  # pylint: disable=protected-access
       traces.append((static, closed, out_tree))
+      if tkey is not None:
+        jitted._bucket_cache.traces[tkey] = traces[-1]  # pylint: disable=protected-access
     (st_l, cl_l, tree_l), (st_p, cl_p, tree_p) = traces
     if tree_l != tree_p or not _same_jaxpr(cl_l.jaxpr, cl_p.jaxpr, L, P, cl_l.consts, cl_p.consts):
       raise UnsafeBucketing("the computation depends on the length itself (the jaxprs at the "

@@ -189,7 +189,7 @@ def test_buckets_compile_at_most_three_times_and_exact():
   ref = jax.jit(_per_token_mlp)
   rng = np.random.default_rng(0)
   for n in range(33, 129):
-    x = jnp.asarray(rng.normal(size=(2, n, 8)), jnp.float32)
+    x = jax.device_put(rng.normal(size=(2, n, 8)).astype(np.float32))  # no per-shape compile
     out = g(w, x)
     assert out.shape == (2, n, 8)
     if n % 17 == 0:

@@ -1,4 +1,5 @@
-"""Hotspot routing: exact matches of softmax attention -> ``pallas_kernels.flash_attention``.
+"""Hotspot routing: exact matches of softmax attention -> ``pallas_kernels.flash_attention``
+(norms, cross-entropy and matmul+bias+activation: see ``_templates``).
 
 The matcher works on the jaxpr's data flow, not on one spelling, so
 ``jax.nn.dot_product_attention`` (XLA implementation, including grouped-query heads and
@@ -35,6 +36,7 @@ from jax._src import core
 from lepton_jax.transforms.passes._common import Rewrite, inline_closed, location
 
 __all__ = ["route_kernels", "find_attention", "clear_spot_check_cache"]
+
 
 _FILL_MAX = -1e9       # a mask fill must be finite and at most this
 _SPOT_CHECK_MAX_SCORES = 1 << 22
@@ -453,7 +455,8 @@ def _kernel(name: str):
   except (ImportError, AttributeError):
     # The package may not re-export yet; fall back to the implementing module.
     import importlib
-    mod = {"flash_attention": "_attention", "rms_norm": "_norms", "layer_norm": "_norms"}[name]
+    mod = {"flash_attention": "_attention", "rms_norm": "_norms", "layer_norm": "_norms",
+           "softmax_cross_entropy": "_cross_entropy", "matmul": "_matmul"}[name]
     return getattr(importlib.import_module(f"lepton_jax.pallas_kernels.{mod}"), name)
 
 
@@ -514,52 +517,62 @@ def _inline_jits(closed: core.ClosedJaxpr) -> tuple[core.ClosedJaxpr, bool]:
   return core.ClosedJaxpr(jaxpr.replace(eqns=new_eqns, outvars=outvars), closed.consts), True
 
 
-def _subgraph_fn(closed, m: _AttnMatch):
-  """The matched sub-graph as a function of (q, k, v, bias, mask) (for spot checks)."""
+def _subgraph_fn(closed, eqn_ids, in_vars, out_var):
+  """The matched sub-graph as a function of its inputs (for spot checks)."""
   jaxpr = closed.jaxpr
-  ext = {}
-  for v, c in zip(jaxpr.constvars, closed.consts):
-    ext[v] = c
+  ext = dict(zip(jaxpr.constvars, closed.consts))
 
-  def fn(q, k, v, bias, mask):
+  def fn(*vals):
     env = dict(ext)
-    env[m.q], env[m.k], env[m.v] = q, k, v
-    if m.bias is not None:
-      env[m.bias] = bias
-    if m.mask is not None:
-      env[m.mask] = mask
-    for i in m.eqns:
+    for a, val in zip(in_vars, vals):
+      if isinstance(a, core.Var):
+        env[a] = val
+    for i in sorted(eqn_ids):
       e = jaxpr.eqns[i]
       ins = [a.val if isinstance(a, core.Literal) else env[a] for a in e.invars]
-      outs = e.primitive.bind(*ins, **e.params)
+      params = e.primitive.get_bind_params(e.params)
+      if isinstance(params, tuple):
+        subfuns, params = params
+      else:
+        subfuns = []
+      outs = e.primitive.bind(*subfuns, *ins, **params)
       outs = outs if e.primitive.multiple_results else [outs]
       for o, val in zip(e.outvars, outs):
         env[o] = val
-    return env[jaxpr.eqns[m.d2].outvars[0]]
+    return env[out_var]
 
   return fn
 
 
-def _check(closed, m: _AttnMatch, repl, spot_check: bool) -> str | None:
-  """None if the replacement is verified, else the reason it is not."""
-  out_aval = closed.jaxpr.eqns[m.d2].outvars[0].aval
-  sds = lambda a: None if a is None else jax.ShapeDtypeStruct(a.aval.shape, a.aval.dtype)
-  args = (sds(m.q), sds(m.k), sds(m.v), sds(m.bias), sds(m.mask))
+def _sds(a):
+  if a is None:
+    return None
+  return jax.ShapeDtypeStruct(a.aval.shape, a.aval.dtype)
+
+
+def _check(closed, eqn_ids, in_vars, out_var, repl, spot_check: bool, key_extra,
+           max_elements: int = _SPOT_CHECK_MAX_SCORES) -> str | None:
+  """None if the replacement is verified, else the reason it is not.
+
+  Checks the replacement's output shape/dtype and, when ``spot_check`` and the inputs
+  are small enough, compares it numerically with the original sub-graph on random inputs.
+  """
+  out_aval = out_var.aval
+  args = tuple(_sds(a) for a in in_vars)
   try:
     got = jax.eval_shape(repl, *args)
   except Exception as e:  # kernel refused the shapes/dtypes
     return f"{type(e).__name__}: {e}"
   if got.shape != out_aval.shape or got.dtype != out_aval.dtype:
     return f"replacement gives {got.shape}/{got.dtype}, expected {out_aval.shape}/{out_aval.dtype}"
-  scores = int(np.prod(m.batch_sizes)) * int(np.prod(m.q_sizes)) * m.kv_len
-  if not spot_check or scores > _SPOT_CHECK_MAX_SCORES:
+  if not spot_check or max(int(np.prod(a.shape)) for a in args if a is not None) > max_elements:
     return None
   if any(isinstance(c, core.Tracer) for c in closed.consts):
     return None
-  key = _spot_key(closed, m, args)
+  key = _spot_key(closed, eqn_ids, args, key_extra)
   if key is not None and key in _SPOT_CACHE:
     return _SPOT_CACHE[key]
-  verdict = _spot_check(closed, m, repl, args, out_aval)
+  verdict = _spot_check(_subgraph_fn(closed, eqn_ids, in_vars, out_var), repl, args, out_aval)
   if key is not None:
     _SPOT_CACHE[key] = verdict
   return verdict
@@ -571,41 +584,49 @@ _SPOT_CACHE: dict = {}
 
 
 def clear_spot_check_cache() -> None:
-  """Forgets cached spot-check verdicts."""
+  """Forgets cached spot-check verdicts and traced templates."""
   _SPOT_CACHE.clear()
+  from lepton_jax.transforms.passes._templates import clear_template_cache
+  clear_template_cache()
 
 
-def _spot_key(closed, m: _AttnMatch, args):
+def _spot_key(closed, eqn_ids, args, key_extra):
   try:
     cvals = {v: c for v, c in zip(closed.jaxpr.constvars, closed.consts)}
     parts = []
-    for i in m.eqns:
+    for i in sorted(eqn_ids):
       e = closed.jaxpr.eqns[i]
       parts.append((e.primitive.name, repr(sorted((k, repr(v)) for k, v in e.params.items())),
                     tuple(repr(a.val) if isinstance(a, core.Literal) else
                           (repr(a.aval), np.asarray(cvals[a]).tobytes() if a in cvals else None)
                           for a in e.invars)))
     return (tuple(parts), tuple(None if a is None else (a.shape, str(a.dtype)) for a in args),
-            m.q_perm, m.k_perm, m.v_perm, m.out_perm, m.bias_perm, m.mask_perm, m.scale,
-            id(_attention_replacement))
+            key_extra)
   except Exception:
     return None
 
 
-def _spot_check(closed, m, repl, args, out_aval):
+def _random_inputs(args):
+  rng = np.random.default_rng(0)
+  high = next((a.shape[-1] for a in args if a is not None and a.shape
+               and jnp.issubdtype(a.dtype, jnp.floating)), 2)
+  vals = []
+  for a in args:
+    if a is None:
+      vals.append(None)
+    elif a.dtype == np.bool_:
+      vals.append(rng.random(a.shape) < 0.8)
+    elif jnp.issubdtype(a.dtype, jnp.integer):
+      vals.append(rng.integers(0, max(1, high), a.shape).astype(a.dtype))
+    else:
+      vals.append(jnp.asarray(rng.standard_normal(a.shape).astype(np.float32)).astype(a.dtype))
+  return vals
+
+
+def _spot_check(sub, repl, args, out_aval):
   with jax.ensure_compile_time_eval():
-    key = jax.random.key(0)
-    ks = jax.random.split(key, 5)
-    vals = []
-    for kk, a in zip(ks, args):
-      if a is None:
-        vals.append(None)
-      elif a.dtype == np.bool_:
-        vals.append(jax.random.bernoulli(kk, 0.8, a.shape))
-      else:
-        vals.append(jax.random.normal(kk, a.shape, jnp.float32).astype(a.dtype))
-    want = jax.jit(_subgraph_fn(closed, m))(*vals)
-    have = jax.jit(repl)(*vals)
+    vals = _random_inputs(args)
+    want, have = jax.jit(lambda *v: (sub(*v), repl(*v)))(*vals)
     tol = 2e-2 if jnp.dtype(out_aval.dtype).itemsize < 4 else 2e-4
     ok = np.allclose(np.asarray(have, np.float32), np.asarray(want, np.float32), atol=tol, rtol=tol)
   return None if ok else "numeric spot check failed"
@@ -647,16 +668,26 @@ def _retrace(closed: core.ClosedJaxpr, skip: set, repls: dict) -> core.ClosedJax
   return jax.make_jaxpr(run)(*in_specs)
 
 
+_FAMILY_KERNEL = {"rms_norm": "rms_norm", "layer_norm": "layer_norm",
+                  "softmax_cross_entropy": "softmax_cross_entropy", "matmul": "matmul"}
+
+
 def route_kernels(closed: core.ClosedJaxpr, *, kernels: str | None = "auto", spot_check: bool = True,
                   **_) -> tuple[core.ClosedJaxpr, list[Rewrite]]:
-  """Routes exact attention matches to ``lepton_jax.pallas_kernels.flash_attention``.
+  """Routes exact hotspot matches to ``lepton_jax.pallas_kernels``.
+
+  Attention (see module doc) goes to ``flash_attention``; RMS norm, layer norm, softmax
+  cross-entropy with integer labels and matmul+bias+activation (see
+  :mod:`._templates`) go to ``rms_norm``, ``layer_norm``, ``softmax_cross_entropy`` and
+  ``matmul``. Each replacement is checked (shape/dtype, and numerically on random inputs
+  when small); a failed check keeps the original sub-graph and warns.
 
   Args:
     closed: the jaxpr to rewrite; its interface is kept.
     kernels: kernel backend (``"auto"``, ``"xla"``, ``"interpret"``, ...); ``None`` routes
       nothing.
-    spot_check: also compare the replacement numerically on random inputs (when the score
-      matrix has at most 4M entries).
+    spot_check: also compare each replacement numerically on random inputs (when its
+      inputs have at most 4M elements).
 
   Returns:
     ``(new_closed_jaxpr, rewrites)``.
@@ -671,14 +702,16 @@ def route_kernels(closed: core.ClosedJaxpr, *, kernels: str | None = "auto", spo
   """
   if kernels is None:
     return closed, []
+  from lepton_jax.transforms.passes import _templates
   work, _ = _inline_jits(closed)
-  matches = find_attention(work)
-  if not matches:
-    return closed, []
-  records, repls, skip = [], {}, set()
-  for m in matches:
+  records, repls, skip, taken = [], {}, set(), set()
+  for m in find_attention(work):
     repl = _attention_replacement(m, kernels)
-    reason = _check(work, m, repl, spot_check)
+    in_vars = (m.q, m.k, m.v, m.bias, m.mask)
+    out_var = work.jaxpr.eqns[m.d2].outvars[0]
+    key = ("attention", m.q_perm, m.k_perm, m.v_perm, m.out_perm, m.bias_perm, m.mask_perm,
+           m.scale, id(_attention_replacement))
+    reason = _check(work, m.eqns, in_vars, out_var, repl, spot_check, key)
     here = location(str(m.d2), work.jaxpr.eqns[m.d2])
     if reason is not None:
       warnings.warn(f"adaptive_jit: attention at eqn {here} was not routed to "
@@ -695,7 +728,39 @@ def route_kernels(closed: core.ClosedJaxpr, *, kernels: str | None = "auto", spo
 
     repls[m.d2] = make()
     skip |= set(m.eqns) - {m.d2}
+    taken |= set(m.eqns)
     records.append(Rewrite("route_kernels", "attention", here, len(m.eqns)))
+  prod = _producer_map(work.jaxpr)
+  for m in _templates.find_template_matches(work):
+    if m.eqns & taken or any(isinstance(a, core.Var) and prod.get(a) in skip for a in m.inputs):
+      continue
+    out_var = work.jaxpr.eqns[m.root].outvars[0]
+    repl = _templates.replacement(m, kernels, out_var.aval)
+    key = (m.template.family, m.template.name, m.eps, id(_templates.replacement))
+    # A kernel that refuses these shapes/dtypes is a non-match, not a failed check.
+    try:
+      got = jax.eval_shape(repl, *[_sds(a) for a in m.inputs])
+    except Exception:
+      continue
+    if got.shape != out_var.aval.shape or got.dtype != out_var.aval.dtype:
+      continue
+    reason = _check(work, m.eqns, m.inputs, out_var, repl, spot_check, key)
+    here = location(str(m.root), work.jaxpr.eqns[m.root])
+    kname = _FAMILY_KERNEL[m.template.family]
+    if reason is not None:
+      warnings.warn(f"adaptive_jit: {m.pattern} at eqn {here} was not routed to "
+                    f"pallas_kernels.{kname} because its check failed ({reason}); the original "
+                    "computation is kept", RuntimeWarning, stacklevel=2)
+      continue
+
+    def make_t(m=m, repl=repl):
+      def r(read):
+        return [repl(*[read(a) for a in m.inputs])]
+      return r
+
+    repls[m.root] = make_t()
+    taken |= m.eqns
+    records.append(Rewrite("route_kernels", m.pattern, here, len(m.eqns)))
   if not repls:
     return closed, []
   new = _retrace(work, skip, repls)
