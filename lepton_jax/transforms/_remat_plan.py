@@ -21,6 +21,7 @@ How it works:
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import functools
 import itertools
@@ -44,6 +45,7 @@ __all__ = ["remat_plan", "RematPlan", "TensorDecision", "CostModel"]
 _API = "lj.remat_plan"
 _SOLVERS = ("auto", "greedy", "milp")
 _INLINE_PRIMS = ("pjit", "jit", "closed_call", "core_call")
+_MAX_DEPTH = 5
 
 
 # --------------------------------------------------------------------------- data
@@ -122,11 +124,13 @@ class RematPlan:
     offloaded_bytes: residuals kept in host memory between forward and backward.
     recompute_flops: extra FLOPs spent recomputing residuals in the backward pass.
     transfer_bytes: bytes moved device->host->device for offloaded residuals.
-    num_segments: checkpoint regions at the top level (scan bodies count once).
+    num_segments: innermost checkpoint regions (scan bodies count once).
     solver: which solver produced the decisions.
     decisions: one :class:`TensorDecision` per candidate and boundary value.
     baseline_saved_bytes: plain ``jax.grad``'s saved residual bytes (inputs excluded).
     cost_model: the FLOP/s and bandwidth used.
+    depth: levels of nested checkpoint regions (0: plain grad, 1: one level of
+      segments, 2: segments inside segments, ...).
   """
   budget_bytes: int
   baseline_bytes: int
@@ -142,6 +146,7 @@ class RematPlan:
   model_peak_bytes: int
   measured_peak_bytes: int
   cost_model: CostModel
+  depth: int = 1
 
   @property
   def estimated_seconds(self) -> float:
@@ -160,7 +165,7 @@ class RematPlan:
 
   def __str__(self) -> str:
     lines = [
-        f"RematPlan (solver={self.solver}, segments={self.num_segments})",
+        f"RematPlan (solver={self.solver}, segments={self.num_segments}, depth={self.depth})",
         f"  budget   {format_bytes(self.budget_bytes):>12}   baseline peak {format_bytes(self.baseline_bytes)}",
         f"  peak     {format_bytes(self.peak_bytes):>12}   saved {format_bytes(self.saved_bytes)}"
         f" (plain jax.grad saves {format_bytes(self.baseline_saved_bytes)})",
@@ -309,21 +314,24 @@ class _Graph:
   def_idx: dict                    # var -> eqn index
   last_use: dict                   # var -> last eqn index using it (n for outputs)
   n: int
+  uses: dict = dataclasses.field(default_factory=dict)  # var -> sorted eqn indices using it
 
 
 def _build_graph(closed, prefix: str) -> _Graph:
   jaxpr = closed.jaxpr
   n = len(jaxpr.eqns)
-  def_idx, last_use = {}, {}
+  def_idx, last_use, uses = {}, {}, {}
   for i, eqn in enumerate(jaxpr.eqns):
     for a in eqn.invars:
       if not isinstance(a, jex_core.Literal):
         last_use[a] = i
+        uses.setdefault(a, []).append(i)
     for v in eqn.outvars:
       def_idx[v] = i
   for a in jaxpr.outvars:
     if not isinstance(a, jex_core.Literal):
       last_use[a] = n
+      uses.setdefault(a, []).append(n)
   # top-level candidates (outputs of non-scan equations)
   names = {}
   for i, eqn in enumerate(jaxpr.eqns):
@@ -347,7 +355,7 @@ def _build_graph(closed, prefix: str) -> _Graph:
   for i, eqn in enumerate(jaxpr.eqns):
     if eqn.primitive.name == "scan":
       scans[i] = _scan_info(eqn, i, prefix)
-  return _Graph(closed, cands, scans, def_idx, last_use, n)
+  return _Graph(closed, cands, scans, def_idx, last_use, n, uses)
 
 
 def _scan_info(eqn, i: int, prefix: str) -> _Scan:
@@ -391,67 +399,105 @@ class _Seg:
   scan: bool
 
 
-def _segments_from_cuts(g: _Graph, cuts: Sequence[int]) -> list[_Seg]:
-  """Top-level segments from cut positions; every scan is its own segment."""
-  bounds = sorted(set([0, g.n] + list(cuts) + [i for i in g.scans] + [i + 1 for i in g.scans]))
+def _segments_from_cuts(g: _Graph, cuts: Sequence[int], lo: int = 0, hi: int | None = None) -> list[_Seg]:
+  """Segments of the range ``[lo, hi)`` from cut positions; every scan is its own segment."""
+  hi = g.n if hi is None else hi
+  scans = [i for i in g.scans if lo <= i < hi]
+  bounds = sorted(set([lo, hi] + [c for c in cuts if lo < c < hi] + scans + [i + 1 for i in scans]))
   segs = []
-  for lo, hi in zip(bounds[:-1], bounds[1:]):
-    if hi > lo:
-      segs.append(_Seg(lo, hi, hi - lo == 1 and lo in g.scans))
+  for a, b in zip(bounds[:-1], bounds[1:]):
+    if b > a:
+      segs.append(_Seg(a, b, b - a == 1 and a in g.scans))
   return segs
 
 
-def _crossing(g: _Graph, segs: Sequence[_Seg]):
-  """Intermediates defined in one segment and used in a later one (or returned)."""
+def _last_use_in(g: _Graph, v, hi: int) -> int | None:
+  """Last use of ``v`` before ``hi`` (the function's outputs count as a use at ``n`` when hi == n)."""
+  us = g.uses.get(v)
+  if not us:
+    return None
+  k = bisect.bisect_right(us, hi if hi == g.n else hi - 1) - 1
+  return us[k] if k >= 0 else None
+
+
+def _crossing(g: _Graph, segs: Sequence[_Seg], lo: int = 0, hi: int | None = None):
+  """Values defined in one segment of ``[lo, hi)`` and used in a later one of the same range.
+
+  For the whole function (``[0, n)``) the function's outputs count as crossing.
+  """
+  hi = g.n if hi is None else hi
   seg_of = {}
   for s, seg in enumerate(segs):
     for i in range(seg.lo, seg.hi):
       seg_of[i] = s
   out = set()
-  for v, i in g.def_idx.items():
-    lu = g.last_use.get(v)
-    if lu is None:
-      continue
-    if lu == g.n or seg_of[lu] != seg_of[i]:
-      out.add(v)
+  jaxpr = g.closed.jaxpr
+  for i in range(lo, hi):
+    for v in jaxpr.eqns[i].outvars:
+      lu = _last_use_in(g, v, hi)
+      if lu is None or lu <= i:
+        continue
+      if lu == g.n or seg_of[lu] != seg_of[i]:
+        out.add(v)
   return out, seg_of
 
 
-def _crossing_profile(g: _Graph) -> np.ndarray:
-  """bytes crossing the cut before eqn c, for c in 0..n."""
-  diff = np.zeros(g.n + 2)
-  for v, i in g.def_idx.items():
-    lu = g.last_use.get(v)
-    if lu is None or lu <= i:
-      continue
-    b = ljx.aval_bytes(v.aval)
-    diff[i + 1] += b
-    diff[min(lu, g.n) + 1] -= b
-  return np.cumsum(diff)[: g.n + 1]
-
-
-def _candidate_cut_sets(g: _Graph) -> list[tuple[int, ...]]:
-  prof = _crossing_profile(g)
-  weights = np.zeros(g.n)
-  for c in g.cands.values():
-    weights[c.segment_local] += c.nbytes
-  cum = np.concatenate([[0.0], np.cumsum(weights)])
-  total = cum[-1]
-  sets = {()}
-  n_cand = len(g.cands)
-  ks = sorted({k for k in (2, 3, 4, 6, 8, 12, 16) if k <= max(n_cand, 1)})
-  for k in ks:
-    cuts = []
-    for j in range(1, k):
-      target = total * j / k
-      c0 = int(np.searchsorted(cum, target))
-      win = max(1, g.n // (3 * k))
-      lo, hi = max(1, c0 - win), min(g.n - 1, c0 + win)
-      if hi < lo:
+def _crossing_profile(g: _Graph, lo: int = 0, hi: int | None = None) -> np.ndarray:
+  """``prof[c - lo]``: bytes of values of ``[lo, hi)`` crossing the cut before eqn c."""
+  hi = g.n if hi is None else hi
+  diff = np.zeros(hi - lo + 2)
+  jaxpr = g.closed.jaxpr
+  for i in range(lo, hi):
+    for v in jaxpr.eqns[i].outvars:
+      lu = _last_use_in(g, v, hi)
+      if lu is None or lu <= i:
         continue
-      best = min(range(lo, hi + 1), key=lambda c: (prof[c], abs(c - c0)))
-      cuts.append(best)
-    sets.add(tuple(sorted(set(cuts))))
+      b = ljx.aval_bytes(v.aval)
+      diff[i + 1 - lo] += b
+      diff[min(lu, hi) + 1 - lo] -= b
+  return np.cumsum(diff)[: hi - lo + 1]
+
+
+def _balanced_cuts(g: _Graph, lo: int, hi: int, k: int, prof=None, cum=None) -> tuple[int, ...]:
+  """``k - 1`` cuts of ``[lo, hi)`` splitting candidate bytes evenly, at cheap boundaries."""
+  if prof is None:
+    prof = _crossing_profile(g, lo, hi)
+  if cum is None:
+    cum = _cand_weights(g, lo, hi)
+  total = cum[-1]
+  n = hi - lo
+  cuts = []
+  for j in range(1, k):
+    target = total * j / k if total > 0 else n * j / k
+    c0 = int(np.searchsorted(cum, target)) if total > 0 else int(round(target))
+    win = max(2, n // (2 * k))
+    a, b = max(1, c0 - win), min(n - 1, c0 + win)
+    if b < a:
+      continue
+    best = min(range(a, b + 1), key=lambda c: (prof[c], abs(c - c0)))
+    cuts.append(lo + best)
+  return tuple(sorted(set(cuts)))
+
+
+def _cand_weights(g: _Graph, lo: int, hi: int) -> np.ndarray:
+  weights = np.zeros(hi - lo)
+  for c in g.cands.values():
+    if lo <= c.segment_local < hi:
+      weights[c.segment_local - lo] += c.nbytes
+  for i, sc in g.scans.items():
+    if lo <= i < hi:
+      weights[i - lo] += sum(c.nbytes * c.count for c in sc.cands)
+  return np.concatenate([[0.0], np.cumsum(weights)])
+
+
+def _candidate_cut_sets(g: _Graph, lo: int = 0, hi: int | None = None) -> list[tuple[int, ...]]:
+  hi = g.n if hi is None else hi
+  prof = _crossing_profile(g, lo, hi)
+  cum = _cand_weights(g, lo, hi)
+  n_cand = sum(1 for c in g.cands.values() if lo <= c.segment_local < hi)
+  sets = {()}
+  for k in sorted({k for k in (2, 3, 4, 6, 8, 12, 16) if k <= max(n_cand, 1)}):
+    sets.add(_balanced_cuts(g, lo, hi, k, prof, cum))
   return sorted(sets, key=len)
 
 
@@ -462,11 +508,16 @@ class _Layout:
   crossing: set
   items: list          # list[(Item, _Cand, seg_index, scan_index or None)]
   problem: solver_lib.Problem
+  lo: int = 0
+  hi: int = 0
 
 
-def _layout(g: _Graph, cuts: Sequence[int], cm: CostModel, offload: bool) -> _Layout:
-  segs = _segments_from_cuts(g, cuts)
-  crossing, seg_of = _crossing(g, segs)
+def _layout(g: _Graph, cuts: Sequence[int], cm: CostModel, offload: bool, lo: int = 0,
+            hi: int | None = None) -> _Layout:
+  """One level of checkpoint segments over ``[lo, hi)`` with per-residual decisions."""
+  hi = g.n if hi is None else hi
+  segs = _segments_from_cuts(g, cuts, lo, hi)
+  crossing, seg_of = _crossing(g, segs, lo, hi)
   invars = set(g.closed.jaxpr.invars) | set(g.closed.jaxpr.constvars)
   fixed = sum(ljx.aval_bytes(v.aval) for v in crossing if v not in invars)
   jaxpr = g.closed.jaxpr
@@ -498,7 +549,168 @@ def _layout(g: _Graph, cuts: Sequence[int], cm: CostModel, offload: bool) -> _La
             recompute_flops=flops)
         items.append((it, c, s, None))
   problem = solver_lib.Problem(tuple(x[0] for x in items), int(fixed), len(segs))
-  return _Layout(segs, seg_of, crossing, items, problem)
+  return _Layout(segs, seg_of, crossing, items, problem, lo, hi)
+
+
+# ------------------------------------------------------- hierarchical structure
+
+
+@dataclasses.dataclass
+class _Node:
+  """A range ``[lo, hi)`` of the top-level equations.
+
+  A leaf carries a one-level :class:`_Layout` and its solution. An inner node
+  splits its range into children, each a ``jax.checkpoint`` (nothing saved but
+  its inputs) recomputed during the backward pass of the node; its ``fixed``
+  bytes are the values crossing between its children.
+  """
+  lo: int
+  hi: int
+  peak: int
+  cost: float            # seconds (recompute + transfer)
+  flops: float           # recompute FLOPs
+  layout: _Layout | None = None
+  sol: Any = None
+  children: list | None = None
+  crossing: set | None = None
+  fixed: int = 0
+
+  def leaves(self):
+    if self.children is None:
+      yield self
+    else:
+      for c in self.children:
+        yield from c.leaves()
+
+  def depth(self) -> int:
+    return 1 if self.children is None else 1 + max(c.depth() for c in self.children)
+
+  def num_segments(self) -> int:
+    return sum(len(lf.layout.segs) for lf in self.leaves())
+
+
+def _removed_flops(lay: _Layout, sol, offload: bool) -> float:
+  total = 0.0
+  for (it, _, _, _), r in zip(lay.items, sol.removed):
+    if r and not (offload and it.offload_is_cheaper):
+      total += it.recompute_flops
+  return total
+
+
+class _TreeSearch:
+  """Builds hierarchical checkpoint structures over a :class:`_Graph` and solves them."""
+
+  def __init__(self, g: _Graph, cm: CostModel, offload: bool, solver: str):
+    self.g, self.cm, self.offload, self.solver = g, cm, offload, solver
+    self._layouts: dict = {}
+    self._picks: dict = {}
+    self._invars = set(g.closed.jaxpr.invars) | set(g.closed.jaxpr.constvars)
+    fl = [_eqn_flops(e) for e in g.closed.jaxpr.eqns]
+    self._cum_flops = np.concatenate([[0.0], np.cumsum(fl)])
+    pos = [c.segment_local for c in g.cands.values()] + list(g.scans)
+    self._tail = (max(pos) + 1) if pos else g.n
+
+  def fwd_flops(self, lo: int, hi: int) -> float:
+    return float(self._cum_flops[hi] - self._cum_flops[lo])
+
+  def layouts(self, lo: int, hi: int) -> list[_Layout]:
+    key = (lo, hi)
+    if key not in self._layouts:
+      self._layouts[key] = [_layout(self.g, cuts, self.cm, self.offload, lo, hi)
+                            for cuts in _candidate_cut_sets(self.g, lo, hi)]
+    return self._layouts[key]
+
+  def pick(self, lo: int, hi: int, budget: int, refine: int = 3):
+    """Cheapest (layout, solution) of the range within ``budget``, or None."""
+    key = (lo, hi, int(budget), refine)
+    if key in self._picks:
+      return self._picks[key]
+    mode = self.solver
+    scored = []
+    for lay in self.layouts(lo, hi):
+      if solver_lib.min_peak(lay.problem) > budget:
+        continue
+      sol = solver_lib.solve(lay.problem, budget, "greedy" if mode == "auto" else mode)
+      if sol is not None:
+        scored.append(((sol.cost, sol.peak, len(lay.segs)), lay, sol))
+    scored.sort(key=lambda t: t[0])
+    if mode == "auto":  # refine the most promising layouts exactly
+      refined = []
+      for k, lay, sol in scored[:refine]:
+        if len(lay.problem.items) <= solver_lib.MILP_MAX_ITEMS:
+          m = solver_lib.solve_milp(lay.problem, budget, time_limit=5.0)
+          if m is not None and m.cost <= sol.cost:
+            sol = m
+        refined.append(((sol.cost, sol.peak, len(lay.segs)), lay, sol))
+      scored = sorted(refined + scored[refine:], key=lambda t: t[0])
+    best = (scored[0][1], scored[0][2]) if scored else None
+    self._picks[key] = best
+    return best
+
+  def _leaf(self, lo, hi, budget, minimal: bool, refine: int):
+    if minimal:
+      lay = min(self.layouts(lo, hi), key=lambda l: (solver_lib.min_peak(l.problem), len(l.segs)))
+      n = len(lay.problem.items)
+      sol = solver_lib.Solution(tuple([True] * n), solver_lib.min_peak(lay.problem),
+                                lay.problem.cost([True] * n), "min")
+    else:
+      got = self.pick(lo, hi, budget, refine)
+      if got is None:
+        return None
+      lay, sol = got
+    return _Node(lo, hi, int(sol.peak), float(sol.cost), _removed_flops(lay, sol, self.offload), lay, sol)
+
+  def solve(self, lo: int, hi: int, depth: int, k: int, budget: float, minimal: bool = False):
+    """Best node of at most ``depth`` levels (branching ``k``) fitting ``budget``, or None.
+
+    ``minimal``: recompute everything (the smallest peak of this structure).
+    """
+    if depth <= 1 or hi - lo <= 1:
+      return self._leaf(lo, hi, budget, minimal, 3 if (lo, hi) == (0, self.g.n) else 1)
+    g = self.g
+    tail = hi
+    if (lo, hi) == (0, g.n):
+      # The tail after the last residual (loss, head) makes cotangents of its own:
+      # keep it at the top level rather than deep inside the nest.
+      tail = max(min(self._tail, hi), lo + 1)
+    cuts = _balanced_cuts(g, lo, tail, k) + ((tail,) if tail < hi else ())
+    segs = _segments_from_cuts(g, cuts, lo, hi)
+    if len(segs) <= 1:
+      return self._leaf(lo, hi, budget, minimal, 1)
+    crossing, _ = _crossing(g, segs, lo, hi)
+    fixed = int(sum(ljx.aval_bytes(v.aval) for v in crossing if v not in self._invars))
+    if not minimal and fixed > budget:
+      return None
+    children = []
+    for seg in segs:
+      c = self.solve(seg.lo, seg.hi, 1 if seg.lo >= tail else depth - 1, k, budget - fixed, minimal)
+      if c is None:
+        return None
+      children.append(c)
+    peak = fixed + max(c.peak for c in children)
+    fwd = [self.fwd_flops(c.lo, c.hi) for c in children]
+    cost = sum(c.cost + self.cm.recompute_seconds(f) for c, f in zip(children, fwd))
+    flops = sum(c.flops + f for c, f in zip(children, fwd))
+    return _Node(lo, hi, int(peak), float(cost), float(flops), children=children, crossing=crossing,
+                 fixed=fixed)
+
+  def best(self, depth: int, budget: int):
+    """Cheapest structure of exactly ``depth`` levels (any branching) within ``budget``."""
+    if depth <= 1:
+      return self.solve(0, self.g.n, 1, 1, budget)
+    found = []
+    for k in (2, 3, 4):
+      node = self.solve(0, self.g.n, depth, k, budget)
+      if node is not None and node.depth() == depth:
+        found.append(node)
+    return min(found, key=lambda nd: (nd.cost, nd.peak)) if found else None
+
+  def minimal(self, max_depth: int) -> list:
+    out = [self.solve(0, self.g.n, 1, 1, math.inf, minimal=True)]
+    for d in range(2, max_depth + 1):
+      for k in (2, 3, 4):
+        out.append(self.solve(0, self.g.n, d, k, math.inf, minimal=True))
+    return sorted(out, key=lambda nd: (nd.peak, nd.depth()))
 
 
 # ------------------------------------------------------------------ application
@@ -512,63 +724,86 @@ def _policy(saved: Sequence[str], offloaded: Sequence[str]):
   return jax.checkpoint_policies.save_only_these_names(*saved)
 
 
-def _apply(g: _Graph, layout: _Layout | None, decision: dict) -> Callable:
-  """Builds ``flat_fun(*leaves) -> flat outs`` applying ``decision`` (name -> str)."""
+def _io(g: _Graph, lo: int, hi: int):
+  """(inputs read by ``[lo, hi)`` and defined elsewhere, values it defines used after ``hi``)."""
+  jaxpr = g.closed.jaxpr
+  ins, seen, defined = [], set(), set()
+  for i in range(lo, hi):
+    for a in jaxpr.eqns[i].invars:
+      if not isinstance(a, jex_core.Literal) and a not in defined and a not in seen:
+        seen.add(a)
+        ins.append(a)
+    defined.update(jaxpr.eqns[i].outvars)
+  outs = [v for i in range(lo, hi) for v in jaxpr.eqns[i].outvars if g.last_use.get(v, -1) >= hi]
+  return ins, outs
+
+
+def _apply(g: _Graph, node: "_Node | _Layout | None", decision: dict) -> Callable:
+  """Builds ``flat_fun(*leaves) -> flat outs`` applying the structure and ``decision``."""
   closed = g.closed
   jaxpr = closed.jaxpr
-  if layout is None:
+  if node is None:
     return lambda *args: _inline_eval(jaxpr, closed.consts, args)
-  segs, seg_of = layout.segs, layout.seg_of
-  seg_names: dict[int, dict] = {s: {} for s in range(len(segs))}
-  seg_removed = {s: False for s in range(len(segs))}
-  for it, c, s, _ in layout.items:
-    d = decision[c.name]
-    if d in ("save", "offload"):
-      seg_names[s][c.var] = c.name
-    if d != "save":
-      seg_removed[s] = True
+  if isinstance(node, _Layout):
+    node = _Node(node.lo, node.hi, 0, 0.0, 0.0, layout=node)
   saved_names = [n for n, d in decision.items() if d == "save"]
   off_names = [n for n, d in decision.items() if d == "offload"]
   policy = _policy(saved_names, off_names)
+  nothing = jax.checkpoint_policies.nothing_saveable
 
-  # Per segment: inputs (vars defined elsewhere) and outputs (vars used elsewhere).
-  seg_in, seg_out = [], []
-  for s, seg in enumerate(segs):
-    ins, seen = [], set()
-    defined = set()
-    for i in range(seg.lo, seg.hi):
-      for a in jaxpr.eqns[i].invars:
-        if not isinstance(a, jex_core.Literal) and a not in defined and a not in seen:
-          seen.add(a); ins.append(a)
-      defined.update(jaxpr.eqns[i].outvars)
-    outs = [v for i in range(seg.lo, seg.hi) for v in jaxpr.eqns[i].outvars if v in layout.crossing]
-    seg_in.append(ins); seg_out.append(outs)
+  def run_eqns(lo, hi, env, names):
+    for eqn in jaxpr.eqns[lo:hi]:
+      res = _bind(eqn, [_read(env, a) for a in eqn.invars])
+      for v, x in zip(eqn.outvars, res):
+        nm = names.get(v)
+        env[v] = checkpoint_name(x, nm) if nm is not None else x
 
-  def flat_fun(*args):
-    env = dict(zip(jaxpr.constvars, closed.consts))
-    env.update(zip(jaxpr.invars, args))
-    for s, seg in enumerate(segs):
+  def as_call(lo, hi, body, ckpt_policy):
+    ins, outs = _io(g, lo, hi)
+
+    def f(*vals):
+      local = dict(zip(ins, vals))
+      body(local)
+      return [local[v] for v in outs]
+    return ins, outs, (jax.checkpoint(f, policy=ckpt_policy) if ckpt_policy is not None else f)
+
+  def run_leaf(lay: _Layout, env, nested: bool):
+    seg_names = {s: {} for s in range(len(lay.segs))}
+    seg_removed = {s: False for s in range(len(lay.segs))}
+    for it, c, s, _ in lay.items:
+      d = decision[c.name]
+      if d in ("save", "offload"):
+        seg_names[s][c.var] = c.name
+      if d != "save":
+        seg_removed[s] = True
+    for s, seg in enumerate(lay.segs):
       if seg.scan:
         eqn = jaxpr.eqns[seg.lo]
         outs = _run_scan(eqn, [_read(env, a) for a in eqn.invars], seg_names[s], policy, seg_removed[s])
         env.update(zip(eqn.outvars, outs))
         continue
-      sub = jaxpr.eqns[seg.lo:seg.hi]
-      ins, outs_v = seg_in[s], seg_out[s]
-      names = seg_names[s]
+      ins, outs, fn = as_call(seg.lo, seg.hi,
+                              functools.partial(lambda loc, seg, nm: run_eqns(seg.lo, seg.hi, loc, nm),
+                                                seg=seg, nm=seg_names[s]),
+                              policy if (seg_removed[s] or nested) else None)
+      env.update(zip(outs, fn(*[env[v] for v in ins])))
 
-      def seg_fun(*vals, sub=sub, ins=ins, outs_v=outs_v, names=names):
-        local = dict(zip(ins, vals))
-        for eqn in sub:
-          res = _bind(eqn, [_read(local, a) for a in eqn.invars])
-          for v, x in zip(eqn.outvars, res):
-            nm = names.get(v)
-            local[v] = checkpoint_name(x, nm) if nm is not None else x
-        return [local[v] for v in outs_v]
+  def run_node(nd: _Node, env, nested=False):
+    # Inside a nested region every segment is a checkpoint: otherwise the residuals
+    # JAX's rules make on their own (e.g. ``3 * x**2`` for ``x**3``) would be kept
+    # for the whole backward pass of the enclosing region.
+    if nd.children is None:
+      run_leaf(nd.layout, env, nested)
+      return
+    for ch in nd.children:
+      ins, outs, fn = as_call(ch.lo, ch.hi, functools.partial(lambda loc, ch: run_node(ch, loc, True), ch=ch),
+                              nothing)
+      env.update(zip(outs, fn(*[env[v] for v in ins])))
 
-      vals = [env[v] for v in ins]
-      fn = jax.checkpoint(seg_fun, policy=policy) if seg_removed[s] else seg_fun
-      env.update(zip(outs_v, fn(*vals)))
+  def flat_fun(*args):
+    env = dict(zip(jaxpr.constvars, closed.consts))
+    env.update(zip(jaxpr.invars, args))
+    run_node(node, env)
     return [_read(env, a) for a in jaxpr.outvars]
 
   return flat_fun
@@ -735,125 +970,132 @@ class _Planner:
     base_saved, _, baseline = _measure(plain, flat_specs, argnums)
     baseline = max(baseline, base_saved)
     budget = self._budget_bytes(baseline)
-
-    layouts = [_layout(g, cuts, cm, self.offload) for cuts in _candidate_cut_sets(g)]
-
-    def pick(model_budget):
-      mode = self.solver
-      scored = []
-      for lay in layouts:
-        sol = solver_lib.solve(lay.problem, model_budget, "greedy" if mode == "auto" else mode)
-        if sol is not None:
-          scored.append(((sol.cost, sol.peak, len(lay.segs)), lay, sol))
-      scored.sort(key=lambda t: t[0])
-      if mode == "auto":  # refine the most promising layouts exactly
-        refined = []
-        for k, lay, sol in scored[:3]:
-          if len(lay.problem.items) <= solver_lib.MILP_MAX_ITEMS:
-            m = solver_lib.solve_milp(lay.problem, model_budget, time_limit=5.0)
-            if m is not None and m.cost <= sol.cost:
-              sol = m
-          refined.append(((sol.cost, sol.peak, len(lay.segs)), lay, sol))
-        scored = sorted(refined + scored[3:], key=lambda t: t[0])
-      return scored[0] if scored else None
+    ctx = (g, flat_specs, argnums, budget, baseline, base_saved, cm, out_tree)
 
     # Budget at or above the plain peak: nothing to do.
     if budget >= baseline:
-      return self._finish(g, None, None, plain, flat_specs, argnums, budget, baseline, base_saved, cm,
-                          out_tree, "none")
-    # the model leaves out cotangents and XLA temporaries: start from plain grad's gap
-    slack = max(0, baseline - base_saved)
-    model_budget = budget - slack
-    for _ in range(4):
-      best = pick(model_budget)
-      if best is None:
-        break
-      _, lay, sol = best
-      decision = self._decisions(lay, sol)
-      fn = _apply(g, lay, decision)
-      dev, host, peak = _measure(fn, flat_specs, argnums)
-      measured_peak = max(dev, peak)
-      model_peak = sol.peak
-      if measured_peak <= budget and dev <= budget and model_peak <= budget:
-        return self._finish(g, lay, sol, fn, flat_specs, argnums, budget, baseline, base_saved, cm,
-                            out_tree, sol.solver, measured=(dev, host, peak))
-      slack = max(slack, measured_peak - model_peak, 0)
-      model_budget = min(budget - slack, model_budget - 1)
-    # Infeasible: report the smallest budget a plan reaches (measured).
+      return self._finish(ctx, None, plain, "none")
+    search = _TreeSearch(g, cm, self.offload, self.solver)
+    n_units = len(g.cands) + sum(len(s.cands) for s in g.scans.values())
+    max_depth = max(1, min(_MAX_DEPTH, int(math.ceil(math.log2(max(n_units, 2))))))
+    # The model leaves out cotangents and XLA temporaries: start from plain grad's gap.
+    slack0 = max(0, baseline - base_saved)
+    tried = set()
+    # Shallowest structure first: one level of segments, then segments inside segments.
+    for depth in range(1, max_depth + 1):
+      slack, model_budget = slack0, budget - slack0
+      for _ in range(3):
+        node = search.best(depth, model_budget)
+        if node is None:
+          break
+        fn = _apply(g, node, self._decisions(node))
+        measured = _measure(fn, flat_specs, argnums)
+        tried.add(id(node))
+        dev, _, peak = measured
+        measured_peak = max(dev, peak)
+        if measured_peak <= budget and node.peak <= budget:
+          return self._finish(ctx, node, fn, _node_solver(node), measured)
+        slack = max(slack, measured_peak - node.peak, 0)
+        model_budget = min(budget - slack, model_budget - 1)
+    # No costed plan fits: try the recompute-everything structures with the smallest
+    # peaks, and report the smallest budget one reaches (measured).
     smallest = None
-    by_min = sorted(layouts, key=lambda lay: solver_lib.min_peak(lay.problem))[:2]
-    for lay in by_min:
-      mp = solver_lib.min_peak(lay.problem)
-      sol = solver_lib.Solution(tuple([True] * len(lay.problem.items)), mp, 0.0, "min")
-      decision = self._decisions(lay, sol)
-      dev, _, peak = _measure(_apply(g, lay, decision), flat_specs, argnums)
-      cand = max(mp, dev, peak)
-      if cand <= budget:  # the recompute-everything plan of this layout fits
-        return self._finish(g, lay, sol, _apply(g, lay, decision), flat_specs, argnums, budget,
-                            baseline, base_saved, cm, out_tree, "min", measured=(dev, _, peak))
+    for node in search.minimal(max_depth)[:3]:
+      fn = _apply(g, node, self._decisions(node))
+      measured = _measure(fn, flat_specs, argnums)
+      cand = max(node.peak, measured[0], measured[2])
+      if cand <= budget:
+        return self._finish(ctx, node, fn, "min", measured)
       smallest = cand if smallest is None else min(smallest, cand)
     smallest = int(smallest if smallest is not None else baseline)
     raise BudgetError(
         f"{_API}: budget={format_bytes(budget)} ({self.budget!r}) is below the smallest feasible "
-        f"plan ({format_bytes(smallest)}, recompute everything; plain jax.grad peak is "
-        f"{format_bytes(baseline)}); pass budget>={format_bytes(smallest)} "
-        f"(budget>={smallest} bytes, or a fraction >= {smallest / max(baseline, 1):.3f})",
+        f"plan ({format_bytes(smallest)}, recompute everything with up to {max_depth} levels of "
+        f"nested checkpoints; plain jax.grad peak is {format_bytes(baseline)}); pass "
+        f"budget>={format_bytes(smallest)} (budget>={smallest} bytes, or a fraction >= "
+        f"{math.ceil(1000 * smallest / max(baseline, 1)) / 1000:.3f})",
         smallest_feasible_bytes=smallest)
 
-  def _decisions(self, lay: _Layout, sol) -> dict:
+  def _decisions(self, node: "_Node") -> dict:
     decision = {}
-    for (it, c, s, _), r in zip(lay.items, sol.removed):
-      if not r:
-        decision[c.name] = "save"
-      elif self.offload and it.offload_is_cheaper:
-        decision[c.name] = "offload"
-      else:
-        decision[c.name] = "recompute"
+    for leaf in node.leaves():
+      for (it, c, s, _), r in zip(leaf.layout.items, leaf.sol.removed):
+        if not r:
+          decision[c.name] = "save"
+        elif self.offload and it.offload_is_cheaper:
+          decision[c.name] = "offload"
+        else:
+          decision[c.name] = "recompute"
     return decision
 
-  def _finish(self, g, lay, sol, fn, flat_specs, argnums, budget, baseline, base_saved, cm, out_tree,
-              solver_name, measured=None):
+  def _finish(self, ctx, node, fn, solver_name, measured=None):
+    g, flat_specs, argnums, budget, baseline, base_saved, cm, out_tree = ctx
     if measured is None:
       measured = _measure(fn, flat_specs, argnums)
     dev, host, peak = measured
     decisions = []
     recompute = 0.0
     transfer = 0
-    if lay is None:
+    jaxpr = g.closed.jaxpr
+    if node is None:
       for c in g.cands.values():
         decisions.append(TensorDecision(c.name, tuple(c.var.aval.shape), str(c.var.aval.dtype), 1,
                                         c.nbytes, "save", 0, c.flops, c.primitive))
-      model_peak = baseline
-      nseg = 1
+      model_peak, nseg, depth = baseline, 1, 0
     else:
-      decision = self._decisions(lay, sol)
-      jaxpr = g.closed.jaxpr
+      decision = self._decisions(node)
       invars = set(jaxpr.invars) | set(jaxpr.constvars)
-      for v in sorted(lay.crossing - invars, key=lambda v: g.def_idx[v]):
+      leaves = list(node.leaves())
+      seg_base, nxt = {}, 0
+      for leaf in leaves:
+        seg_base[id(leaf)] = nxt
+        nxt += len(leaf.layout.segs)
+      boundary = set()
+      stack = [node]
+      while stack:
+        nd = stack.pop()
+        if nd.children is not None:
+          boundary |= nd.crossing
+          stack.extend(nd.children)
+        else:
+          boundary |= nd.layout.crossing
+
+      def seg_index(i):
+        for leaf in leaves:
+          if leaf.lo <= i < leaf.hi:
+            return seg_base[id(leaf)] + leaf.layout.seg_of.get(i, 0)
+        return 0
+      for v in sorted(set(boundary) - invars, key=lambda v: g.def_idx[v]):
         if not _is_inexact(v.aval):
           continue
         i = g.def_idx[v]
         decisions.append(TensorDecision(f"boundary@{i}", tuple(v.aval.shape), str(v.aval.dtype), 1,
-                                        ljx.aval_bytes(v.aval), "boundary", lay.seg_of[i], 0.0,
+                                        ljx.aval_bytes(v.aval), "boundary", seg_index(i), 0.0,
                                         jaxpr.eqns[i].primitive.name))
-      for it, c, s, _ in lay.items:
-        d = decision[c.name]
-        if d == "recompute":
-          recompute += it.recompute_flops
-        if d == "offload":
-          transfer += 2 * it.saved_bytes
-        decisions.append(TensorDecision(c.name, tuple(c.var.aval.shape), str(c.var.aval.dtype), c.count,
-                                        it.saved_bytes, d, s, it.recompute_flops, c.primitive))
-      model_peak = sol.peak
-      nseg = len(lay.segs)
+      for leaf in leaves:
+        for it, c, s, _ in leaf.layout.items:
+          d = decision[c.name]
+          if d == "offload":
+            transfer += 2 * it.saved_bytes
+          decisions.append(TensorDecision(c.name, tuple(c.var.aval.shape), str(c.var.aval.dtype), c.count,
+                                          it.saved_bytes, d, seg_base[id(leaf)] + s, it.recompute_flops,
+                                          c.primitive))
+      recompute = node.flops
+      model_peak, nseg, depth = node.peak, node.num_segments(), node.depth()
     plan = RematPlan(
         budget_bytes=int(budget), baseline_bytes=int(baseline),
-        peak_bytes=int(max(model_peak, peak, dev)) if lay is not None else int(baseline),
+        peak_bytes=int(max(model_peak, peak, dev)) if node is not None else int(baseline),
         saved_bytes=int(dev), offloaded_bytes=int(host), recompute_flops=float(recompute),
         transfer_bytes=int(transfer), num_segments=nseg, solver=solver_name,
         decisions=tuple(decisions), baseline_saved_bytes=int(base_saved),
-        model_peak_bytes=int(model_peak), measured_peak_bytes=int(peak), cost_model=cm)
+        model_peak_bytes=int(model_peak), measured_peak_bytes=int(peak), cost_model=cm,
+        depth=int(depth))
     return _Compiled(plan, fn, out_tree)
+
+
+def _node_solver(node: "_Node") -> str:
+  names = sorted({lf.sol.solver for lf in node.leaves()})
+  return "+".join(names)
 
 
 # ------------------------------------------------------------------ public API
