@@ -470,7 +470,7 @@ def _balanced_cuts(g: _Graph, lo: int, hi: int, k: int, prof=None, cum=None) -> 
   for j in range(1, k):
     target = total * j / k if total > 0 else n * j / k
     c0 = int(np.searchsorted(cum, target)) if total > 0 else int(round(target))
-    win = max(2, n // (2 * k))
+    win = max(1, n // (3 * k))
     a, b = max(1, c0 - win), min(n - 1, c0 + win)
     if b < a:
       continue
