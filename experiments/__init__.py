@@ -1,0 +1,1 @@
+"""Runnable experiments built on lepton_jax (``python -m experiments.imagenet``)."""

@@ -1,0 +1,422 @@
+"""ResNet training and evaluation loop (Flax NNX + optax + lepton_jax).
+
+``train_and_evaluate(config, workdir)`` is the whole job: it builds the data set and model,
+compiles the step with the transforms chosen in ``config.transforms``, resumes from the newest
+complete checkpoint in ``workdir`` (if any), trains with a progress bar, evaluates top-1/top-5
+every epoch, and writes ``workdir/metrics.jsonl``, TensorBoard events (``workdir/tensorboard``)
+and ``workdir/curves.png``.
+
+>>> from experiments.configs import test as test_config
+>>> final = train_and_evaluate(test_config.get_config(), "/tmp/doctest_workdir")  # doctest: +SKIP
+>>> final["eval_top1"] > 0.5  # doctest: +SKIP
+True
+"""
+
+from __future__ import annotations
+
+import json
+import logging as logging_std
+import math
+import os
+import signal
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from experiments.imagenet import input_pipeline
+from experiments.imagenet import models
+from experiments.imagenet import toolkit
+
+__all__ = ["train_and_evaluate", "create_optimizer", "read_metrics", "plot_metrics"]
+
+# Keys of metrics.jsonl records that depend on wall-clock time (everything else is a
+# deterministic function of the config and seed, also across resumption).
+TIMING_KEYS = ("steps_per_sec", "images_per_sec", "time")
+
+
+def create_optimizer(config: ml_collections.ConfigDict, total_steps: int,
+                     steps_per_epoch: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  """SGD + momentum or AdamW, linear warm-up then cosine decay, weight decay on kernels only.
+
+  >>> import ml_collections
+  >>> c = ml_collections.ConfigDict(dict(optimizer="sgd", learning_rate=0.1, momentum=0.9,
+  ...     nesterov=True, weight_decay=1e-4, warmup_epochs=1.0))
+  >>> tx, schedule = create_optimizer(c, total_steps=100, steps_per_epoch=10)
+  >>> float(schedule(10))
+  0.1
+  """
+  warmup = int(round(config.warmup_epochs * steps_per_epoch))
+  warmup = min(warmup, max(total_steps - 1, 0))
+  schedule = optax.warmup_cosine_decay_schedule(
+      init_value=0.0, peak_value=config.learning_rate, warmup_steps=warmup,
+      decay_steps=max(total_steps, warmup + 1), end_value=0.0)
+  mask = lambda params: jax.tree.map(lambda p: p.ndim > 1, params)  # noqa: E731
+  if config.optimizer == "sgd":
+    tx = optax.chain(optax.add_decayed_weights(config.weight_decay, mask),
+                     optax.sgd(schedule, momentum=config.momentum, nesterov=config.nesterov))
+  elif config.optimizer == "adamw":
+    tx = optax.adamw(schedule, weight_decay=config.weight_decay, mask=mask)
+  else:
+    raise ValueError(f"experiments.imagenet: config.optimizer={config.optimizer!r} is not valid; "
+                     "use 'sgd' or 'adamw'")
+  return tx, schedule
+
+
+def _topk_correct(logits, labels, k):
+  k = min(k, logits.shape[-1])
+  topk = jax.lax.top_k(logits, k)[1]
+  return jnp.any(topk == labels[:, None], axis=-1).astype(jnp.float32)
+
+
+def _make_steps(graphdef_train, graphdef_eval, tx, schedule, config, choices):
+  kernel = choices["pallas_kernels"].impl if choices["pallas_kernels"].backend == "lepton_jax" else None
+  smoothing = float(config.label_smoothing)
+
+  def loss_fn(params, batch_stats, images, labels):
+    model = nnx.merge(graphdef_train, params, batch_stats)
+    logits = model(images)
+    loss = jnp.mean(toolkit.cross_entropy(logits, labels, label_smoothing=smoothing, kernel=kernel))
+    new_stats = nnx.to_pure_dict(nnx.state(model, nnx.BatchStat))
+    return loss, (logits, new_stats)
+
+  grad_fn = jax.value_and_grad(toolkit.wrap_loss(loss_fn, choices), has_aux=True)
+
+  def train_step(state, images, labels):
+    (loss, (logits, new_stats)), grads = grad_fn(state["params"], state["batch_stats"], images, labels)
+    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
+    metrics = {
+        "loss": loss,
+        "top1": jnp.mean(_topk_correct(logits, labels, 1)),
+        "top5": jnp.mean(_topk_correct(logits, labels, 5)),
+        "grad_norm": optax.global_norm(grads),
+        "lr": schedule(state["step"]),
+    }
+    new_state = {"step": state["step"] + 1, "params": params, "batch_stats": new_stats,
+                 "opt_state": opt_state}
+    return new_state, metrics
+
+  def eval_step(state, images, labels, mask):
+    model = nnx.merge(graphdef_eval, state["params"], state["batch_stats"])
+    logits = model(images)
+    loss = toolkit.cross_entropy(logits, labels, label_smoothing=0.0, kernel=kernel)
+    return {"loss": jnp.sum(loss * mask),
+            "top1": jnp.sum(_topk_correct(logits, labels, 1) * mask),
+            "top5": jnp.sum(_topk_correct(logits, labels, 5) * mask),
+            "count": jnp.sum(mask)}
+
+  return train_step, eval_step
+
+
+def read_metrics(workdir: str) -> list[dict[str, Any]]:
+  """The records of ``workdir/metrics.jsonl`` (a torn last line from a crash is skipped)."""
+  path = os.path.join(workdir, "metrics.jsonl")
+  if not os.path.exists(path):
+    return []
+  out = []
+  with open(path) as f:
+    for line in f:
+      try:
+        out.append(json.loads(line))
+      except json.JSONDecodeError:
+        continue
+  return out
+
+
+def _truncate_metrics(workdir: str, step: int) -> None:
+  """Keeps only records at or before ``step`` (what the restored checkpoint had seen)."""
+  kept = [r for r in read_metrics(workdir) if r["step"] <= step]
+  path = os.path.join(workdir, "metrics.jsonl")
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    for r in kept:
+      f.write(json.dumps(r) + "\n")
+  os.replace(tmp, path)
+
+
+def plot_metrics(records: list[dict[str, Any]], path: str, title: str = "") -> None:
+  """Writes a PNG with the loss and accuracy curves (matplotlib, Agg back end)."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  train = [r for r in records if r["split"] == "train"]
+  ev = [r for r in records if r["split"] == "eval"]
+  fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+  ax1.plot([r["step"] for r in train], [r["loss"] for r in train], label="train loss (smoothed labels)")
+  ax1.plot([r["step"] for r in ev], [r["loss"] for r in ev], "o-", label="held-out loss")
+  ax1.set_xlabel("step")
+  ax1.set_ylabel("cross-entropy")
+  ax1.set_yscale("log")
+  ax1.legend()
+  ax1.grid(alpha=0.3)
+  ax2.plot([r["step"] for r in train], [r["top1"] for r in train], label="train top-1")
+  ax2.plot([r["step"] for r in ev], [r["top1"] for r in ev], "o-", label="held-out top-1")
+  ax2.plot([r["step"] for r in ev], [r["top5"] for r in ev], "s--", label="held-out top-5")
+  ax2.set_xlabel("step")
+  ax2.set_ylabel("accuracy")
+  ax2.set_ylim(0, 1.01)
+  ax2.legend(loc="lower right")
+  ax2.grid(alpha=0.3)
+  if ev:
+    ax2.set_title(f"final held-out top-1 {ev[-1]['top1']:.2%}")
+  if title:
+    fig.suptitle(title)
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+
+
+class _MetricsWriter:
+  """metrics.jsonl + TensorBoard, written by process 0 only."""
+
+  def __init__(self, workdir: str, purge_step: int | None):
+    self.enabled = jax.process_index() == 0
+    self.path = os.path.join(workdir, "metrics.jsonl")
+    self.tb = None
+    if self.enabled:
+      try:
+        from tensorboardX import SummaryWriter
+        self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"), purge_step=purge_step)
+      except ImportError:  # pragma: no cover - tensorboardX is a dependency
+        logging.warning("tensorboardX is not installed; no TensorBoard event files")
+
+  def write(self, record: dict[str, Any]) -> None:
+    if not self.enabled:
+      return
+    with open(self.path, "a") as f:
+      f.write(json.dumps(record) + "\n")
+      f.flush()
+      os.fsync(f.fileno())
+    if self.tb is not None:
+      for k, v in record.items():
+        if k not in ("step", "split", "epoch") and isinstance(v, (int, float)):
+          self.tb.add_scalar(f"{record['split']}/{k}", v, record["step"])
+      self.tb.flush()
+
+  def close(self):
+    if self.tb is not None:
+      self.tb.close()
+
+
+class _QuietOrbax(logging_std.Filter):
+  """Drops Orbax's per-save INFO chatter (warnings and errors still pass)."""
+
+  def filter(self, record):
+    return record.levelno > logging_std.INFO or "/orbax/" not in record.pathname
+
+
+def _quiet_third_party_logs():
+  for name in ("absl", ""):
+    logger = logging_std.getLogger(name)
+    if not any(isinstance(f, _QuietOrbax) for f in logger.filters):
+      logger.addFilter(_QuietOrbax())
+
+
+def _summary_table(rows: list[tuple[str, str]]) -> str:
+  width = max(len(k) for k, _ in rows)
+  lines = ["=" * 78, "experiments.imagenet: start-up summary"] + [
+      f"  {k:<{width}}  {v}" for k, v in rows] + ["=" * 78]
+  return "\n".join(lines)
+
+
+def _evaluate(eval_fn, state, dataset, place):
+  totals = None
+  for images, labels, mask in dataset.eval_batches():
+    sums = eval_fn(state, place(images), place(labels), place(mask))
+    sums = jax.device_get(sums)
+    totals = sums if totals is None else {k: totals[k] + sums[k] for k in totals}
+  n = float(totals["count"])
+  return {"loss": float(totals["loss"]) / n, "top1": float(totals["top1"]) / n,
+          "top5": float(totals["top5"]) / n, "examples": int(n)}
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Trains and evaluates; resumes automatically from the newest complete checkpoint.
+
+  Args:
+    config: see ``experiments/configs/default.py``.
+    workdir: directory for checkpoints, ``metrics.jsonl``, TensorBoard events and the plot.
+
+  Returns:
+    The final held-out metrics ``{"step", "eval_loss", "eval_top1", "eval_top5", "resumed_from"}``.
+  """
+  t_start = time.time()
+  _quiet_third_party_logs()
+  workdir = os.path.abspath(workdir)
+  os.makedirs(workdir, exist_ok=True)
+  mesh = toolkit.make_mesh()
+  n_dev = mesh.devices.size
+  if config.batch_size % n_dev or config.eval_batch_size % n_dev:
+    raise ValueError(f"experiments.imagenet: config.batch_size={config.batch_size} and "
+                     f"config.eval_batch_size={config.eval_batch_size} must be divisible by the "
+                     f"{n_dev} devices (data parallel); pick multiples of {n_dev}")
+
+  dataset = input_pipeline.load_dataset(
+      data_dir=config.data_dir, fake_data=config.fake_data, image_size=config.image_size,
+      batch_size=config.batch_size, eval_batch_size=config.eval_batch_size,
+      num_classes=config.num_classes, seed=config.seed, num_workers=config.num_workers,
+      fake_steps_per_epoch=config.fake_steps_per_epoch, process_index=jax.process_index(),
+      process_count=jax.process_count())
+  steps_per_epoch = dataset.steps_per_epoch
+  schedule_steps = max(int(config.num_epochs * steps_per_epoch), 1)
+  total_steps = schedule_steps  # max_steps stops early without changing the schedule
+  if config.max_steps > 0:
+    total_steps = min(total_steps, int(config.max_steps))
+
+  model = models.create_model(config.model, num_classes=dataset.num_classes,
+                              num_filters=config.num_filters, stage_sizes=config.stage_sizes,
+                              stem=config.stem, image_size=config.image_size, dtype=config.dtype,
+                              seed=config.seed)
+  n_params, param_bytes = models.count_params(model)
+  model.train()
+  graphdef_train = nnx.graphdef(model)
+  model.eval()
+  graphdef_eval, params, batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)
+  params, batch_stats = nnx.to_pure_dict(params), nnx.to_pure_dict(batch_stats)
+  del model
+
+  tx, schedule = create_optimizer(config, schedule_steps, steps_per_epoch)
+  choices = toolkit.resolve(config.transforms)
+  ckpt_choice = toolkit.checkpoint_choice(config.checkpoint)
+
+  replicated = NamedSharding(mesh, P())
+  batch_sharding = NamedSharding(mesh, P("data"))
+  state = {"step": jnp.zeros((), jnp.int32), "params": params, "batch_stats": batch_stats,
+           "opt_state": tx.init(params)}
+  state = jax.device_put(state, replicated)
+  state_sharding = jax.tree.map(lambda _: replicated, state)
+
+  train_step, eval_step = _make_steps(graphdef_train, graphdef_eval, tx, schedule, config, choices)
+  p_train = toolkit.compile_step(train_step, choices, mesh=mesh, state_sharding=state_sharding,
+                                 batch_sharding=batch_sharding, transforms=config.transforms)
+  p_eval = toolkit.compile_eval(eval_step, choices, mesh=mesh, state_sharding=state_sharding,
+                                batch_sharding=batch_sharding)
+
+  def place(x):
+    return jax.make_array_from_process_local_data(batch_sharding, np.asarray(x))
+
+  # ---- Resume -----------------------------------------------------------------------------
+  ckpt = toolkit.CheckpointManager(workdir, config.checkpoint, ckpt_choice)
+  latest = ckpt.latest_step()
+  resumed_from = None
+  if latest is not None:
+    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+    try:
+      state = ckpt.restore(latest, target)
+    except Exception as e:  # a checkpoint of another model / config
+      raise ValueError(
+          f"experiments.imagenet: could not restore the checkpoint at step {latest} in "
+          f"{ckpt.directory!r} into this config's model ({config.model}); it was written by a "
+          f"different config. Use another --workdir or delete that directory. ({e})") from e
+    resumed_from = latest
+    _truncate_metrics(workdir, latest)
+  elif jax.process_index() == 0 and os.path.exists(os.path.join(workdir, "metrics.jsonl")):
+    _truncate_metrics(workdir, -1)  # no checkpoint: start over, drop stale records
+  start_step = int(jax.device_get(state["step"]))
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config.to_json_best_effort(indent=2))
+
+  devices = jax.devices()
+  rows = [
+      ("workdir", workdir),
+      ("devices", f"{len(devices)} x {devices[0].device_kind} ({jax.default_backend()}), "
+                  f"{jax.process_count()} process(es); mesh {dict(mesh.shape)}"),
+      ("data", dataset.description),
+      ("model", f"{config.model} (width {config.num_filters or 64}, stages "
+                f"{tuple(config.stage_sizes) or models.MODEL_SPECS[config.model][0]}), {n_params:,} "
+                f"params ({param_bytes / 2**20:.1f} MiB), compute dtype {config.dtype}"),
+      ("optimizer", f"{config.optimizer} lr {config.learning_rate} warmup {config.warmup_epochs} ep "
+                    f"+ cosine, wd {config.weight_decay}, label smoothing {config.label_smoothing}"),
+      ("schedule", f"batch {config.batch_size} ({config.batch_size // n_dev}/device), "
+                   f"{steps_per_epoch} steps/epoch, {total_steps} steps ({config.num_epochs} epochs)"),
+  ] + [(f"transform {k}", f"[{c.backend}] {c.detail}") for k, c in choices.items()] + [
+      ("checkpoints", f"[{ckpt_choice.backend}] {ckpt_choice.detail}; every "
+                      f"{ckpt.local_every}/{ckpt.persistent_every} steps -> {ckpt.directory}"),
+      ("resume", f"Resuming from step {resumed_from}" if resumed_from is not None
+                 else "no checkpoint found: starting from step 0"),
+  ]
+  logging.info("\n%s", _summary_table(rows))
+  if resumed_from is not None:
+    logging.info("Resuming from step %d (newest complete checkpoint in %s)", resumed_from, ckpt.directory)
+
+  writer = _MetricsWriter(workdir, purge_step=start_step + 1 if resumed_from is not None else None)
+  prefetch = input_pipeline.Prefetcher(dataset.train_batch, start=start_step, depth=config.prefetch)
+  from tqdm import tqdm
+  bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True,
+             disable=not config.progress_bar or jax.process_index() != 0, desc="train")
+  last_eval = None
+  window: list[dict] = []
+  window_start = time.perf_counter()
+  window_steps = 0
+  images_per_step = config.batch_size
+  try:
+    if start_step >= total_steps:
+      logging.info("Training already complete (step %d of %d); evaluating the restored state.",
+                   start_step, total_steps)
+    for step in range(start_step, total_steps):
+      images, labels = prefetch.get(step)
+      state, metrics = p_train(state, place(images), place(labels))
+      window.append(metrics)
+      window_steps += 1
+      s = step + 1
+      epoch_end = s % steps_per_epoch == 0 or s == total_steps
+      save_now = ckpt.should_save(s) or s == total_steps
+      if s % config.log_every_steps == 0 or epoch_end or save_now:
+        host = jax.device_get(window)
+        elapsed = time.perf_counter() - window_start
+        rec = {"step": s, "split": "train", "epoch": s / steps_per_epoch}
+        for k in host[0]:
+          rec[k] = float(np.mean([h[k] for h in host]))
+        rec.update(steps_per_sec=window_steps / elapsed, images_per_sec=window_steps * images_per_step / elapsed,
+                   time=time.time() - t_start)
+        writer.write(rec)
+        bar.set_postfix(loss=f"{rec['loss']:.3f}", img_s=f"{rec['images_per_sec']:.0f}",
+                        refresh=False)
+        window, window_steps, window_start = [], 0, time.perf_counter()
+      if epoch_end:
+        ev = _evaluate(p_eval, state, dataset, place)
+        last_eval = {"step": s, "split": "eval", "epoch": s / steps_per_epoch, **ev,
+                     "time": time.time() - t_start}
+        writer.write(last_eval)
+        bar.write(f"epoch {s / steps_per_epoch:5.2f}  step {s:6d}  held-out top-1 {ev['top1']:.2%}  "
+                  f"top-5 {ev['top5']:.2%}  loss {ev['loss']:.4f}")
+        window_start = time.perf_counter()
+      if save_now:
+        ckpt.save(s, state, force=True)
+        if s == config.debug_kill_at_step:  # testing: a hard crash, possibly mid-save
+          os.kill(os.getpid(), signal.SIGKILL)
+      bar.update(1)
+  finally:
+    bar.close()
+    prefetch.close()
+    dataset.close()
+    ckpt.wait()
+    ckpt.close()
+    writer.close()
+
+  if last_eval is None:  # nothing left to train: evaluate what was restored
+    ev = _evaluate(p_eval, state, dataset, place)
+    last_eval = {"step": start_step, "split": "eval", **ev}
+  records = read_metrics(workdir)
+  if config.plot and jax.process_index() == 0 and records:
+    path = os.path.join(workdir, "curves.png")
+    name = "digits (embedded stand-in, not ImageNet)" if dataset.name == "digits" else dataset.name
+    plot_metrics(records, path, title=f"{config.model} on {name}")
+    logging.info("Wrote loss / accuracy curves to %s", path)
+  logging.info("Done in %.1f s: held-out top-1 %.2f%%, top-5 %.2f%% at step %d (%d examples). "
+               "Metrics: %s", time.time() - t_start, 100 * last_eval["top1"],
+               100 * last_eval["top5"], last_eval["step"], last_eval["examples"],
+               os.path.join(workdir, "metrics.jsonl"))
+  return {"step": last_eval["step"], "eval_loss": last_eval["loss"], "eval_top1": last_eval["top1"],
+          "eval_top5": last_eval["top5"], "resumed_from": resumed_from,
+          "seconds": time.time() - t_start}
