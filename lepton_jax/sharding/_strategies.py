@@ -258,7 +258,7 @@ def plan_placement(an, mi, in_info, out_info, strategy: str, budget, donated: se
       elif sub:
         reasons[i] = f"batch: dim 0 (size {shape[0]}) over {sub}"
       else:
-        if strategy == "dp":
+        if strategy == "dp" and mi.size(tuple(batch_axes)) > 1:
           raise ShardingError(
               f"{api}: input {path} has batch dimension {shape[0]}, which is not divisible by any of "
               f"the data axes {dict(zip(batch_axes, [mi.size((a,)) for a in batch_axes]))}; with "

@@ -326,3 +326,11 @@ def test_benchmark_hlo_collective_parser(mlp):
   got = collective_bytes(hlo)
   assert got["all_gather"] == 128 and got["all_reduce"] == 32 and got["count"] == 2
   assert got["result_total"] == 16 * 16 * 4 + 32
+
+
+def test_dp_on_single_device_mesh_replicates_batch():
+  """A 1-device mesh has nothing to split: "dp" must run, not refuse the batch."""
+  mesh1 = jax.make_mesh((1,), ("data",), devices=jax.devices()[:1])
+  f = auto_shard(lambda w, x: jnp.tanh(x @ w).sum(), mesh1, strategy="dp")
+  w, x = jnp.ones((4, 4)), jnp.ones((6, 4))
+  np.testing.assert_allclose(f(w, x), jnp.tanh(x @ w).sum(), rtol=1e-6)
