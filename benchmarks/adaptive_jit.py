@@ -61,7 +61,7 @@ def main(argv=None):
   ap.add_argument("--small", action="store_true", help="small sizes and few repeats (CPU)")
   ap.add_argument("--out", default=None)
   args = ap.parse_args(argv)
-  reps = 5 if args.small else 20
+  reps = 25 if args.small else 20   # medians; many repeats because CPU hosts are shared
   dev = jax.devices()[0]
   rows = []
   for name, fn, p, x in _corpus(args.small):

@@ -18,6 +18,7 @@ import jax
 import numpy as np
 from jax._src import core
 
+from lepton_jax._nnx import is_graph_node as _is_graph_node
 from lepton_jax.transforms import _buckets
 from lepton_jax.transforms.passes._common import Rewrite
 from lepton_jax.transforms.passes._pipeline import normalize_passes, run_passes
@@ -130,18 +131,6 @@ class _Static:
   nargs: int
 
 
-def _is_graph_node(x) -> bool:
-  try:
-    from flax import nnx
-  except ImportError:  # pragma: no cover
-    return False
-  try:
-    return isinstance(x, nnx.Object) or (nnx.graph.is_graph_node(x) and not isinstance(
-        x, (list, tuple, dict)))
-  except Exception:  # pragma: no cover
-    return False
-
-
 def _count_eqns(jaxpr) -> int:
   from lepton_jax.transforms.passes._dce import _count_eqns as c
   return c(jaxpr)
@@ -168,12 +157,22 @@ class AdaptiveJitted:
     self._kernels = kernels
     self._passes = normalize_passes(passes, api=_API)
     self._buckets = _buckets.BucketSpec.parse(buckets, api=_API)
-    self._jitted = jax.jit(self._impl, static_argnums=(0,), donate_argnums=(1,))
+    self._make_jits()
     self._compiles = 0
     self._hits = 0
     self._calls = 0
     self._bucket_fallbacks = 0
     self._bucket_cache = _buckets.BucketCache()
+
+  def _make_jits(self):
+    # Slow path (NNX objects, buckets): flat leaves + a hashable _Static description.
+    self._jitted = jax.jit(self._impl, static_argnums=(0,), donate_argnums=(1,))
+    # Fast path (pytrees of arrays): the user's own calling convention, so cache hits take
+    # jax.jit's C++ dispatch and ``lower()`` returns a Lowered callable with the user's args.
+    self._fast = jax.jit(self._fast_impl, static_argnums=self._static_argnums,
+                         static_argnames=self._static_argnames,
+                         donate_argnums=self._donate_argnums)
+    self._plain_treedefs: dict = {}   # treedef -> True when it holds no NNX graph node
 
   # -- descriptor: usable as a method ------------------------------------------------
   def __get__(self, obj, objtype=None):
@@ -279,6 +278,44 @@ class AdaptiveJitted:
     outs = core.eval_jaxpr(new.jaxpr, new.consts, *leaves, *state_leaves)
     return jax.tree_util.tree_unflatten(out_tree, outs)
 
+  def _fast_impl(self, *args, **kwargs):
+    """Traced by ``self._fast``: the same pipeline as ``_impl`` on the user's arguments."""
+    self._compiles += 1
+    static, leaves, nodes, state = self._split(args, kwargs)
+    closed, out_tree, state_leaves = self._trace(static, leaves, state)
+    new, _ = run_passes(closed, self._passes, kernels=self._kernels)
+    outs = core.eval_jaxpr(new.jaxpr, new.consts, *leaves, *state_leaves)
+    out, new_state = jax.tree_util.tree_unflatten(out_tree, outs)
+    if nodes:  # only reached by lower() with NNX objects (registered pytrees in Flax NNX)
+      from flax import nnx
+      nnx.update(nodes, new_state)
+    return out
+
+  def _is_plain(self, args, kwargs) -> bool:
+    """True when the call may take the fast path (no buckets, no NNX objects)."""
+    if self._buckets is not None:
+      return False
+    try:
+      treedef = jax.tree_util.tree_structure((args, kwargs))
+      plain = self._plain_treedefs.get(treedef)
+    except TypeError:  # unhashable static parts of the structure
+      return False
+    if plain is None:
+      plain = not any(_is_graph_node(x) for x in jax.tree_util.tree_leaves(
+          (args, kwargs), is_leaf=_is_graph_node))
+      self._plain_treedefs[treedef] = plain
+    if plain and (self._static_argnums or self._static_argnames):
+      try:
+        for i in self._static_argnums:
+          if -len(args) <= i < len(args):
+            hash(args[i])
+        for k in self._static_argnames:
+          if k in kwargs:
+            hash(kwargs[k])
+      except TypeError:
+        return False  # the slow path raises the descriptive error
+    return plain
+
   def _prepare(self, args, kwargs):
     """Bucketing (padding) + splitting. Returns (static, donated, kept, nodes, state, post)."""
     post = None
@@ -291,6 +328,13 @@ class AdaptiveJitted:
 
   # -- public API ----------------------------------------------------------------------
   def __call__(self, *args, **kwargs):
+    if self._is_plain(args, kwargs):
+      before = self._compiles
+      out = self._fast(*args, **kwargs)
+      self._calls += 1
+      if self._compiles == before:
+        self._hits += 1
+      return out
     static, donated, kept, nodes, state, post = self._prepare(args, kwargs)
     before = self._compiles
     out, new_state = self._jitted(static, donated, kept, state)
@@ -305,12 +349,28 @@ class AdaptiveJitted:
     return out
 
   def lower(self, *args, **kwargs) -> jax.stages.Lowered:
-    """Lowers for the given arguments (``.compile().memory_analysis()`` etc. work).
+    """Lowers for the given arguments, like ``jax.jit(f).lower``.
 
+    Arguments may be arrays or ``jax.ShapeDtypeStruct``s. ``.compile()`` of the result is
+    callable with the same (dynamic) arguments, and ``.memory_analysis()`` /
+    ``.cost_analysis()`` describe the rewritten program. With ``buckets``, the arguments
+    are padded to their bucket first (the compiled function takes padded arguments).
+    Flax NNX objects are lowered as pytrees (like ``jax.jit``): calling the compiled
+    function does not update them in place.
+
+    >>> import jax.numpy as jnp
     >>> f = adaptive_jit(lambda x: x * 2)
-    >>> f.lower(1.0).compile().memory_analysis() is not None  # doctest: +SKIP
-    True
+    >>> f.lower(jnp.ones(3)).compile()(jnp.ones(3)).tolist()
+    [2.0, 2.0, 2.0]
     """
+    if self._buckets is not None:
+      args, kwargs, _ = _buckets.maybe_pad(self, args, kwargs)
+    try:
+      return self._fast.lower(*args, **kwargs)
+    except TypeError:
+      if self._is_plain(args, kwargs):
+        raise
+    # NNX objects that are not registered pytrees (older Flax): the internal signature.
     static, donated, kept, _, state, _ = self._prepare(args, kwargs)
     return self._jitted.lower(static, donated, kept, state)
 
@@ -368,7 +428,7 @@ class AdaptiveJitted:
 
   def clear_cache(self) -> None:
     """Drops compiled executables and statistics."""
-    self._jitted = jax.jit(self._impl, static_argnums=(0,), donate_argnums=(1,))
+    self._make_jits()
     self._compiles = self._hits = self._calls = self._bucket_fallbacks = 0
     self._bucket_cache = _buckets.BucketCache()
 

@@ -351,8 +351,10 @@ def _pad_tree(tree, axis, P):
     widths = [(0, 0)] * np.ndim(x)
     widths[ax] = (0, P - n)
     if _on_host(x):  # no per-length XLA compile for the pad
-      return jax.device_put(np.pad(np.asarray(x), widths), x.sharding if isinstance(
-          x, jax.Array) else None)
+      # Keep the caller's committedness: a committed copy of an uncommitted input would
+      # make the inner jit compile the same bucket twice.
+      committed = isinstance(x, jax.Array) and getattr(x, "committed", True)
+      return jax.device_put(np.pad(np.asarray(x), widths), x.sharding if committed else None)
     return jax.numpy.pad(x, widths)
   return jax.tree_util.tree_map(pad, tree)
 
@@ -445,7 +447,7 @@ def _decide(jitted, args, kwargs, L, P):
     dyn_args = list(args_p)
     for j, _ in st_p.static_pos:
       dyn_args[j] = None
-    from lepton_jax.transforms._adaptive_jit import _is_graph_node
+    from lepton_jax._nnx import is_graph_node as _is_graph_node
     flat, _ = jax.tree_util.tree_flatten((tuple(dyn_args), {k: v for k, v in kwargs.items()
                                                             if k not in dict(st_p.static_kw)}),
                                          is_leaf=_is_graph_node)
