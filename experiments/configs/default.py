@@ -46,12 +46,16 @@ def get_config() -> ml_collections.ConfigDict:
   config.max_steps = -1  # stop after this many steps (-1: num_epochs)
   config.seed = 0
 
+  # Held-out top-1/top-5 after every epoch and at the last step (False: train only, e.g. for
+  # throughput runs on fake data).
+  config.evaluate = True
+
   # Logging.
   config.log_every_steps = 10
   config.progress_bar = True
   config.plot = True
 
-  # Which lepton_jax transforms are on (each falls back to plain JAX when not installed).
+  # Which lepton_jax transforms are on (each one off runs its plain-JAX equivalent).
   config.transforms = ml_collections.ConfigDict()
   config.transforms.auto_shard = True  # data parallel over all devices
   config.transforms.shard_strategy = "dp"  # auto | dp | fsdp | tp | replicate
@@ -62,7 +66,8 @@ def get_config() -> ml_collections.ConfigDict:
 
   # Checkpoints (tiered: fast local + durable persistent). Resume is automatic.
   config.checkpoint = ml_collections.ConfigDict()
-  config.checkpoint.tiered = True
+  config.checkpoint.enabled = True  # False: no checkpoints and no resume (throughput runs)
+  config.checkpoint.tiered = True  # False: one plain orbax.checkpoint.CheckpointManager
   config.checkpoint.local_every_steps = 44  # one epoch of digits
   config.checkpoint.persistent_every_steps = 220
   config.checkpoint.keep_local = 2

@@ -25,6 +25,8 @@ def get_config():
   config.warmup_epochs = 0.1
   config.log_every_steps = 20
   config.plot = False
+  config.evaluate = False  # fake data: nothing to evaluate
+  config.checkpoint.enabled = False  # measures the step, not the checkpoint writer
   config.checkpoint.local_every_steps = 1000
   config.checkpoint.persistent_every_steps = 1000
   return config

@@ -183,11 +183,19 @@ def create_model(name: str, *, num_classes: int, num_filters: int = 0, stage_siz
   dtypes = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
   if dtype not in dtypes:
     raise ValueError(f"experiments.imagenet: config.dtype={dtype!r} is not valid; use one of {sorted(dtypes)}")
-  return ResNet(stage_sizes=sizes, block=block, num_classes=num_classes, num_filters=num_filters,
-                stem=stem, dtype=dtypes[dtype],
-                # RBG keys: same statistics, and XLA compiles the many per-shape initialisers of
-                # a deep network about twice as fast as with the default threefry keys.
-                rngs=nnx.Rngs(jax.random.key(seed, impl="rbg")))
+
+  def build() -> ResNet:
+    return ResNet(stage_sizes=sizes, block=block, num_classes=num_classes, num_filters=num_filters,
+                  stem=stem, dtype=dtypes[dtype],
+                  # RBG keys: same statistics, and XLA compiles their initialisers faster.
+                  rngs=nnx.Rngs(jax.random.key(seed, impl="rbg")))
+
+  # Initialise inside one jit: a deep network then compiles one program instead of one small
+  # program per distinct weight shape run eagerly (ResNet-50: ~3x less time to a usable model).
+  graphdef, abstract = nnx.split(nnx.eval_shape(build))
+  values = jax.jit(lambda: nnx.to_pure_dict(nnx.state(build())))()
+  nnx.replace_by_pure_dict(abstract, values)
+  return nnx.merge(graphdef, abstract)
 
 
 def count_params(model: nnx.Module) -> tuple[int, int]:

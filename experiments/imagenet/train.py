@@ -50,7 +50,7 @@ def create_optimizer(config: ml_collections.ConfigDict, total_steps: int,
   >>> c = ml_collections.ConfigDict(dict(optimizer="sgd", learning_rate=0.1, momentum=0.9,
   ...     nesterov=True, weight_decay=1e-4, warmup_epochs=1.0))
   >>> tx, schedule = create_optimizer(c, total_steps=100, steps_per_epoch=10)
-  >>> float(schedule(10))
+  >>> round(float(schedule(10)), 6)
   0.1
   """
   warmup = int(round(config.warmup_epochs * steps_per_epoch))
@@ -340,8 +340,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       ("schedule", f"batch {config.batch_size} ({config.batch_size // n_dev}/device), "
                    f"{steps_per_epoch} steps/epoch, {total_steps} steps ({config.num_epochs} epochs)"),
   ] + [(f"transform {k}", f"[{c.backend}] {c.detail}") for k, c in choices.items()] + [
-      ("checkpoints", f"[{ckpt_choice.backend}] {ckpt_choice.detail}; every "
-                      f"{ckpt.local_every}/{ckpt.persistent_every} steps -> {ckpt.directory}"),
+      ("checkpoints", f"[{ckpt_choice.backend}] {ckpt_choice.detail}" + (
+          f"; every {ckpt.local_every}/{ckpt.persistent_every} steps -> {ckpt.directory}"
+          if ckpt.enabled else "")),
+      ("evaluation", "held-out top-1/top-5 every epoch" if config.get("evaluate", True)
+                     else "off (config.evaluate=False)"),
       ("resume", f"Resuming from step {resumed_from}" if resumed_from is not None
                  else "no checkpoint found: starting from step 0"),
   ]
@@ -355,14 +358,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True,
              disable=not config.progress_bar or jax.process_index() != 0, desc="train")
   last_eval = None
+  do_eval = bool(config.get("evaluate", True))
+  final_step = start_step
   window: list[dict] = []
   window_start = time.perf_counter()
   window_steps = 0
   images_per_step = config.batch_size
   try:
     if start_step >= total_steps:
-      logging.info("Training already complete (step %d of %d); evaluating the restored state.",
-                   start_step, total_steps)
+      logging.info("Training already complete (step %d of %d)%s.", start_step, total_steps,
+                   "; evaluating the restored state" if do_eval else "")
     for step in range(start_step, total_steps):
       images, labels = prefetch.get(step)
       state, metrics = p_train(state, place(images), place(labels))
@@ -370,7 +375,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       window_steps += 1
       s = step + 1
       epoch_end = s % steps_per_epoch == 0 or s == total_steps
-      save_now = ckpt.should_save(s) or s == total_steps
+      save_now = ckpt.enabled and (ckpt.should_save(s) or s == total_steps)
       if s % config.log_every_steps == 0 or epoch_end or save_now:
         host = jax.device_get(window)
         elapsed = time.perf_counter() - window_start
@@ -383,7 +388,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         bar.set_postfix(loss=f"{rec['loss']:.3f}", img_s=f"{rec['images_per_sec']:.0f}",
                         refresh=False)
         window, window_steps, window_start = [], 0, time.perf_counter()
-      if epoch_end:
+      if epoch_end and do_eval:
         ev = _evaluate(p_eval, state, dataset, place)
         last_eval = {"step": s, "split": "eval", "epoch": s / steps_per_epoch, **ev,
                      "time": time.time() - t_start}
@@ -395,6 +400,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         ckpt.save(s, state, force=True)
         if s == config.debug_kill_at_step:  # testing: a hard crash, possibly mid-save
           os.kill(os.getpid(), signal.SIGKILL)
+      final_step = s
       bar.update(1)
   finally:
     bar.close()
@@ -404,7 +410,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     ckpt.close()
     writer.close()
 
-  if last_eval is None:  # nothing left to train: evaluate what was restored
+  if last_eval is None and do_eval:  # nothing left to train: evaluate what was restored
     ev = _evaluate(p_eval, state, dataset, place)
     last_eval = {"step": start_step, "split": "eval", **ev}
   records = read_metrics(workdir)
@@ -413,10 +419,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     name = "digits (embedded stand-in, not ImageNet)" if dataset.name == "digits" else dataset.name
     plot_metrics(records, path, title=f"{config.model} on {name}")
     logging.info("Wrote loss / accuracy curves to %s", path)
+  metrics_path = os.path.join(workdir, "metrics.jsonl")
+  if last_eval is None:  # config.evaluate=False
+    logging.info("Done in %.1f s at step %d (config.evaluate=False: no held-out evaluation). "
+                 "Metrics: %s", time.time() - t_start, final_step, metrics_path)
+    return {"step": final_step, "eval_loss": None, "eval_top1": None, "eval_top5": None,
+            "resumed_from": resumed_from, "seconds": time.time() - t_start}
   logging.info("Done in %.1f s: held-out top-1 %.2f%%, top-5 %.2f%% at step %d (%d examples). "
                "Metrics: %s", time.time() - t_start, 100 * last_eval["top1"],
-               100 * last_eval["top5"], last_eval["step"], last_eval["examples"],
-               os.path.join(workdir, "metrics.jsonl"))
+               100 * last_eval["top5"], last_eval["step"], last_eval["examples"], metrics_path)
   return {"step": last_eval["step"], "eval_loss": last_eval["loss"], "eval_top1": last_eval["top1"],
           "eval_top5": last_eval["top5"], "resumed_from": resumed_from,
           "seconds": time.time() - t_start}
