@@ -1,7 +1,9 @@
 """Pareto table of lj.remat_plan vs JAX's built-in checkpoint policies.
 
-For each model: activation peak (shared liveness analysis of the grad jaxpr), saved
-residual bytes (JAX's accounting, inputs excluded), extra FLOPs over plain jax.grad
+For each model: activation peak and saved residual bytes (JAX's accounting, inputs
+excluded) of the forward + backward pass, both from ``lepton_jax.jaxpr``'s
+``grad_memory`` on the function as called -- the same measurement the planner,
+``RematPlan.peak_bytes`` and the tests use --, extra FLOPs over plain jax.grad
 (shared cost model), and median step time of the jitted gradient, each also as a
 ratio to plain jax.grad measured in the same run.
 
@@ -23,6 +25,7 @@ import jax.numpy as jnp
 
 from lepton_jax import jaxpr as ljx
 from lepton_jax._errors import BudgetError
+from lepton_jax.jaxpr._liveness import grad_memory  # ljx.grad_memory once re-exported
 from lepton_jax.transforms import remat_plan
 
 
@@ -103,16 +106,23 @@ def _time(fun, args, repeats):
   return statistics.median(ts)
 
 
-def _point(name, fun, args, base, repeats, plan=None):
+def _point(name, fun, args, base, repeats, plan=None, plan_time=None):
   flops = ljx.cost(jax.grad(fun), *args).flops
-  row = {"config": name, "peak_bytes": int(ljx.grad_peak_bytes(fun, *args)), "saved_bytes": int(_saved(fun, *args)),
+  mem = grad_memory(fun, *args)
+  row = {"config": name, "peak_bytes": int(mem.peak_bytes), "saved_bytes": int(mem.saved_bytes),
+         "jax_saved_bytes_all_args": int(_saved(fun, *args)),
          "extra_flops": float(flops - base["flops"]), "step_s": _time(fun, args, repeats)}
   if jax.default_backend() != "cpu":
     ma = jax.jit(jax.grad(fun)).lower(*args).compile().memory_analysis()
     row["xla_temp_bytes"] = int(getattr(ma, "temp_size_in_bytes", 0))
   if plan is not None:
-    row.update(plan_peak_bytes=plan.peak_bytes, plan_recompute_flops=plan.recompute_flops,
-               offloaded_bytes=plan.offloaded_bytes, solver=plan.solver, segments=plan.num_segments)
+    row.update(plan_peak_bytes=plan.peak_bytes, plan_saved_bytes=plan.saved_bytes,
+               plan_budget_bytes=plan.budget_bytes, plan_model_peak_bytes=plan.model_peak_bytes,
+               plan_recompute_flops=plan.recompute_flops, offloaded_bytes=plan.offloaded_bytes,
+               solver=plan.solver, segments=plan.num_segments, depth=plan.depth,
+               plan_time_s=plan_time,
+               peak_matches_plan=int(mem.peak_bytes) == plan.peak_bytes,
+               within_budget=int(mem.peak_bytes) <= plan.budget_bytes)
   if base.get("peak_bytes"):
     row["peak_ratio"] = row["peak_bytes"] / base["peak_bytes"]
     row["saved_ratio"] = row["saved_bytes"] / max(base["saved_bytes"], 1)
@@ -136,22 +146,37 @@ def main(argv=None):
     rows = [_point("plain jax.grad", fun, args, base, a.repeats)]
     for pname, pol in pols.items():
       rows.append(_point(pname, jax.checkpoint(fun, policy=pol), args, base, a.repeats))
-    for budget in (0.25, 0.5, 0.75):
+    budgets = [(f"lj.remat_plan({x})", x) for x in (0.25, 0.5, 0.75)]
+    # dominance: our plan at each JAX policy's own peak must not recompute more
+    budgets += [(f"lj.remat_plan(peak of {r['config'][4:]})", int(r["peak_bytes"]))
+                for r in rows[1:] if r["peak_bytes"] < rows[0]["peak_bytes"]]
+    for label, budget in budgets:
       f = remat_plan(fun, budget=budget)
+      t0 = time.perf_counter()
       try:
         plan = f.plan(*args)
       except BudgetError as e:
-        rows.append({"config": f"lj.remat_plan({budget})", "infeasible": str(e)})
+        rows.append({"config": label, "infeasible": str(e)})
         continue
-      rows.append(_point(f"lj.remat_plan({budget})", f, args, base, a.repeats, plan))
+      rows.append(_point(label, f, args, base, a.repeats, plan, time.perf_counter() - t0))
+      if isinstance(budget, int):
+        pol_row = next(r for r in rows if r["config"] == "jax:" + label.split("peak of ")[1][:-1])
+        rows[-1]["dominates_policy"] = bool(rows[-1]["peak_bytes"] <= pol_row["peak_bytes"]
+                                            and rows[-1]["extra_flops"] <= pol_row["extra_flops"])
     print(f"\n{mname}")
-    print(f"  {'config':<26}{'peak':>10}{'peak/plain':>11}{'saved':>10}{'extra FLOPs':>13}{'step ms':>9}{'time/plain':>11}")
+    print(f"  {'config':<40}{'peak':>10}{'peak/plain':>11}{'saved':>10}{'extra FLOPs':>13}{'step ms':>9}"
+          f"{'time/plain':>11}  check")
     for r in rows:
       if "infeasible" in r:
-        print(f"  {r['config']:<26} infeasible: {r['infeasible'].split(';')[0][-60:]}")
+        print(f"  {r['config']:<40} infeasible: {r['infeasible'].split(';')[0][-60:]}")
         continue
-      print(f"  {r['config']:<26}{r['peak_bytes']:>10}{r.get('peak_ratio', 1):>11.3f}{r['saved_bytes']:>10}"
-            f"{r['extra_flops']:>13.3g}{r['step_s'] * 1e3:>9.2f}{r.get('time_ratio', 1):>11.2f}")
+      check = ""
+      if "within_budget" in r:
+        check = "ok" if r["within_budget"] and r["peak_matches_plan"] else "MISMATCH"
+      if "dominates_policy" in r:
+        check += " dominates" if r["dominates_policy"] else " NOT dominating"
+      print(f"  {r['config']:<40}{r['peak_bytes']:>10}{r.get('peak_ratio', 1):>11.3f}{r['saved_bytes']:>10}"
+            f"{r['extra_flops']:>13.3g}{r['step_s'] * 1e3:>9.2f}{r.get('time_ratio', 1):>11.2f}  {check}")
     results.append({"model": mname, "rows": rows})
   dev = jax.devices()[0]
   kind = dev.device_kind.lower().replace(" ", "_")

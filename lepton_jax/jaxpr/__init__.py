@@ -39,3 +39,5 @@ from lepton_jax.jaxpr._rewrite import select_matches as select_matches
 from lepton_jax.jaxpr._summary import EqnSummary as EqnSummary
 from lepton_jax.jaxpr._summary import Summary as Summary
 from lepton_jax.jaxpr._summary import summarize as summarize
+from lepton_jax.jaxpr._liveness import GradMemory as GradMemory
+from lepton_jax.jaxpr._liveness import grad_memory as grad_memory

@@ -21,7 +21,7 @@ from lepton_jax.jaxpr._trace import validate_args
 from lepton_jax.jaxpr._walk import aval_bytes, as_closed, sub_jaxprs
 
 __all__ = ["Liveness", "liveness", "peak_live_bytes", "grad_peak_bytes", "saved_residual_bytes",
-           "Residual", "saved_residuals", "grad_jaxpr"]
+           "Residual", "saved_residuals", "grad_jaxpr", "GradMemory", "grad_memory"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,6 +54,16 @@ def _unwrap(j):
 
 def _is_var(v) -> bool:
   return isinstance(v, jax_core.Var) and not isinstance(v, jax_core.DropVar)
+
+
+def _on_host(x) -> bool:
+  space = getattr(getattr(x, "aval", x), "memory_space", None)
+  return space is not None and "host" in str(space).lower()
+
+
+def _dev_bytes(x) -> int:
+  """Device bytes of a value: values placed in host memory (offloaded) count 0."""
+  return 0 if _on_host(x) else aval_bytes(x)
 
 
 _LOOPS = frozenset({"scan", "while", "shard_map"})
@@ -113,7 +123,11 @@ def _check_order(jaxpr, order) -> tuple:
   return order
 
 
-def _liveness(jaxpr, order, include_inputs, include_outputs, cache) -> Liveness:
+def _liveness(jaxpr, order, include_inputs, include_outputs, cache, held=None) -> Liveness:
+  """``held``: optional list of ``(bytes, input vars)`` groups (each group one buffer,
+  e.g. a residual handed from the forward to the backward pass). Each group is counted
+  from the start and freed after the last read of any of its vars (right away
+  when none is read), unlike other inputs, which the caller holds throughout."""
   order = _check_order(jaxpr, order)
   eqns = [jaxpr.eqns[i] for i in order]
   end = len(eqns)
@@ -133,11 +147,22 @@ def _liveness(jaxpr, order, include_inputs, include_outputs, cache) -> Liveness:
   live = {}
   for v in inputs:
     if counted(v) and v not in live:
-      live[v] = aval_bytes(v)
-  cur = sum(live.values())
-  initial = cur
+      live[v] = _dev_bytes(v)
   # bucket frees by position
   frees: dict[int, list] = {}
+  unread = []
+  for k, (nbytes, group) in enumerate(held or ()):
+    group = [v for v in group if _is_var(v)]
+    if not group or any(v in live or v in outputs for v in group):
+      continue
+    key = ("held", k)
+    live[key] = int(nbytes)
+    pos = max(last.get(v, -1) for v in group)
+    (frees.setdefault(pos, []) if pos >= 0 else unread).append(key)
+  cur = sum(live.values())
+  initial = cur
+  for key in unread:  # live at the start (the forward/backward boundary), never read
+    cur -= live.pop(key)
   for v, pos in last.items():
     if v not in outputs and v not in input_set:  # the caller holds inputs throughout
       frees.setdefault(pos, []).append(v)
@@ -147,9 +172,9 @@ def _liveness(jaxpr, order, include_inputs, include_outputs, cache) -> Liveness:
     transient = 0
     for v in eqn.outvars:
       if isinstance(v, jax_core.DropVar):
-        transient += aval_bytes(v)
+        transient += _dev_bytes(v)
       elif v not in live and counted(v):
-        live[v] = aval_bytes(v)
+        live[v] = _dev_bytes(v)
         cur += live[v]
     out_counted = tuple(counted(v) if _is_var(v) else True for v in eqn.outvars)
     live_bytes.append(before + _nested_extra(eqn, cur - before + transient, cache, out_counted))
@@ -261,13 +286,98 @@ def grad_jaxpr(fun: Callable, *args, argnums=0, policy=None):
   return jax.make_jaxpr(g)(*leaves)
 
 
+@dataclasses.dataclass(frozen=True)
+class GradMemory:
+  """Activation memory of the forward + backward pass (see :func:`grad_memory`).
+
+  Attributes:
+    peak_bytes: ``max(forward_peak_bytes, backward_peak_bytes)``.
+    forward_peak_bytes: peak while the forward pass runs (residuals live from
+      their definition to the end of the forward pass).
+    backward_peak_bytes: peak while the backward pass runs; it starts with every
+      saved residual live (so it is at least ``saved_bytes``) and frees each
+      after its last read.
+    saved_bytes: device bytes of the residuals saved between forward and backward,
+      inputs, constants and literals excluded (JAX's saved-residual accounting).
+    offloaded_bytes: bytes of saved residuals placed in host memory.
+  """
+  peak_bytes: int
+  forward_peak_bytes: int
+  backward_peak_bytes: int
+  saved_bytes: int
+  offloaded_bytes: int
+
+  def to_dict(self) -> dict:
+    return dataclasses.asdict(self)
+
+
+def grad_memory(fun: Callable, *args, argnums=0, policy=None) -> GradMemory:
+  """Activation peak and saved residuals of ``jax.grad(fun, argnums)``, from one trace.
+
+  The forward pass (``jax.vjp``) and the backward pass (the ``vjp`` function
+  applied to ones cotangents) are traced separately; the residuals JAX saves are
+  the outputs of the first and the inputs of the second. :func:`liveness` runs
+  on each, leaving out the function's inputs (parameters, batch) and the final
+  gradients. At the boundary every saved residual is live, including ones the
+  backward never reads (JAX keeps them in the ``vjp`` closure), so
+  ``peak_bytes >= saved_bytes`` always holds. Values in host memory
+  (offloaded residuals) are not counted as device bytes.
+
+  >>> import jax, jax.numpy as jnp
+  >>> from lepton_jax import jaxpr as ljx
+  >>> m = ljx.grad_memory(lambda w, x: jnp.sum(jnp.tanh(x @ w)), jnp.ones((64, 64)), jnp.ones((8, 64)))
+  >>> m.saved_bytes, m.peak_bytes >= m.saved_bytes
+  (4096, True)
+  """
+  api = "lepton_jax.jaxpr.grad_memory"
+  split, leaves = _prepare(fun, args, argnums, policy, api)
+  box = {}
+
+  def fwd(*flat):
+    h, diff = split(flat)
+    out, vjp_fn = jax.vjp(h, *diff)
+    res, box["res_tree"] = jax.tree_util.tree_flatten(vjp_fn)
+    outs, box["out_tree"] = jax.tree_util.tree_flatten(out)
+    box["n_res"] = len(res)
+    return list(res) + list(outs)
+  fj = jax.make_jaxpr(fwd)(*leaves)
+  n_res = box["n_res"]
+  fwd_jaxpr = fj.jaxpr
+  res_atoms = list(fwd_jaxpr.outvars[:n_res])
+  out_avals = [v.aval for v in fwd_jaxpr.outvars[n_res:]]
+  res_specs = [jax.ShapeDtypeStruct(v.aval.shape, v.aval.dtype, weak_type=getattr(v.aval, "weak_type", False))
+               for v in res_atoms]
+
+  def bwd(*res):
+    vjp_fn = jax.tree_util.tree_unflatten(box["res_tree"], res)
+    ct = jax.tree_util.tree_unflatten(box["out_tree"], [jax.numpy.ones(a.shape, a.dtype) for a in out_avals])
+    return vjp_fn(ct)
+  bj = jax.make_jaxpr(bwd)(*res_specs).jaxpr
+  # residuals: produced by forward equations (not inputs, constants, literals); one buffer per var
+  inputs = set(fwd_jaxpr.invars) | set(fwd_jaxpr.constvars)
+  groups: dict = {}
+  for atom, bvar in zip(res_atoms, bj.invars):
+    if _is_var(atom) and atom not in inputs:
+      groups.setdefault(atom, []).append(bvar)
+  saved = sum(_dev_bytes(a) for a in groups)
+  offloaded = sum(aval_bytes(a) for a in groups if _on_host(a))
+  cache = {}
+  fwd_peak = _liveness(fwd_jaxpr, None, False, True, cache).peak_bytes
+  # (traced with device avals: offloaded residuals count 0 until brought back)
+  held = [(_dev_bytes(a), vs) for a, vs in groups.items()]
+  bwd_peak = _liveness(bj, None, False, False, cache, held=held).peak_bytes
+  return GradMemory(int(max(fwd_peak, bwd_peak)), int(fwd_peak), int(bwd_peak), int(saved), int(offloaded))
+
+
 def grad_peak_bytes(fun: Callable, *args, argnums=0, policy=None) -> int:
   """Activation peak of the forward + backward pass of ``fun``.
 
-  The jaxpr of ``jax.grad(fun, argnums)`` (a ``vjp`` with ones cotangents for
-  non-scalar outputs) is analysed with :func:`liveness`, leaving out the inputs
-  (parameters, batch) and the final gradients: what is counted is the bytes of
-  intermediates live at once, which is what ``remat`` changes.
+  The forward and backward of ``jax.grad(fun, argnums)`` (a ``vjp`` with ones
+  cotangents for non-scalar outputs) are analysed with :func:`liveness`, leaving
+  out the inputs (parameters, batch) and the final gradients: what is counted is
+  the bytes of intermediates live at once, which is what ``remat`` changes. At the
+  forward/backward boundary all saved residuals are live (see :func:`grad_memory`),
+  so the peak is never below :func:`saved_residual_bytes`.
 
   Args:
     fun: function of arrays to differentiate (float outputs).
@@ -282,8 +392,7 @@ def grad_peak_bytes(fun: Callable, *args, argnums=0, policy=None) -> int:
   >>> ljx.grad_peak_bytes(f, jnp.ones((64, 64)), jnp.ones((8, 64))) > 0
   True
   """
-  closed = grad_jaxpr(fun, *args, argnums=argnums, policy=policy)
-  return peak_live_bytes(closed, include_inputs=False, include_outputs=False)
+  return grad_memory(fun, *args, argnums=argnums, policy=policy).peak_bytes
 
 
 @dataclasses.dataclass(frozen=True)

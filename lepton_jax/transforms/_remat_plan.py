@@ -36,7 +36,9 @@ from jax.ad_checkpoint import checkpoint_name
 import jax.extend.core as jex_core
 
 from lepton_jax import jaxpr as ljx
+from lepton_jax.jaxpr._liveness import grad_memory as _grad_memory
 from lepton_jax._errors import BudgetError
+from lepton_jax._nnx import is_graph_node, nnx_module
 from lepton_jax._utils import format_bytes, parse_bytes
 from lepton_jax.transforms import _remat_solver as solver_lib
 
@@ -118,9 +120,12 @@ class RematPlan:
   Attributes:
     budget_bytes: the device activation budget in bytes.
     baseline_bytes: activation peak of plain ``jax.grad``.
-    peak_bytes: planned activation peak (max of the model and the measured jaxpr liveness).
+    peak_bytes: activation peak of the planned function's forward + backward pass,
+      measured on its jaxpr: ``lepton_jax.jaxpr.grad_peak_bytes`` of the wrapped
+      function (w.r.t. its first argument), the same measure as ``baseline_bytes``.
     saved_bytes: residuals kept on device between forward and backward (JAX's
-      saved-residual accounting of the planned function, inputs excluded).
+      saved-residual accounting of the planned function, inputs excluded;
+      ``lepton_jax.jaxpr.saved_residual_bytes``). Never above ``peak_bytes``.
     offloaded_bytes: residuals kept in host memory between forward and backward.
     recompute_flops: extra FLOPs spent recomputing residuals in the backward pass.
     transfer_bytes: bytes moved device->host->device for offloaded residuals.
@@ -128,6 +133,8 @@ class RematPlan:
     solver: which solver produced the decisions.
     decisions: one :class:`TensorDecision` per candidate and boundary value.
     baseline_saved_bytes: plain ``jax.grad``'s saved residual bytes (inputs excluded).
+    model_peak_bytes: the planner's own estimate of the peak (used to rank plans).
+    measured_peak_bytes: same as ``peak_bytes`` (kept for compatibility).
     cost_model: the FLOP/s and bandwidth used.
     depth: levels of nested checkpoint regions (0: plain grad, 1: one level of
       segments, 2: segments inside segments, ...).
@@ -266,7 +273,7 @@ def _eqn_flops(eqn) -> float:
   return float(c.flops + c.transcendentals)
 
 
-def _recompute_flops(jaxpr, idx_of_def: dict, var, stop: set, lo: int, hi: int) -> float:
+def _recompute_flops(jaxpr, idx_of_def: dict, var, stop: set, lo: int, hi: int, fl=None) -> float:
   """FLOPs of the producer of ``var`` plus non-stop ancestors defined in [lo, hi)."""
   total, seen, stack = 0.0, set(), [var]
   while stack:
@@ -278,7 +285,7 @@ def _recompute_flops(jaxpr, idx_of_def: dict, var, stop: set, lo: int, hi: int) 
       continue
     seen.add(i)
     eqn = jaxpr.eqns[i]
-    total += _eqn_flops(eqn)
+    total += fl[i] if fl is not None else _eqn_flops(eqn)
     stack.extend(a for a in eqn.invars if not isinstance(a, jex_core.Literal))
   return total
 
@@ -315,6 +322,7 @@ class _Graph:
   last_use: dict                   # var -> last eqn index using it (n for outputs)
   n: int
   uses: dict = dataclasses.field(default_factory=dict)  # var -> sorted eqn indices using it
+  flops: list = dataclasses.field(default_factory=list)  # FLOPs (+ transcendentals) per eqn
 
 
 def _build_graph(closed, prefix: str) -> _Graph:
@@ -348,14 +356,15 @@ def _build_graph(closed, prefix: str) -> _Graph:
     if nm in needed:
       eqn = jaxpr.eqns[def_idx[v]]
       cands[v] = _Cand(v, nm, ljx.aval_bytes(v.aval), 1, def_idx[v], eqn.primitive.name)
+  fl = [_eqn_flops(e) for e in jaxpr.eqns]
   stop = set(cands)
   for v, c in cands.items():
-    c.flops = _recompute_flops(jaxpr, def_idx, v, stop, 0, n)  # refined per segment later
+    c.flops = _recompute_flops(jaxpr, def_idx, v, stop, 0, n, fl)  # refined per segment later
   scans = {}
   for i, eqn in enumerate(jaxpr.eqns):
     if eqn.primitive.name == "scan":
       scans[i] = _scan_info(eqn, i, prefix)
-  return _Graph(closed, cands, scans, def_idx, last_use, n, uses)
+  return _Graph(closed, cands, scans, def_idx, last_use, n, uses, fl)
 
 
 def _scan_info(eqn, i: int, prefix: str) -> _Scan:
@@ -522,6 +531,7 @@ def _layout(g: _Graph, cuts: Sequence[int], cm: CostModel, offload: bool, lo: in
   fixed = sum(ljx.aval_bytes(v.aval) for v in crossing if v not in invars)
   jaxpr = g.closed.jaxpr
   items = []
+  stop = set(g.cands) | crossing
   for s, seg in enumerate(segs):
     if seg.scan:
       sc = g.scans[seg.lo]
@@ -535,13 +545,12 @@ def _layout(g: _Graph, cuts: Sequence[int], cm: CostModel, offload: bool, lo: in
             recompute_flops=c.flops)
         items.append((it, c, s, seg.lo))
       continue
-    stop = {v for v in g.cands} | crossing
     for i in range(seg.lo, seg.hi):
       for v in jaxpr.eqns[i].outvars:
         c = g.cands.get(v)
         if c is None or v in crossing:
           continue
-        flops = _recompute_flops(jaxpr, g.def_idx, v, stop, seg.lo, seg.hi)
+        flops = _recompute_flops(jaxpr, g.def_idx, v, stop, seg.lo, seg.hi, g.flops)
         it = solver_lib.Item(
             key=c.name, segment=s, saved_bytes=c.nbytes, transient_bytes=c.nbytes,
             recompute_time=cm.recompute_seconds(flops),
@@ -605,7 +614,7 @@ class _TreeSearch:
     self._layouts: dict = {}
     self._picks: dict = {}
     self._invars = set(g.closed.jaxpr.invars) | set(g.closed.jaxpr.constvars)
-    fl = [_eqn_flops(e) for e in g.closed.jaxpr.eqns]
+    fl = g.flops
     self._cum_flops = np.concatenate([[0.0], np.cumsum(fl)])
     pos = [c.segment_local for c in g.cands.values()] + list(g.scans)
     self._tail = (max(pos) + 1) if pos else g.n
@@ -638,7 +647,7 @@ class _TreeSearch:
       refined = []
       for k, lay, sol in scored[:refine]:
         if len(lay.problem.items) <= solver_lib.MILP_MAX_ITEMS:
-          m = solver_lib.solve_milp(lay.problem, budget, time_limit=5.0)
+          m = solver_lib.solve_milp(lay.problem, budget, time_limit=2.0)
           if m is not None and m.cost <= sol.cost:
             sol = m
         refined.append(((sol.cost, sol.peak, len(lay.segs)), lay, sol))
@@ -666,7 +675,7 @@ class _TreeSearch:
     ``minimal``: recompute everything (the smallest peak of this structure).
     """
     if depth <= 1 or hi - lo <= 1:
-      return self._leaf(lo, hi, budget, minimal, 3 if (lo, hi) == (0, self.g.n) else 1)
+      return self._leaf(lo, hi, budget, minimal, 2 if (lo, hi) == (0, self.g.n) else 1)
     g = self.g
     tail = hi
     if (lo, hi) == (0, g.n):
@@ -829,19 +838,15 @@ def _run_scan(eqn, invals, names: dict, policy, checkpointed: bool):
 # ------------------------------------------------------------ NNX / pytree glue
 
 
-def _nnx():
-  try:
-    from flax import nnx
-    return nnx
-  except Exception:  # pragma: no cover - flax is a dependency
-    return None
+
 
 
 def _split_nodes(args, kwargs):
   """Replaces NNX graph nodes by (graphdef, state) so everything is arrays."""
-  nnx = _nnx()
-  is_node = (lambda x: nnx.graph.is_graph_node(x)) if nnx is not None else (lambda x: False)
+  nnx = nnx_module()
+  is_node = is_graph_node
   leaves, treedef = jax.tree_util.tree_flatten((args, kwargs), is_leaf=is_node)
+  n_first = len(jax.tree_util.tree_leaves(args[0], is_leaf=is_node)) if args else 0
   nodes, pure = {}, []
   for i, x in enumerate(leaves):
     if is_node(x):
@@ -850,12 +855,21 @@ def _split_nodes(args, kwargs):
       pure.append(state)
     else:
       pure.append(x)
-  return treedef, nodes, pure
+  return treedef, nodes, pure, n_first
+
+
+def _hashable(gdef):
+  """NNX graph definitions compare by structure (a new object per ``nnx.split``)."""
+  try:
+    hash(gdef)
+    return gdef
+  except TypeError:  # pragma: no cover - older flax
+    return id(gdef)
 
 
 def _make_pure(fun, treedef, nodes):
   """``pure(pure_leaves) -> (out, new_states)`` re-merging NNX nodes inside."""
-  nnx = _nnx()
+  nnx = nnx_module()
 
   def pure(pure_leaves):
     leaves = list(pure_leaves)
@@ -890,28 +904,22 @@ class _Compiled:
 
 
 def _measure(flat_fun, flat_specs, argnums_leaves):
-  """(saved residual bytes on device excl. inputs, host bytes, grad peak) of ``flat_fun``."""
-  res = _saved_residuals(flat_fun, *flat_specs)
-  dev = host = 0
-  for aval, desc in res:
-    if desc.startswith("from the argument") or desc.startswith("from a literal") or desc.startswith("from a constant"):
-      continue
-    b = ljx.aval_bytes(aval)
-    if getattr(aval, "memory_space", None) is not None and "host" in str(aval.memory_space).lower():
-      host += b
-    else:
-      dev += b
-  peak = _grad_peak(flat_fun, flat_specs, argnums_leaves)
-  return dev, host, peak
+  """(saved residual bytes on device excl. inputs, host bytes, activation peak) of ``flat_fun``.
 
+  One measurement for everything (planner, ``RematPlan``, benchmark, tests):
+  ``lepton_jax.jaxpr`` ``grad_memory`` of the loss w.r.t. the first argument's leaves,
+  the same as ``ljx.grad_peak_bytes`` / ``ljx.saved_residual_bytes`` of the wrapped function.
+  """
+  if not argnums_leaves:
+    return 0, 0, 0
 
-def _grad_peak(flat_fun, flat_specs, argnums_leaves) -> int:
-  gp = getattr(ljx, "grad_peak_bytes", None)
-  if gp is None or not argnums_leaves:
-    return 0
-  def loss(*diff_and_rest):
-    return jnp.sum(jnp.asarray(flat_fun(*diff_and_rest)[0], jnp.float32))
-  return int(gp(loss, *flat_specs, argnums=tuple(argnums_leaves)))
+  def loss(*flat):
+    out = flat_fun(*flat)[0]
+    if jnp.ndim(out) == 0 and _is_inexact(out):
+      return out  # exactly what jax.grad of the wrapped function differentiates
+    return jnp.sum(jnp.asarray(out, jnp.float32))
+  m = _grad_memory(loss, *flat_specs, argnums=tuple(argnums_leaves))
+  return int(m.saved_bytes), int(m.offloaded_bytes), int(m.peak_bytes)
 
 
 class _Planner:
@@ -936,11 +944,13 @@ class _Planner:
       return int(math.floor(b * baseline))
     return int(b)
 
-  def compiled(self, treedef, nodes, pure_leaves) -> _Compiled:
+  def compiled(self, treedef, nodes, pure_leaves, n_first: int) -> _Compiled:
     specs = [jax.tree.map(_spec, x) for x in pure_leaves]
     flat_specs, in_tree = jax.tree_util.tree_flatten(specs)
+    # plain jax.grad differentiates the first positional argument: its leaves
+    n_first_flat = len(jax.tree_util.tree_leaves(specs[:n_first]))
     key = (treedef, in_tree, tuple((s.shape, str(s.dtype)) if hasattr(s, "shape") else s for s in flat_specs),
-           tuple((i, id(gd)) for i, (_, gd) in nodes.items()))
+           tuple((i, _hashable(gd)) for i, (_, gd) in nodes.items()))
     hit = self._cache.get(key)
     if hit is not None:
       return hit
@@ -954,14 +964,13 @@ class _Planner:
     closed = jax.make_jaxpr(lambda *a: _inline_eval(closed0.jaxpr, closed0.consts, a))(*flat_specs)
     out_tree = jax.eval_shape(pure, jax.tree_util.tree_unflatten(in_tree, flat_specs))
     out_tree = jax.tree_util.tree_structure(out_tree)
-    comp = self._plan(closed, flat_specs, in_tree, out_tree)
+    comp = self._plan(closed, flat_specs, n_first_flat, out_tree)
     self._cache[key] = comp
     return comp
 
-  def _plan(self, closed, flat_specs, in_tree, out_tree) -> _Compiled:
+  def _plan(self, closed, flat_specs, n_first, out_tree) -> _Compiled:
     cm = self.cost_model or CostModel.default()
     # differentiate w.r.t. the first positional argument's leaves (plain jax.grad)
-    n_first = len(jax.tree_util.tree_leaves(jax.tree_util.tree_unflatten(in_tree, flat_specs)[0]))
     argnums = [i for i in range(n_first) if _is_inexact(flat_specs[i])]
     if not argnums:
       argnums = [i for i, s in enumerate(flat_specs) if _is_inexact(s)]
@@ -974,28 +983,29 @@ class _Planner:
 
     # Budget at or above the plain peak: nothing to do.
     if budget >= baseline:
-      return self._finish(ctx, None, plain, "none")
+      return self._finish(ctx, None, plain, "none", (base_saved, 0, baseline))
     search = _TreeSearch(g, cm, self.offload, self.solver)
     n_units = len(g.cands) + sum(len(s.cands) for s in g.scans.values())
     max_depth = max(1, min(_MAX_DEPTH, int(math.ceil(math.log2(max(n_units, 2))))))
     # The model leaves out cotangents and XLA temporaries: start from plain grad's gap.
     slack0 = max(0, baseline - base_saved)
-    tried = set()
     # Shallowest structure first: one level of segments, then segments inside segments.
+    # A plan is accepted on its measured peak (``_measure``), the model only ranks;
+    # the model-vs-measured gap learnt on one structure seeds the next depth.
+    learnt = slack0
     for depth in range(1, max_depth + 1):
-      slack, model_budget = slack0, budget - slack0
+      slack = learnt
+      model_budget = budget - slack
       for _ in range(3):
         node = search.best(depth, model_budget)
         if node is None:
           break
         fn = _apply(g, node, self._decisions(node))
         measured = _measure(fn, flat_specs, argnums)
-        tried.add(id(node))
-        dev, _, peak = measured
-        measured_peak = max(dev, peak)
-        if measured_peak <= budget and node.peak <= budget:
+        if measured[2] <= budget:
           return self._finish(ctx, node, fn, _node_solver(node), measured)
-        slack = max(slack, measured_peak - node.peak, 0)
+        slack = max(slack, measured[2] - node.peak, 0)
+        learnt = max(learnt, slack)
         model_budget = min(budget - slack, model_budget - 1)
     # No costed plan fits: try the recompute-everything structures with the smallest
     # peaks, and report the smallest budget one reaches (measured).
@@ -1003,7 +1013,7 @@ class _Planner:
     for node in search.minimal(max_depth)[:3]:
       fn = _apply(g, node, self._decisions(node))
       measured = _measure(fn, flat_specs, argnums)
-      cand = max(node.peak, measured[0], measured[2])
+      cand = measured[2]
       if cand <= budget:
         return self._finish(ctx, node, fn, "min", measured)
       smallest = cand if smallest is None else min(smallest, cand)
@@ -1084,7 +1094,7 @@ class _Planner:
       model_peak, nseg, depth = node.peak, node.num_segments(), node.depth()
     plan = RematPlan(
         budget_bytes=int(budget), baseline_bytes=int(baseline),
-        peak_bytes=int(max(model_peak, peak, dev)) if node is not None else int(baseline),
+        peak_bytes=int(peak),
         saved_bytes=int(dev), offloaded_bytes=int(host), recompute_flops=float(recompute),
         transfer_bytes=int(transfer), num_segments=nseg, solver=solver_name,
         decisions=tuple(decisions), baseline_saved_bytes=int(base_saved),
@@ -1128,20 +1138,20 @@ class _RematPlanned:
     self._planner = planner
 
   def __call__(self, *args, **kwargs):
-    treedef, nodes, pure = _split_nodes(args, kwargs)
-    comp = self._planner.compiled(treedef, nodes, pure)
+    treedef, nodes, pure, n_first = _split_nodes(args, kwargs)
+    comp = self._planner.compiled(treedef, nodes, pure, n_first)
     flat = jax.tree_util.tree_leaves(pure)
     outs = comp.flat_fun(*flat)
     out, new_states = jax.tree_util.tree_unflatten(comp.out_tree, outs)
-    nnx = _nnx()
+    nnx = nnx_module()
     for i, (node, _) in nodes.items():
       nnx.update(node, new_states[i])
     return out
 
   def plan(self, *args, **kwargs) -> RematPlan:
     """The :class:`RematPlan` for these arguments (arrays or ``jax.ShapeDtypeStruct``)."""
-    treedef, nodes, pure = _split_nodes(args, kwargs)
-    return self._planner.compiled(treedef, nodes, pure).plan
+    treedef, nodes, pure, n_first = _split_nodes(args, kwargs)
+    return self._planner.compiled(treedef, nodes, pure, n_first).plan
 
   def clear_cache(self) -> None:
     self._planner.clear_cache()

@@ -119,8 +119,8 @@ def _caps(problem: Problem, budget: int) -> list[int]:
       caps.update(np.cumsum(order).tolist())
   room = budget - problem.fixed_bytes
   caps = sorted(c for c in caps if 0 <= c <= max(room, 0))
-  if len(caps) > 400:
-    idx = np.unique(np.linspace(0, len(caps) - 1, 400).astype(int))
+  if len(caps) > 96:
+    idx = np.unique(np.linspace(0, len(caps) - 1, 96).astype(int))
     caps = [caps[i] for i in idx]
   return caps
 
@@ -181,31 +181,58 @@ def solve_greedy(problem: Problem, budget: int) -> Solution | None:
   return best
 
 
+class _State:
+  """Incremental peak of a decision vector (kept bytes + per-segment transients)."""
+
+  def __init__(self, problem: Problem, removed: Sequence[bool]):
+    self.p = problem
+    self.removed = list(removed)
+    self.kept = sum(it.saved_bytes for it, r in zip(problem.items, removed) if not r)
+    self.seg = problem.segment_transient(removed)
+
+  def peak(self) -> int:
+    return int(self.p.fixed_bytes + self.kept + (max(self.seg) if self.seg else 0))
+
+  def flip(self, i: int) -> None:
+    it = self.p.items[i]
+    if self.removed[i]:
+      self.kept += it.saved_bytes
+      self.seg[it.segment] -= it.transient_bytes
+    else:
+      self.kept -= it.saved_bytes
+      self.seg[it.segment] += it.transient_bytes
+    self.removed[i] = not self.removed[i]
+
+
 def _improve_by_swaps(problem: Problem, budget: int, sol: Solution) -> Solution:
   """Local search: keep a removed item / remove a cheaper kept one while it fits."""
-  removed = list(sol.removed)
+  st = _State(problem, sol.removed)
   items = problem.items
+  cost = [it.cost for it in items]
+  by_cost = sorted(range(len(items)), key=lambda j: cost[j])
   for _ in range(20):
     changed = False
-    for i in sorted((i for i in range(len(items)) if removed[i]), key=lambda i: -items[i].cost):
-      removed[i] = False
-      if problem.peak(removed) <= budget:
+    for i in sorted((i for i in range(len(items)) if st.removed[i]), key=lambda i: -cost[i]):
+      st.flip(i)  # keep i
+      if st.peak() <= budget:
         changed = True
         continue
       done = False
-      for j in sorted((j for j in range(len(items)) if not removed[j] and j != i),
-                      key=lambda j: items[j].cost):
-        if items[j].cost >= items[i].cost:
+      for j in by_cost:
+        if cost[j] >= cost[i]:
           break
-        removed[j] = True
-        if problem.peak(removed) <= budget:
+        if st.removed[j] or j == i:
+          continue
+        st.flip(j)
+        if st.peak() <= budget:
           done = changed = True
           break
-        removed[j] = False
+        st.flip(j)
       if not done:
-        removed[i] = True
+        st.flip(i)
     if not changed:
       break
+  removed = st.removed
   return Solution(tuple(removed), problem.peak(removed), problem.cost(removed), sol.solver)
 
 
