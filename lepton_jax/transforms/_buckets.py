@@ -118,7 +118,8 @@ _REDUCE = frozenset(["reduce_sum", "reduce_max", "reduce_min", "reduce_prod", "r
 _CUMULATIVE = frozenset(["cumsum", "cumprod", "cummax", "cummin", "cumlogsumexp"])
 _CALLS = {"jit": "jaxpr", "pjit": "jaxpr", "closed_call": "call_jaxpr", "core_call": "call_jaxpr",
           "custom_jvp_call": "call_jaxpr", "custom_vjp_call": "call_jaxpr",
-          "custom_vjp_call_jaxpr": "fun_jaxpr", "checkpoint": "jaxpr", "remat": "jaxpr"}
+          "custom_vjp_call_jaxpr": "fun_jaxpr", "checkpoint": "jaxpr", "remat": "jaxpr",
+          "remat2": "jaxpr"}
 
 
 def _tag_of(a, tags):
@@ -218,8 +219,9 @@ def _eqn_flow(eqn: core.JaxprEqn, ins: list[int | None]) -> list[int | None]:
   if name in _CALLS and _CALLS[name] in p:
     sub = p[_CALLS[name]]
     sub_jaxpr = sub.jaxpr if isinstance(sub, core.ClosedJaxpr) else sub
-    nconsts = p.get("num_consts", 0) if name == "custom_vjp_call_jaxpr" else 0
-    return position_flow(sub_jaxpr, ([None] * nconsts) + ins[nconsts:])
+    if len(sub_jaxpr.invars) != len(ins):
+      raise UnsafeBucketing(f"{where}: unexpected sub-jaxpr arity")
+    return position_flow(sub_jaxpr, ins)
   if name == "cond":
     if ins[0] is not None:
       raise UnsafeBucketing(f"{where} branches on a value along the padded axis")
@@ -280,6 +282,19 @@ def _same_const(a, b) -> bool:
   return a.shape == b.shape and a.dtype == b.dtype and np.array_equal(a, b, equal_nan=True)
 
 
+# Derivative-rule params of custom_jvp/custom_vjp calls: callables re-created on every
+# trace, so they never compare equal. They are only used when the call is differentiated,
+# and bucketing only runs on concrete (untransformed) arguments, where the executable
+# evaluates ``call_jaxpr`` alone (under ``jax.grad(adaptive_jit(f))`` inputs are tracers
+# and run at the exact shape; in ``adaptive_jit(jax.grad(f))`` the rules are already
+# applied in the traced jaxpr). ``call_jaxpr`` itself is still compared.
+_RULE_PARAMS = {
+    "custom_jvp_call": ("jvp_jaxpr_fun", "jvp_jaxpr_thunk", "jvp"),
+    "custom_vjp_call": ("fwd_jaxpr_thunk", "bwd", "out_trees", "fwd", "fun_jaxpr_thunk"),
+    "custom_vjp_call_jaxpr": ("fwd_jaxpr_thunk", "bwd", "out_trees"),
+}
+
+
 def _same_jaxpr(j1: core.Jaxpr, j2: core.Jaxpr, L, P, c1, c2) -> bool:
   if (len(j1.eqns) != len(j2.eqns) or len(j1.invars) != len(j2.invars)
       or len(j1.outvars) != len(j2.outvars) or len(j1.constvars) != len(j2.constvars)):
@@ -305,7 +320,9 @@ def _same_jaxpr(j1: core.Jaxpr, j2: core.Jaxpr, L, P, c1, c2) -> bool:
       return False
     if set(e1.params) != set(e2.params):
       return False
-    if not all(_same_param(e1.params[k], e2.params[k], L, P) for k in e1.params):
+    skip = _RULE_PARAMS.get(e1.primitive.name, ())
+    if not all(_same_param(e1.params[k], e2.params[k], L, P) for k in e1.params
+               if k not in skip):
       return False
     for a, b in zip(e1.outvars, e2.outvars):
       if not _same_aval(a.aval, b.aval, L, P):

@@ -254,3 +254,97 @@ def test_nnx_state_argument_is_a_plain_pytree():
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), ours, want)
   g(state, x)
   assert g.cache_info().compiles == 1   # one trace shared by the call, grad and re-call
+
+
+# ---- regressions from the contract tester ----
+
+def _close(a, b, rtol=1e-5, atol=1e-6):
+  jax.tree.map(lambda u, v: np.testing.assert_allclose(u, v, rtol=rtol, atol=atol), a, b)
+
+
+def test_grad_through_broadcast_then_reduce_rewrite():
+  """The simplify pass's ``x * n`` equation must be transposable (mul's out_dtype param)."""
+  f = lambda x, w: jnp.sum(jnp.broadcast_to(x[None], (3, 4, 8)), 0) @ w
+  x = jax.random.normal(jax.random.key(0), (4, 8))
+  w = jax.random.normal(jax.random.key(1), (8, 8))
+  g = adaptive_jit(f)
+  assert "broadcast_then_reduce" in [r.pattern for r in g.explain(x, w).rewrites]
+  loss = lambda h: lambda x, w: h(x, w).sum()
+  _close(jax.grad(loss(g), argnums=(0, 1))(x, w), jax.grad(loss(f), argnums=(0, 1))(x, w))
+  _close(jax.jit(jax.grad(loss(g)))(x, w), jax.grad(loss(f))(x, w))
+  _close(adaptive_jit(jax.grad(loss(f), argnums=(0, 1)))(x, w),
+         jax.grad(loss(f), argnums=(0, 1))(x, w))
+
+
+def _ln_mlp():
+  """A small pre-norm residual MLP (layer norm, gelu, optax cross-entropy)."""
+  import optax
+
+  def loss(params, x, y):
+    h = x @ params["inp"]
+    for w, g in zip(params["ws"], params["gs"]):
+      m = h.mean(-1, keepdims=True)
+      v = ((h - m) ** 2).mean(-1, keepdims=True)
+      h = h + jax.nn.gelu(((h - m) * jax.lax.rsqrt(v + 1e-5) * g) @ w)
+    return optax.softmax_cross_entropy_with_integer_labels(h @ params["out"], y).mean()
+
+  k = jax.random.split(jax.random.key(0), 8)
+  params = {"inp": jax.random.normal(k[0], (8, 16)) * 0.2,
+            "out": jax.random.normal(k[1], (16, 4)) * 0.2,
+            "ws": [jax.random.normal(k[2 + i], (16, 16)) * 0.2 for i in range(2)],
+            "gs": [jnp.ones(16)] * 2}
+  return loss, params, jax.random.normal(k[6], (4, 8)), jnp.arange(4) % 4
+
+
+def test_composes_with_remat_plan_both_orders():
+  """Folding inside remat's open sub-jaxprs used to raise a bare AssertionError."""
+  from lepton_jax.transforms import remat_plan
+  loss, params, x, y = _ln_mlp()
+  ref = jax.grad(loss)(params, x, y)
+  planned = remat_plan(loss, budget=0.5)
+  # kernels=None keeps the test cheap; the failure was in the (default) fold pass.
+  _close(jax.grad(adaptive_jit(planned, kernels=None))(params, x, y), ref)
+  _close(adaptive_jit(jax.grad(planned), kernels=None)(params, x, y), ref)
+
+
+@jax.custom_vjp
+def _sin_cv(x):
+  return jnp.sin(x)
+
+
+_sin_cv.defvjp(lambda x: (jnp.sin(x), x), lambda r, g: (g * jnp.cos(r),))
+
+
+@pytest.mark.parametrize("fn", [
+    lambda w, x: jax.nn.relu(x @ w),                                  # custom_jvp + jit
+    lambda w, x: jax.checkpoint(lambda h: _sin_cv(jax.nn.gelu(h)))(x @ w),  # remat, custom_vjp
+], ids=["relu", "remat_custom_vjp"])
+def test_buckets_see_through_custom_derivatives_and_remat(fn):
+  w = jax.random.normal(jax.random.key(0), (16, 16))
+  # kernels=None: the bucketing decision is taken on the traced jaxpr, before routing.
+  g = adaptive_jit(fn, kernels=None, buckets={"argnum": 1, "axis": 1, "sizes": "pow2"})
+  ref = jax.jit(fn)
+  for n in range(5, 9):
+    x = jax.random.normal(jax.random.key(n), (2, n, 16))
+    out = g(w, x)
+    assert out.shape == (2, n, 16)
+    np.testing.assert_allclose(out, ref(w, x), rtol=1e-6, atol=1e-6)
+  info = g.cache_info()
+  assert info.compiles <= 2 and info.bucket_fallbacks == 0, info
+  # Gradients (exact shapes under jax.grad) still equal plain JAX.
+  x = jax.random.normal(jax.random.key(9), (2, 5, 16))
+  _close(jax.grad(lambda w: g(w, x).sum())(w), jax.grad(lambda w: fn(w, x).sum())(w))
+
+
+def test_lower_compile_call_with_dict_params():
+  def loss(params, x, y):
+    h = jnp.tanh(x @ params["l1"]["w"] + params["l1"]["b"])
+    return jnp.mean((h @ params["l2"]["w"] - y) ** 2)
+
+  params = {"l1": {"w": jnp.ones((4, 8)) * 0.1, "b": jnp.zeros(8)},
+            "l2": {"w": jnp.ones((8, 3)) * 0.1}}
+  x, y = jnp.linspace(-1, 1, 8).reshape(2, 4), jnp.ones((2, 3))
+  compiled = adaptive_jit(loss).lower(params, x, y).compile()
+  _close(compiled(params, x, y), jax.jit(loss)(params, x, y))
+  vg = adaptive_jit(jax.value_and_grad(loss)).lower(params, x, y).compile()
+  _close(vg(params, x, y), jax.value_and_grad(loss)(params, x, y))

@@ -209,3 +209,51 @@ def test_default_pipeline_preserves_values_nested():
   new, recs = run_passes(cj, normalize_passes("default"), kernels=None)
   _same(cj, new, X)
   assert {r.pass_name for r in recs} >= {"cond", "cse", "dce", "simplify"}
+
+
+# ---- regressions: equations built by passes match the installed JAX; open sub-jaxprs ----
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.int32])
+def test_broadcast_then_reduce_emits_jax_traced_mul(dtype):
+  """The ``x * n`` replacement carries the params JAX's own ``mul`` has (e.g. out_dtype)."""
+  f = lambda x: jnp.sum(jnp.broadcast_to(x[None], (3, 2, 4)), 0)
+  x = jnp.arange(8, dtype=dtype).reshape(2, 4)
+  closed = jax.make_jaxpr(f)(x)
+  new, recs = simplify(closed)
+  assert "broadcast_then_reduce" in [r.pattern for r in recs]
+  (mul,) = [e for e in new.jaxpr.eqns if e.primitive.name == "mul"]
+  want = jax.make_jaxpr(lambda v: v * 3)(x).jaxpr.eqns[0].params
+  assert dict(mul.params) == dict(want)
+  _same(closed, new, x)
+  if dtype == jnp.float32:  # transposable: the transpose rule accepts the params
+    g = jax.grad(lambda v: jax.core.eval_jaxpr(new.jaxpr, new.consts, v)[0].sum())(x)
+    np.testing.assert_allclose(g, jnp.full((2, 4), 3.0))
+
+
+def test_fold_never_adds_consts_to_open_subjaxpr():
+  """Size-1 arrays folded inside remat's open jaxpr used to hit a bare AssertionError."""
+  f = lambda x: jax.checkpoint(lambda v: v + jnp.ones((1,)) * 2.0 + jnp.float32(1) * 3.0)(x)
+  closed = jax.make_jaxpr(f)(jnp.ones(3))
+  new, recs = fold(closed)
+  assert not new.consts and not new.jaxpr.constvars
+  assert [r.pattern for r in recs] == ["constant_mul"]   # only the scalar one is folded
+  _same(closed, new, jnp.arange(3.0))
+
+
+def test_map_subjaxprs_skips_instead_of_asserting():
+  from jax._src import core as jcore
+
+  from lepton_jax.transforms.passes._common import map_subjaxprs
+  closed = jax.make_jaxpr(lambda x: jax.checkpoint(jnp.sin)(x))(jnp.ones(2))
+  (eqn,) = closed.jaxpr.eqns
+
+  def add_const(cj, _name, _open, val):
+    cv = jcore.Var(jax.core.ShapedArray(np.shape(val), jnp.float32))
+    return jcore.ClosedJaxpr(cj.jaxpr.replace(constvars=[cv]), [val])
+
+  # A non-scalar const cannot go into an open jaxpr: the rewrite is skipped.
+  same = map_subjaxprs(eqn, lambda cj, n, o: add_const(cj, n, o, np.ones(2, np.float32)))
+  assert same is eqn
+  # A scalar const becomes a literal.
+  new = map_subjaxprs(eqn, lambda cj, n, o: add_const(cj, n, o, np.float32(1)))
+  assert new is not eqn and not new.params["jaxpr"].constvars

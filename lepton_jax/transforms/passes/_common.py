@@ -15,7 +15,7 @@ from jax._src import core
 from jax._src import source_info_util
 
 __all__ = ["Rewrite", "map_subjaxprs", "subjaxpr_params", "location", "substitute",
-           "inline_closed", "is_literal", "literal_value", "new_var", "aval_equal"]
+           "inline_closed", "trace_eqns", "is_literal", "literal_value", "new_var", "aval_equal"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,7 +66,9 @@ def map_subjaxprs(eqn: core.JaxprEqn, fn: Callable[[core.ClosedJaxpr, str, bool]
   """Applies ``fn(closed_jaxpr, param_path, open)`` to every sub-jaxpr of ``eqn``.
 
   ``fn`` must keep the interface (in/out avals) unchanged. ``open`` is True when the
-  parameter is an open ``Jaxpr`` (no consts may be added to it).
+  parameter is an open ``Jaxpr``: no consts may be added to it, so scalar consts a pass
+  added become literals and otherwise the rewrite of that sub-jaxpr is skipped (the
+  original is kept, which is always correct).
   """
   subs = subjaxpr_params(eqn)
   if not subs:
@@ -81,8 +83,10 @@ def map_subjaxprs(eqn: core.JaxprEqn, fn: Callable[[core.ClosedJaxpr, str, bool]
     if new is closed:
       continue
     if is_open:
-      if new.consts:
-        raise AssertionError("internal: a pass added consts to an open sub-jaxpr")
+      if new.consts or new.jaxpr.constvars:
+        new = _consts_to_literals(new)
+        if new is None:  # cannot apply inside an open sub-jaxpr: skip it
+          continue
       new_val = new.jaxpr
     else:
       new_val = new
@@ -96,6 +100,24 @@ def map_subjaxprs(eqn: core.JaxprEqn, fn: Callable[[core.ClosedJaxpr, str, bool]
   if not changed:
     return eqn
   return eqn.replace(params=params)
+
+
+def _consts_to_literals(closed: core.ClosedJaxpr) -> core.ClosedJaxpr | None:
+  """``closed`` with its scalar consts inlined as literals, or None if any is not scalar."""
+  env = {}
+  for v, c in zip(closed.jaxpr.constvars, closed.consts):
+    if isinstance(c, core.Tracer):
+      return None
+    try:
+      val = np.asarray(c)
+    except Exception:  # pylint: disable=broad-except
+      return None
+    if val.ndim != 0 or len(getattr(v.aval, "shape", (None,))) != 0:
+      return None
+    env[v] = core.Literal(val, v.aval)
+  if len(env) != len(closed.jaxpr.constvars):
+    return None
+  return core.ClosedJaxpr(_substitute_jaxpr(closed.jaxpr, env), ())
 
 
 def is_literal(a) -> bool:
@@ -155,6 +177,36 @@ def inline_closed(closed: core.ClosedJaxpr, in_atoms: list) -> tuple[list[core.J
         outs.append(nv)
     eqns.append(e.replace(invars=[read(a) for a in e.invars], outvars=outs))
   return eqns, [read(a) for a in closed.jaxpr.outvars]
+
+
+def trace_eqns(fn: Callable, in_atoms: list) -> tuple[list[core.JaxprEqn], list] | None:
+  """Equations computing ``fn(*in_atoms)``, traced by JAX itself (so params match it).
+
+  ``fn`` is traced with ``jax.make_jaxpr`` on the atoms' avals (weak types kept) and the
+  resulting equations are copied with fresh variables reading ``in_atoms``. Scalar
+  constants the trace captured become literals. Returns ``(eqns, out_atoms)``, or
+  ``None`` when the trace fails or captures a non-scalar constant (callers skip then).
+  """
+  import jax  # local: keep module import light
+  try:
+    specs = [jax.ShapeDtypeStruct(a.aval.shape, a.aval.dtype,
+                                  weak_type=getattr(a.aval, "weak_type", False))
+             for a in in_atoms]
+    closed = jax.make_jaxpr(fn)(*specs)
+  except Exception:  # pylint: disable=broad-except
+    return None
+  if closed.consts or closed.jaxpr.constvars:
+    closed = _consts_to_literals(closed)
+    if closed is None:
+      return None
+  return inline_closed(closed, list(in_atoms))
+
+
+def _substitute_jaxpr(jaxpr: core.Jaxpr, env: dict) -> core.Jaxpr:
+  def rd(a):
+    return env.get(a, a) if isinstance(a, core.Var) else a
+  eqns = [e.replace(invars=[rd(a) for a in e.invars]) for e in jaxpr.eqns]
+  return jaxpr.replace(constvars=[], eqns=eqns, outvars=[rd(a) for a in jaxpr.outvars])
 
 
 def rebuild(closed: core.ClosedJaxpr, eqns: list, outvars: list, *, constvars=None,

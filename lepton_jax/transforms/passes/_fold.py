@@ -68,7 +68,10 @@ def _fold_jaxpr(closed: core.ClosedJaxpr, path: str, records: list[Rewrite], top
         and all(np.issubdtype(np.dtype(v.aval.dtype), np.number) or v.aval.dtype == np.bool_
                 for v in eqn.outvars if _is_numpy_dtype(v.aval.dtype))
         and all(_is_numpy_dtype(v.aval.dtype) for v in eqn.outvars)
-        and all(int(np.prod(v.aval.shape)) <= (max_elements if top else 1) for v in eqn.outvars))
+        # Nested jaxprs only get scalar literals: an open sub-jaxpr (remat, custom_jvp,
+        # ...) cannot take new consts, and closed ones keep their const layout.
+        and all((int(np.prod(v.aval.shape)) <= max_elements) if top else (len(v.aval.shape) == 0)
+                for v in eqn.outvars))
     if foldable:
       try:
         with jax.ensure_compile_time_eval():

@@ -20,11 +20,10 @@ from __future__ import annotations
 import numpy as np
 
 import jax
-from jax import lax
 from jax._src import core
 
 from lepton_jax.transforms.passes._common import (Rewrite, aval_equal, location,
-                                                  map_subjaxprs, substitute)
+                                                  map_subjaxprs, substitute, trace_eqns)
 
 __all__ = ["simplify"]
 
@@ -88,6 +87,7 @@ def _simplify_jaxpr(closed: core.ClosedJaxpr, path: str, records: list[Rewrite],
     alias = None     # an existing atom equal to the single output
     pattern = None
     replacement = None  # a replacement equation for the single output
+    extra_eqns = []     # equations (traced by JAX) that compute ``alias``
     if out is not None and hasattr(out.aval, "shape") and not eqn.effects:
       ins = eqn.invars
       oa = out.aval
@@ -192,13 +192,21 @@ def _simplify_jaxpr(closed: core.ClosedJaxpr, path: str, records: list[Rewrite],
                 n = int(np.prod([bshape[d] for d in new_dims]))
                 dt = np.dtype(oa.dtype) if _numpy_ok(oa.dtype) else None
                 if dt is not None and dt != np.bool_:
-                  lit = core.Literal(np.array(n, dtype=dt), core.ShapedArray((), dt, weak_type=False))
-                  replacement = core.new_jaxpr_eqn([x, lit], [out], lax.mul_p, {}, eqn.effects,
-                                                   eqn.source_info, eqn.ctx)
-                  pattern = "broadcast_then_reduce"
+                  # Traced by JAX itself so the equation's params match the installed
+                  # version's primitive (e.g. mul's ``out_dtype``).
+                  traced = trace_eqns(lambda v, n=n: v * n, [x])
+                  if traced is not None and aval_equal(traced[1][0].aval, oa) and (
+                      getattr(traced[1][0].aval, "weak_type", False)
+                      == getattr(oa, "weak_type", False)):
+                    extra_eqns, (alias,) = traced
+                    pattern = "broadcast_then_reduce"
               else:
                 alias, pattern = x, "broadcast_then_reduce"
     if alias is not None:
+      for e in extra_eqns:
+        for v in e.outvars:
+          producer[v] = e
+      new_eqns.extend(extra_eqns)
       env[out] = alias
       records.append(Rewrite("simplify", pattern, location(here, eqn), 1))
       changed = True
