@@ -66,6 +66,10 @@ class AutoShardFunction:
 
   def __init__(self, fun, mesh, strategy, static_argnums, donate_argnums, memory_budget,
                model_axes=None):
+    # Copy name/doc/__wrapped__ only: merging ``fun.__dict__`` (functools' default) would let
+    # a wrapped callable's private attributes (``jax.grad(jax.jit(f))`` carries ``_fun``)
+    # overwrite ours, so the inner, un-differentiated function would be called.
+    functools.update_wrapper(self, fun, updated=())
     self._fun = fun
     self._mi: MeshInfo = resolve_mesh(mesh, api=_API, model_axes=model_axes)
     self.model_axes = self._mi.tensor_axes
@@ -75,7 +79,6 @@ class AutoShardFunction:
     self._static = static_argnums
     self._donate = donate_argnums
     self._cache: dict = {}
-    functools.update_wrapper(self, fun)
 
   # ----------------------------------------------------------------- helpers
   def _split(self, args, kwargs):

@@ -184,6 +184,42 @@ def test_default_mesh_bare_decorator_and_wraps():
   assert loss.mesh.devices.size == len(jax.devices())
 
 
+def _wrapped_loss(p, x):
+  return jnp.sum(jnp.tanh(x @ p["w"]) * p["s"][1]["v"]) + jnp.sum(p["s"][0] ** 2)
+
+
+@pytest.mark.parametrize("wrap", ["grad_jit", "grad_adaptive_jit", "value_and_grad_jit",
+                                  "jit_of_grad", "tuple_out_jit"])
+def test_output_tree_of_wrapped_callables(wrap):
+  """Regression: a wrapped callable whose __dict__ holds `_fun` (jax.grad(jax.jit(f))) must not
+  replace the function auto_shard calls; the output tree (dict/tuple/nested) must be kept."""
+  import lepton_jax as lj
+  inner = {"grad_jit": jax.jit, "grad_adaptive_jit": lj.adaptive_jit, "value_and_grad_jit": jax.jit,
+           "jit_of_grad": lambda f: f, "tuple_out_jit": jax.jit}[wrap]
+  if wrap == "value_and_grad_jit":
+    fun = jax.value_and_grad(inner(_wrapped_loss))
+  elif wrap == "jit_of_grad":
+    fun = jax.jit(jax.grad(_wrapped_loss))
+  elif wrap == "tuple_out_jit":
+    fun = jax.jit(lambda p, x: (x @ p["w"], {"a": (p["s"][0] * 2, [p["s"][1]["v"] + 1])}))
+  else:
+    fun = jax.grad(inner(_wrapped_loss))
+  rng = np.random.default_rng(0)
+  p = {"w": jnp.asarray(rng.normal(size=(4, 8)), jnp.float32),
+       "s": (jnp.asarray(rng.normal(size=(8,)), jnp.float32), {"v": jnp.float32(0.5)})}
+  x = jnp.asarray(rng.normal(size=(16, 4)), jnp.float32)
+  want = fun(p, x)
+  for mesh in (None, _mesh((2, 4), ("data", "model"))):
+    f = auto_shard(fun, mesh)
+    got = f(p, x)
+    assert jax.tree.structure(got) == jax.tree.structure(want)
+    _close(got, want, tol=1e-5)
+    _, out_sh = f.shardings(p, x)
+    assert jax.tree.structure(out_sh) == jax.tree.structure(want)
+  if wrap == "grad_jit":  # value equality with plain jax.grad of the unwrapped loss
+    _close(got, jax.grad(_wrapped_loss)(p, x), tol=1e-5)
+
+
 def test_lower_static_donate_and_dtypes():
   def f(p, x, scale):
     return (jnp.tanh(x @ p["w"]) * scale).astype(x.dtype), p
