@@ -14,8 +14,20 @@ import numpy as np
 from jax._src import core
 from jax._src import source_info_util
 
-__all__ = ["Rewrite", "map_subjaxprs", "subjaxpr_params", "location", "substitute",
+__all__ = ["Rewrite", "known_consts", "map_subjaxprs", "subjaxpr_params", "location", "substitute",
            "inline_closed", "trace_eqns", "is_literal", "literal_value", "new_var", "aval_equal"]
+
+
+def known_consts(closed: core.ClosedJaxpr) -> dict:
+  """Maps each constvar of ``closed`` whose value is concrete (not a tracer) to a numpy array."""
+  known: dict = {}
+  for v, c in zip(closed.jaxpr.constvars, closed.consts):
+    if not isinstance(c, core.Tracer):
+      try:
+        known[v] = np.asarray(c)
+      except Exception:  # e.g. extended dtypes (PRNG keys) have no numpy view
+        pass
+  return known
 
 
 @dataclasses.dataclass(frozen=True)

@@ -12,7 +12,7 @@ import numpy as np
 
 from jax._src import core
 
-from lepton_jax.transforms.passes._common import (Rewrite, inline_closed, location,
+from lepton_jax.transforms.passes._common import (known_consts, Rewrite, inline_closed, location,
                                                   map_subjaxprs, substitute)
 
 __all__ = ["cond"]
@@ -20,13 +20,7 @@ __all__ = ["cond"]
 
 def _cond_jaxpr(closed: core.ClosedJaxpr, path: str, records: list[Rewrite]) -> core.ClosedJaxpr:
   jaxpr = closed.jaxpr
-  known: dict = {}
-  for v, c in zip(jaxpr.constvars, closed.consts):
-    if not isinstance(c, core.Tracer):
-      try:
-        known[v] = np.asarray(c)
-      except Exception:
-        pass
+  known = known_consts(closed)
   env: dict = {}
   new_eqns = []
   changed = False

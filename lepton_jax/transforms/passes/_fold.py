@@ -13,7 +13,7 @@ import numpy as np
 import jax
 from jax._src import core
 
-from lepton_jax.transforms.passes._common import Rewrite, location, map_subjaxprs, substitute
+from lepton_jax.transforms.passes._common import known_consts, Rewrite, location, map_subjaxprs, substitute
 
 __all__ = ["fold"]
 
@@ -30,13 +30,7 @@ def _literal(val: np.ndarray, aval) -> core.Literal:
 def _fold_jaxpr(closed: core.ClosedJaxpr, path: str, records: list[Rewrite], top: bool,
                 max_elements: int) -> core.ClosedJaxpr:
   jaxpr = closed.jaxpr
-  known: dict = {}
-  for v, c in zip(jaxpr.constvars, closed.consts):
-    if not isinstance(c, core.Tracer):
-      try:
-        known[v] = np.asarray(c)
-      except Exception:
-        pass
+  known = known_consts(closed)
   env: dict = {}
   new_consts: list = []
   new_constvars: list = []

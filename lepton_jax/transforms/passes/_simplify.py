@@ -22,7 +22,7 @@ import numpy as np
 import jax
 from jax._src import core
 
-from lepton_jax.transforms.passes._common import (Rewrite, aval_equal, location,
+from lepton_jax.transforms.passes._common import (known_consts, Rewrite, aval_equal, location,
                                                   map_subjaxprs, substitute, trace_eqns)
 
 __all__ = ["simplify"]
@@ -63,13 +63,7 @@ def _exact_widening(orig, mid) -> bool:
 def _simplify_jaxpr(closed: core.ClosedJaxpr, path: str, records: list[Rewrite], nan_unsafe: bool,
                     top: bool) -> core.ClosedJaxpr:
   jaxpr = closed.jaxpr
-  known: dict = {}
-  for v, c in zip(jaxpr.constvars, closed.consts):
-    if not isinstance(c, core.Tracer):
-      try:
-        known[v] = np.asarray(c)
-      except Exception:
-        pass
+  known = known_consts(closed)
   env: dict = {}
   producer: dict = {}
   new_eqns = []
