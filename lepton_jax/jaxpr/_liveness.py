@@ -17,6 +17,7 @@ from typing import Any, Callable, Sequence
 import jax
 from jax._src import core as jax_core
 
+from lepton_jax.jaxpr._cost import jaxpr_cost
 from lepton_jax.jaxpr._trace import validate_args
 from lepton_jax.jaxpr._walk import aval_bytes, as_closed, sub_jaxprs
 
@@ -300,12 +301,15 @@ class GradMemory:
     saved_bytes: device bytes of the residuals saved between forward and backward,
       inputs, constants and literals excluded (JAX's saved-residual accounting).
     offloaded_bytes: bytes of saved residuals placed in host memory.
+    flops: FLOPs (+ transcendentals) of the forward and backward jaxprs together
+      (``jaxpr_cost``), so recomputation shows as the difference to plain ``jax.grad``.
   """
   peak_bytes: int
   forward_peak_bytes: int
   backward_peak_bytes: int
   saved_bytes: int
   offloaded_bytes: int
+  flops: float = 0.0
 
   def to_dict(self) -> dict:
     return dataclasses.asdict(self)
@@ -366,7 +370,8 @@ def grad_memory(fun: Callable, *args, argnums=0, policy=None) -> GradMemory:
   # (traced with device avals: offloaded residuals count 0 until brought back)
   held = [(_dev_bytes(a), vs) for a, vs in groups.items()]
   bwd_peak = _liveness(bj, None, False, False, cache, held=held).peak_bytes
-  return GradMemory(int(max(fwd_peak, bwd_peak)), int(fwd_peak), int(bwd_peak), int(saved), int(offloaded))
+  fl = sum(float(c.flops + c.transcendentals) for c in (jaxpr_cost(fj), jaxpr_cost(bj)))
+  return GradMemory(int(max(fwd_peak, bwd_peak)), int(fwd_peak), int(bwd_peak), int(saved), int(offloaded), fl)
 
 
 def grad_peak_bytes(fun: Callable, *args, argnums=0, policy=None) -> int:

@@ -13,6 +13,10 @@ How it works:
 4. A solver (``_remat_solver``: greedy or MILP) picks which residuals to keep,
    recompute or offload under the budget, for several segmentations; the cheapest
    feasible plan wins.
+   Alongside, ``_remat_closure`` solves the exact save-set problem over every
+   forward intermediate (least recompute FLOPs within saved bytes) and cuts the
+   program into regions where everything needed across a cut is saved; both
+   families are measured and the cheaper plan within the budget wins.
 5. The plan is applied with JAX's own machinery: ``checkpoint_name`` +
    ``jax.checkpoint(policy=save_only_these_names / save_and_offload_only_these_names)``.
    The result is checked with JAX's saved-residual accounting and the shared
@@ -40,14 +44,18 @@ from lepton_jax.jaxpr._liveness import grad_memory as _grad_memory
 from lepton_jax._errors import BudgetError
 from lepton_jax._nnx import is_graph_node, nnx_module
 from lepton_jax._utils import format_bytes, parse_bytes
+from lepton_jax.transforms import _remat_closure as closure_lib
 from lepton_jax.transforms import _remat_solver as solver_lib
 
 __all__ = ["remat_plan", "RematPlan", "TensorDecision", "CostModel"]
 
 _API = "lj.remat_plan"
 _SOLVERS = ("auto", "greedy", "milp")
+_BUDGET_KINDS = ("peak", "saved")
 _INLINE_PRIMS = ("pjit", "jit", "closed_call", "core_call")
 _MAX_DEPTH = 5
+_CLOSURE_MILP_MAX = 20000   # MILP variables; larger graphs use the rounded LP
+_CLOSURE_TARGETS = (1.0, 0.85, 0.7, 0.55, 0.4, 0.25, 0.1)  # saved-byte targets, fractions of the budget
 
 
 # --------------------------------------------------------------------------- data
@@ -127,7 +135,9 @@ class RematPlan:
       saved-residual accounting of the planned function, inputs excluded;
       ``lepton_jax.jaxpr.saved_residual_bytes``). Never above ``peak_bytes``.
     offloaded_bytes: residuals kept in host memory between forward and backward.
-    recompute_flops: extra FLOPs spent recomputing residuals in the backward pass.
+    recompute_flops: extra FLOPs spent recomputing residuals in the backward pass, measured:
+      FLOPs of the planned forward + backward jaxprs minus plain ``jax.grad``'s
+      (``lepton_jax.jaxpr`` cost model, ``grad_memory(...).flops``).
     transfer_bytes: bytes moved device->host->device for offloaded residuals.
     num_segments: innermost checkpoint regions (scan bodies count once).
     solver: which solver produced the decisions.
@@ -747,6 +757,26 @@ def _io(g: _Graph, lo: int, hi: int):
   return ins, outs
 
 
+def _run_eqns(jaxpr, lo: int, hi: int, env: dict, names: dict) -> None:
+  """Evaluates equations ``[lo, hi)`` into ``env``, naming the values in ``names``."""
+  for eqn in jaxpr.eqns[lo:hi]:
+    res = _bind(eqn, [_read(env, a) for a in eqn.invars])
+    for v, x in zip(eqn.outvars, res):
+      nm = names.get(v)
+      env[v] = checkpoint_name(x, nm) if nm is not None else x
+
+
+def _segment_call(g: _Graph, lo: int, hi: int, body: Callable, ckpt_policy):
+  """``(ins, outs, fn)``: equations ``[lo, hi)`` as a function (a ``jax.checkpoint`` with a policy)."""
+  ins, outs = _io(g, lo, hi)
+
+  def f(*vals):
+    local = dict(zip(ins, vals))
+    body(local)
+    return [local[v] for v in outs]
+  return ins, outs, (jax.checkpoint(f, policy=ckpt_policy) if ckpt_policy is not None else f)
+
+
 def _apply(g: _Graph, node: "_Node | _Layout | None", decision: dict) -> Callable:
   """Builds ``flat_fun(*leaves) -> flat outs`` applying the structure and ``decision``."""
   closed = g.closed
@@ -759,22 +789,8 @@ def _apply(g: _Graph, node: "_Node | _Layout | None", decision: dict) -> Callabl
   off_names = [n for n, d in decision.items() if d == "offload"]
   policy = _policy(saved_names, off_names)
   nothing = jax.checkpoint_policies.nothing_saveable
-
-  def run_eqns(lo, hi, env, names):
-    for eqn in jaxpr.eqns[lo:hi]:
-      res = _bind(eqn, [_read(env, a) for a in eqn.invars])
-      for v, x in zip(eqn.outvars, res):
-        nm = names.get(v)
-        env[v] = checkpoint_name(x, nm) if nm is not None else x
-
-  def as_call(lo, hi, body, ckpt_policy):
-    ins, outs = _io(g, lo, hi)
-
-    def f(*vals):
-      local = dict(zip(ins, vals))
-      body(local)
-      return [local[v] for v in outs]
-    return ins, outs, (jax.checkpoint(f, policy=ckpt_policy) if ckpt_policy is not None else f)
+  run_eqns = functools.partial(_run_eqns, jaxpr)
+  as_call = functools.partial(_segment_call, g)
 
   def run_leaf(lay: _Layout, env, nested: bool):
     seg_names = {s: {} for s in range(len(lay.segs))}
@@ -833,6 +849,196 @@ def _run_scan(eqn, invals, names: dict, policy, checkpointed: bool):
   carry, ys = jax.lax.scan(lambda c, x: body_fn(consts, c, x), list(init), list(xs),
                            length=p["length"], reverse=p["reverse"], unroll=p["unroll"])
   return list(carry) + list(ys)
+
+
+# ------------------------------------------------------------------ save-set plans
+
+
+@dataclasses.dataclass
+class _ClosureGraph:
+  """The exact save-set model (``_remat_closure``) of a :class:`_Graph`.
+
+  Every array produced by a forward equation is a value (top level, and one
+  iteration of each ``scan`` body, counted ``length`` times); ``scan`` equations
+  stay whole (their bodies are checkpointed per iteration).
+  """
+  problem: closure_lib.Problem
+  refs: list            # value id -> (scan top index or None, var)
+  names: list           # value id -> checkpoint name
+  eqn_ref: list         # problem eqn id -> (scan top index or None, eqn index)
+  top_eqn: dict         # top-level eqn index -> problem eqn id
+  crossing: list        # cut c -> top-level value ids defined before c and read at/after c
+  whole_scans: bool = False
+
+
+def _array_names(jaxpr, used, prefix: str) -> dict:
+  names = {}
+  for i, eqn in enumerate(jaxpr.eqns):
+    for k, v in enumerate(eqn.outvars):
+      if v in used and hasattr(v.aval, "shape") and ljx.aval_bytes(v.aval) > 0:
+        names[v] = f"{prefix}{i}.{k}"
+  return names
+
+
+def _used_vars(jaxpr) -> set:
+  used = set()
+  for e in jaxpr.eqns:
+    used.update(a for a in e.invars if not isinstance(a, jex_core.Literal))
+  used.update(a for a in jaxpr.outvars if not isinstance(a, jex_core.Literal))
+  return used
+
+
+def _closure_graph(g: _Graph, prefix: str, whole_scans: bool = False) -> _ClosureGraph:
+  """The save-set model of ``g``.
+
+  ``whole_scans``: each ``scan`` is one checkpoint region (no per-iteration
+  checkpoint): its carries are then not kept per iteration but, where the
+  backward needs them, saved by name or recomputed along the loop (a carry is
+  the previous iteration's carry-out value). Otherwise each iteration is
+  checkpointed and its carries are kept (``fixed_bytes``).
+  """
+  jaxpr = g.closed.jaxpr
+  values, refs, names, eqns, eqn_ref = [], [], [], [], []
+  vid: dict = {}
+  top_eqn: dict = {}
+
+  def add_level(jx, consts, scan_i, pre, mult, carries=None):
+    nm = _array_names(jx, _used_vars(jx), pre)
+    in_names = {}
+    if carries is not None:  # carry-in k is the carry-out k of the previous iteration
+      nc, ncar = carries
+      in_names = {v: f"{pre}in{k}" for k, v in enumerate(jx.invars[nc:nc + ncar])
+                  if hasattr(v.aval, "shape") and ljx.aval_bytes(v.aval) > 0}
+
+    def fun(*a):
+      a = [checkpoint_name(x, in_names[v]) if v in in_names else x for v, x in zip(jx.invars, a)]
+      return _eval_named(jx, consts, a, nm)
+    needed = _needed_names(fun, [jax.ShapeDtypeStruct(v.aval.shape, v.aval.dtype) for v in jx.invars],
+                           list(nm.values()) + list(in_names.values()))
+    first = len(eqns)
+    for i, eqn in enumerate(jx.eqns):
+      for v in eqn.outvars:
+        if v in nm:
+          vid[(scan_i, v)] = len(values)
+          refs.append((scan_i, v))
+          names.append(nm[v])
+          values.append([ljx.aval_bytes(v.aval) * mult, nm[v] in needed, first + i, False])
+    if carries is not None:
+      for k, v in enumerate(jx.invars[nc:nc + ncar]):
+        out = jx.outvars[k]
+        if v in in_names and (scan_i, out) in vid:
+          vid[(scan_i, v)] = vid[(scan_i, out)]
+          if in_names[v] in needed:
+            values[vid[(scan_i, out)]][1] = True
+    pending = []
+    for i, eqn in enumerate(jx.eqns):
+      e_id = first + i
+      outs = tuple(vid[(scan_i, v)] for v in eqn.outvars if v in nm)
+      ins = tuple(vid[(scan_i, a)] for a in eqn.invars
+                  if not isinstance(a, jex_core.Literal) and (scan_i, a) in vid)
+      is_scan = scan_i is None and eqn.primitive.name == "scan"
+      fl = 0.0 if is_scan else g.flops[i] * mult if scan_i is None else _eqn_flops(eqn) * mult
+      eqns.append(closure_lib.Eqn(ins, outs, float(fl), not is_scan))
+      eqn_ref.append((scan_i, i))
+      if scan_i is None:
+        top_eqn[i] = e_id
+      if is_scan:
+        pending.append(i)
+        for u in ins:  # the inputs of a scan region are kept when the backward needs them
+          if values[u][1]:
+            values[u][3] = True
+    return pending
+
+  fixed = 0
+  for i in add_level(jaxpr, g.closed.consts, None, prefix, 1):
+    sc = g.scans[i]
+    p = jaxpr.eqns[i].params
+    nc, ncar = p["num_consts"], p["num_carry"]
+    if whole_scans:
+      add_level(sc.body.jaxpr, sc.body.consts, i, f"{prefix}s{i}/", sc.length, (nc, ncar))
+      # recomputing the loop's results re-runs the loop: it needs the body's results
+      e = top_eqn[i]
+      body_outs = tuple(vid[(i, v)] for v in sc.body.jaxpr.outvars if (i, v) in vid)
+      eqns[e] = closure_lib.Eqn(eqns[e].ins + body_outs, eqns[e].outs, 0.0, True)
+      continue
+    carry = sc.body.jaxpr.invars[nc:nc + ncar]
+    fixed += sum(ljx.aval_bytes(v.aval) for v in carry if hasattr(v.aval, "shape")) * sc.length
+    add_level(sc.body.jaxpr, sc.body.consts, i, f"{prefix}s{i}/", sc.length)
+  problem = closure_lib.Problem(
+      tuple(eqns), tuple(closure_lib.Value(int(b), bool(nd), int(e), bool(ms)) for b, nd, e, ms in values),
+      int(fixed))
+  crossing = [[] for _ in range(g.n + 1)]
+  for (scan_i, v), k in vid.items():
+    if scan_i is not None:
+      continue
+    lu = g.last_use.get(v)
+    if lu is None:
+      continue
+    for c in range(g.def_idx[v] + 1, min(lu, g.n - 1) + 1):
+      crossing[c].append(k)
+  return _ClosureGraph(problem, refs, names, eqn_ref, top_eqn, crossing, whole_scans)
+
+
+def _closure_segments(g: _Graph, cg: _ClosureGraph, cp: closure_lib.Plan) -> list[_Seg]:
+  """Finest checkpoint regions of the top level for save set ``cp``."""
+  # values the backward of eqns at/after c reads: plain residuals + inputs of recomputed eqns
+  last_read = {}  # value id -> last top-level position of a recomputed eqn reading it
+  for e in cp.recomputed:
+    scan_i, i = cg.eqn_ref[e]
+    pos = i if scan_i is None else scan_i
+    for k in cg.problem.eqns[e].ins:
+      last_read[k] = max(last_read.get(k, -1), pos)
+  values = cg.problem.values
+  cuts = [c for c in range(1, g.n)
+          if all(k in cp.saved or not (values[k].needed or last_read.get(k, -1) >= c) for k in cg.crossing[c])]
+  if cg.whole_scans:  # a loop may share its region with its neighbours
+    bounds = [0] + cuts + [g.n]
+    return [_Seg(a, b, False) for a, b in zip(bounds[:-1], bounds[1:])]
+  return _segments_from_cuts(g, cuts)
+
+
+def _run_scan_into(eqn, env: dict, names: dict, out_names: dict) -> None:
+  """Runs a ``scan`` equation (body values named, no per-iteration checkpoint) into ``env``."""
+  outs = _run_scan(eqn, [_read(env, a) for a in eqn.invars], names, None, False)
+  for v, x in zip(eqn.outvars, outs):
+    env[v] = checkpoint_name(x, out_names[v]) if v in out_names else x
+
+
+def _apply_closure(g: _Graph, cg: _ClosureGraph, cp: closure_lib.Plan, segs: list[_Seg]) -> Callable:
+  """``flat_fun``: each region a ``jax.checkpoint`` saving only ``cp.saved``."""
+  jaxpr, closed = g.closed.jaxpr, g.closed
+  top_names, body_names = {}, {i: {} for i in g.scans}
+  for k in cp.saved:
+    scan_i, v = cg.refs[k]
+    (top_names if scan_i is None else body_names[scan_i])[v] = cg.names[k]
+  policy = jax.checkpoint_policies.save_only_these_names(*[cg.names[k] for k in sorted(cp.saved)])
+
+  def run_region(seg, env):  # equations of [lo, hi); loops run whole with named bodies
+    for i in range(seg.lo, seg.hi):
+      if i in g.scans:
+        _run_scan_into(jaxpr.eqns[i], env, body_names[i], top_names)
+      else:
+        _run_eqns(jaxpr, i, i + 1, env, top_names)
+
+  def flat_fun(*args):
+    env = dict(zip(jaxpr.constvars, closed.consts))
+    env.update(zip(jaxpr.invars, args))
+    for seg in segs:
+      if cg.whole_scans:
+        ins, outs, fn = _segment_call(g, seg.lo, seg.hi, functools.partial(run_region, seg), policy)
+        env.update(zip(outs, fn(*[env[v] for v in ins])))
+        continue
+      if seg.scan:
+        eqn = jaxpr.eqns[seg.lo]
+        env.update(zip(eqn.outvars, _run_scan(eqn, [_read(env, a) for a in eqn.invars],
+                                              body_names[seg.lo], policy, True)))
+        continue
+      ins, outs, fn = _segment_call(
+          g, seg.lo, seg.hi, functools.partial(_run_eqns, jaxpr, seg.lo, seg.hi, names=top_names), policy)
+      env.update(zip(outs, fn(*[env[v] for v in ins])))
+    return [_read(env, a) for a in jaxpr.outvars]
+
+  return flat_fun
 
 
 # ------------------------------------------------------------ NNX / pytree glue
@@ -904,14 +1110,14 @@ class _Compiled:
 
 
 def _measure(flat_fun, flat_specs, argnums_leaves):
-  """(saved residual bytes on device excl. inputs, host bytes, activation peak) of ``flat_fun``.
+  """(saved residual bytes on device excl. inputs, host bytes, activation peak, FLOPs) of ``flat_fun``.
 
   One measurement for everything (planner, ``RematPlan``, benchmark, tests):
   ``lepton_jax.jaxpr`` ``grad_memory`` of the loss w.r.t. the first argument's leaves,
   the same as ``ljx.grad_peak_bytes`` / ``ljx.saved_residual_bytes`` of the wrapped function.
   """
   if not argnums_leaves:
-    return 0, 0, 0
+    return 0, 0, 0, 0.0
 
   def loss(*flat):
     out = flat_fun(*flat)[0]
@@ -919,15 +1125,16 @@ def _measure(flat_fun, flat_specs, argnums_leaves):
       return out  # exactly what jax.grad of the wrapped function differentiates
     return jnp.sum(jnp.asarray(out, jnp.float32))
   m = _grad_memory(loss, *flat_specs, argnums=tuple(argnums_leaves))
-  return int(m.saved_bytes), int(m.offloaded_bytes), int(m.peak_bytes)
+  return int(m.saved_bytes), int(m.offloaded_bytes), int(m.peak_bytes), float(m.flops)
 
 
 class _Planner:
   """Plans for one (fun, options); caches per abstract signature."""
 
-  def __init__(self, fun, budget, offload, solver, cost_model):
+  def __init__(self, fun, budget, offload, solver, cost_model, budget_kind="peak"):
     self.fun = fun
     self.budget = budget
+    self.budget_kind = budget_kind
     self.offload = offload
     self.solver = solver
     self.cost_model = cost_model
@@ -976,37 +1183,34 @@ class _Planner:
       argnums = [i for i, s in enumerate(flat_specs) if _is_inexact(s)]
     g = _build_graph(closed, self._prefix)
     plain = _apply(g, None, {})
-    base_saved, _, baseline = _measure(plain, flat_specs, argnums)
+    base_saved, _, baseline, base_flops = _measure(plain, flat_specs, argnums)
     baseline = max(baseline, base_saved)
+    if self.budget_kind == "saved":
+      budget = self._budget_bytes(base_saved)
+      ctx = (g, flat_specs, argnums, budget, baseline, base_saved, cm, out_tree, base_flops)
+      if budget >= base_saved:
+        return self._finish(ctx, None, plain, "none", (base_saved, 0, baseline, base_flops))
+      return self._plan_saved(g, ctx)
     budget = self._budget_bytes(baseline)
-    ctx = (g, flat_specs, argnums, budget, baseline, base_saved, cm, out_tree)
+    ctx = (g, flat_specs, argnums, budget, baseline, base_saved, cm, out_tree, base_flops)
 
     # Budget at or above the plain peak: nothing to do.
     if budget >= baseline:
-      return self._finish(ctx, None, plain, "none", (base_saved, 0, baseline))
+      return self._finish(ctx, None, plain, "none", (base_saved, 0, baseline, base_flops))
     search = _TreeSearch(g, cm, self.offload, self.solver)
     n_units = len(g.cands) + sum(len(s.cands) for s in g.scans.values())
     max_depth = max(1, min(_MAX_DEPTH, int(math.ceil(math.log2(max(n_units, 2))))))
-    # The model leaves out cotangents and XLA temporaries: start from plain grad's gap.
-    slack0 = max(0, baseline - base_saved)
-    # Shallowest structure first: one level of segments, then segments inside segments.
-    # A plan is accepted on its measured peak (``_measure``), the model only ranks;
-    # the model-vs-measured gap learnt on one structure seeds the next depth.
-    learnt = slack0
-    for depth in range(1, max_depth + 1):
-      slack = learnt
-      model_budget = budget - slack
-      for _ in range(3):
-        node = search.best(depth, model_budget)
-        if node is None:
-          break
-        fn = _apply(g, node, self._decisions(node))
-        measured = _measure(fn, flat_specs, argnums)
-        if measured[2] <= budget:
-          return self._finish(ctx, node, fn, _node_solver(node), measured)
-        slack = max(slack, measured[2] - node.peak, 0)
-        learnt = max(learnt, slack)
-        model_budget = min(budget - slack, model_budget - 1)
+    tree = self._tree_plan(g, search, ctx, max_depth)
+    clos = self._closure_plan(g, ctx)
+    # rank on measured extra FLOPs (+ the model's transfer time of offloaded residuals)
+    def seconds(flops, transfer=0.0):
+      return cm.recompute_seconds(max(flops - base_flops, 0.0)) + transfer
+    if tree is not None and (clos is None or seconds(tree[2][3], _transfer_seconds(tree[0], cm))
+                             < seconds(clos[4][3])):
+      node, fn, measured = tree
+      return self._finish(ctx, node, fn, _node_solver(node), measured)
+    if clos is not None:
+      return self._finish_closure(ctx, *clos)
     # No costed plan fits: try the recompute-everything structures with the smallest
     # peaks, and report the smallest budget one reaches (measured).
     smallest = None
@@ -1026,6 +1230,123 @@ class _Planner:
         f"{math.ceil(1000 * smallest / max(baseline, 1)) / 1000:.3f})",
         smallest_feasible_bytes=smallest)
 
+  def _tree_plan(self, g, search, ctx, max_depth):
+    """Cheapest segment-tree plan (shallowest structure first) measured within budget."""
+    _, flat_specs, argnums, budget, baseline, base_saved, _, _, _ = ctx
+    # The model leaves out cotangents and XLA temporaries: start from plain grad's gap.
+    # A plan is accepted on its measured peak (``_measure``), the model only ranks;
+    # the model-vs-measured gap learnt on one structure seeds the next depth.
+    learnt = max(0, baseline - base_saved)
+    for depth in range(1, max_depth + 1):
+      slack = learnt
+      model_budget = budget - slack
+      for _ in range(3):
+        node = search.best(depth, model_budget)
+        if node is None:
+          break
+        fn = _apply(g, node, self._decisions(node))
+        measured = _measure(fn, flat_specs, argnums)
+        if measured[2] <= budget:
+          return node, fn, measured
+        slack = max(slack, measured[2] - node.peak, 0)
+        learnt = max(learnt, slack)
+        model_budget = min(budget - slack, model_budget - 1)
+    return None
+
+  def _closure_plan(self, g, ctx):
+    """Cheapest save-set plan over all forward intermediates (``_remat_closure``).
+
+    Least-recompute save sets for decreasing saved-byte targets; the first whose
+    measured peak fits the budget wins (larger targets recompute less).
+    """
+    _, flat_specs, argnums, budget, _, _, _, _, _ = ctx
+    cg = _closure_graph(g, self._prefix)
+    prob = cg.problem
+    size = len(prob.values) + len(prob.eqns)
+    method = "lp" if self.solver == "greedy" or size > _CLOSURE_MILP_MAX else "milp"
+    top = closure_lib.closure(prob, range(len(prob.values))).saved_bytes
+    targets = sorted({min(top, int(budget * f)) for f in _CLOSURE_TARGETS}, reverse=True)
+    tried = set()
+    for t in targets:
+      cp = closure_lib.solve(prob, t, method=method, time_limit=2.0)
+      if cp is None:
+        break
+      if cp.saved in tried:
+        continue
+      tried.add(cp.saved)
+      segs = _closure_segments(g, cg, cp)
+      fn = _apply_closure(g, cg, cp, segs)
+      measured = _measure(fn, flat_specs, argnums)
+      if measured[2] <= budget:
+        return cg, cp, segs, fn, measured
+    return None
+
+  def _plan_saved(self, g, ctx):
+    """``budget_kind="saved"``: least recompute with saved residual bytes within budget."""
+    _, flat_specs, argnums, budget, baseline, base_saved, _, _, base_flops = ctx
+    best, smallest = None, None
+    # scans checkpointed per iteration (carries kept) or as whole loops (carries recomputed)
+    for whole in ((False, True) if g.scans else (False,)):
+      cg = _closure_graph(g, self._prefix, whole_scans=whole)
+      prob = cg.problem
+      size = len(prob.values) + len(prob.eqns)
+      method = "lp" if self.solver == "greedy" or size > _CLOSURE_MILP_MAX else "milp"
+      target = budget
+      for _ in range(4):  # the measured residuals may exceed the model (a value JAX keeps on its own)
+        cp = closure_lib.solve(prob, target, method=method, time_limit=5.0)
+        if cp is None:
+          break
+        segs = _closure_segments(g, cg, cp)
+        fn = _apply_closure(g, cg, cp, segs)
+        measured = _measure(fn, flat_specs, argnums)
+        if measured[0] <= budget:
+          if best is None or measured[3] < best[-1][3]:
+            best = (cg, cp, segs, fn, measured)
+          break
+        target -= measured[0] - budget
+      least = closure_lib.closure(prob, ())
+      fn = _apply_closure(g, cg, least, _closure_segments(g, cg, least))
+      low = max(_measure(fn, flat_specs, argnums)[0], least.saved_bytes)
+      smallest = low if smallest is None else min(smallest, low)
+    if best is not None:
+      return self._finish_closure(ctx, *best)
+    raise BudgetError(
+        f"{_API}: budget={format_bytes(budget)} ({self.budget!r}, budget_kind='saved') is below the "
+        f"smallest feasible saved-residual bytes ({format_bytes(smallest)}: values that must stay on "
+        f"device, e.g. scan carries; plain jax.grad saves {format_bytes(base_saved)}); pass "
+        f"budget>={smallest} bytes (or a fraction >= "
+        f"{math.ceil(1000 * smallest / max(base_saved, 1)) / 1000:.3f})",
+        smallest_feasible_bytes=int(smallest))
+
+  def _finish_closure(self, ctx, cg, cp, segs, fn, measured):
+    g, flat_specs, argnums, budget, baseline, base_saved, cm, out_tree, base_flops = ctx
+    dev, host, peak, flops = measured
+    seg_of = {}
+    for s, seg in enumerate(segs):
+      for i in range(seg.lo, seg.hi):
+        seg_of[i] = s
+    decisions = []
+    prob = cg.problem
+    for k, val in enumerate(prob.values):
+      if not (val.needed or k in cp.saved):
+        continue
+      scan_i, v = cg.refs[k]
+      e = val.defined_by
+      _, i = cg.eqn_ref[e]
+      count = 1 if scan_i is None else g.scans[scan_i].length
+      decisions.append(TensorDecision(
+          cg.names[k], tuple(v.aval.shape), str(v.aval.dtype), count, int(val.nbytes),
+          "save" if k in cp.saved else "recompute", seg_of.get(i if scan_i is None else scan_i, 0),
+          float(prob.eqns[e].flops) if e in cp.recomputed else 0.0,
+          (g.closed.jaxpr.eqns[i] if scan_i is None else g.scans[scan_i].body.jaxpr.eqns[i]).primitive.name))
+    plan = RematPlan(
+        budget_bytes=int(budget), baseline_bytes=int(baseline), peak_bytes=int(peak),
+        saved_bytes=int(dev), offloaded_bytes=int(host), recompute_flops=max(flops - base_flops, 0.0),
+        transfer_bytes=0, num_segments=len(segs), solver=f"saveset-{cp.method}",
+        decisions=tuple(decisions), baseline_saved_bytes=int(base_saved),
+        model_peak_bytes=int(cp.saved_bytes), measured_peak_bytes=int(peak), cost_model=cm, depth=1)
+    return _Compiled(plan, fn, out_tree)
+
   def _decisions(self, node: "_Node") -> dict:
     decision = {}
     for leaf in node.leaves():
@@ -1039,12 +1360,11 @@ class _Planner:
     return decision
 
   def _finish(self, ctx, node, fn, solver_name, measured=None):
-    g, flat_specs, argnums, budget, baseline, base_saved, cm, out_tree = ctx
+    g, flat_specs, argnums, budget, baseline, base_saved, cm, out_tree, base_flops = ctx
     if measured is None:
       measured = _measure(fn, flat_specs, argnums)
-    dev, host, peak = measured
+    dev, host, peak, flops = measured
     decisions = []
-    recompute = 0.0
     transfer = 0
     jaxpr = g.closed.jaxpr
     if node is None:
@@ -1090,17 +1410,21 @@ class _Planner:
           decisions.append(TensorDecision(c.name, tuple(c.var.aval.shape), str(c.var.aval.dtype), c.count,
                                           it.saved_bytes, d, seg_base[id(leaf)] + s, it.recompute_flops,
                                           c.primitive))
-      recompute = node.flops
       model_peak, nseg, depth = node.peak, node.num_segments(), node.depth()
     plan = RematPlan(
         budget_bytes=int(budget), baseline_bytes=int(baseline),
         peak_bytes=int(peak),
-        saved_bytes=int(dev), offloaded_bytes=int(host), recompute_flops=float(recompute),
+        saved_bytes=int(dev), offloaded_bytes=int(host), recompute_flops=max(flops - base_flops, 0.0),
         transfer_bytes=int(transfer), num_segments=nseg, solver=solver_name,
         decisions=tuple(decisions), baseline_saved_bytes=int(base_saved),
         model_peak_bytes=int(model_peak), measured_peak_bytes=int(peak), cost_model=cm,
         depth=int(depth))
     return _Compiled(plan, fn, out_tree)
+
+
+def _transfer_seconds(node: "_Node", cm: CostModel) -> float:
+  """The model's host-transfer time of a structure (its cost beyond recompute FLOPs)."""
+  return max(node.cost - cm.recompute_seconds(node.flops), 0.0)
 
 
 def _node_solver(node: "_Node") -> str:
@@ -1164,13 +1488,18 @@ class _RematPlanned:
 
 def remat_plan(fun: Callable | None = None, /, *, budget, offload: bool = False,
                solver: Literal["auto", "greedy", "milp"] = "auto",
-               cost_model: CostModel | None = None):
+               cost_model: CostModel | None = None,
+               budget_kind: Literal["peak", "saved"] = "peak"):
   """Plans activation rematerialisation of ``fun`` under a device-memory budget.
 
   Each intermediate that ``jax.grad`` would save is kept on device, recomputed in
   the backward pass, or (``offload=True``) offloaded to ``pinned_host`` memory,
   minimising recompute + transfer time (``cost_model``) while the activation
-  peak fits ``budget``. The plan is applied with ``checkpoint_name`` and
+  peak fits ``budget``. Two families of plans compete, each measured on the
+  traced forward + backward pass: nested segment trees over the residuals of
+  plain ``jax.grad``, and exact least-recompute *save sets* over every forward
+  intermediate (e.g. keep a matmul output, recompute the activation after it)
+  cut into regions. The plan is applied with ``checkpoint_name`` and
   ``jax.checkpoint`` policies; values and gradients equal those of ``fun``.
 
   Args:
@@ -1180,6 +1509,13 @@ def remat_plan(fun: Callable | None = None, /, *, budget, offload: bool = False,
     offload: allow offloading residuals to host memory.
     solver: ``"auto"`` (MILP for small graphs, else greedy), ``"greedy"``, ``"milp"``.
     cost_model: device FLOP/s and host bandwidth (default by backend).
+    budget_kind: what ``budget`` bounds. ``"peak"`` (default): the activation
+      peak of the forward + backward pass (``RematPlan.peak_bytes``).
+      ``"saved"``: only the residuals kept between forward and backward
+      (``RematPlan.saved_bytes``; a float is then a fraction of plain
+      ``jax.grad``'s saved bytes) -- the least-recompute save set over every
+      forward intermediate, the axis on which JAX's built-in policies are
+      usually compared; the peak is not bounded then.
 
   Returns:
     A function with ``fun``'s signature, plus ``.plan(*args) -> RematPlan``.
@@ -1200,6 +1536,9 @@ def remat_plan(fun: Callable | None = None, /, *, budget, offload: bool = False,
     raise TypeError(f"{_API}: offload must be True or False, got {offload!r}")
   if solver not in _SOLVERS:
     raise ValueError(f"{_API}: solver={solver!r} is not one of {_SOLVERS}")
+  if budget_kind not in _BUDGET_KINDS:
+    raise ValueError(f"{_API}: budget_kind={budget_kind!r} is not one of {_BUDGET_KINDS} "
+                     "('peak' bounds the activation peak, 'saved' the saved residual bytes)")
   if cost_model is not None and not isinstance(cost_model, CostModel):
     raise TypeError(f"{_API}: cost_model must be a lj.transforms.CostModel, got {type(cost_model).__name__}")
   if offload:
@@ -1211,7 +1550,7 @@ def remat_plan(fun: Callable | None = None, /, *, budget, offload: bool = False,
   def wrap(f):
     if not callable(f):
       raise TypeError(f"{_API}: fun must be callable, got {type(f).__name__}")
-    return _RematPlanned(f, _Planner(f, budget, offload, solver, cost_model))
+    return _RematPlanned(f, _Planner(f, budget, offload, solver, cost_model, budget_kind))
 
   if fun is None:
     return wrap
