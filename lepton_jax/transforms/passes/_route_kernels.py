@@ -12,10 +12,17 @@ causal/explicit masks), ``einsum + softmax + einsum`` and Flax linen / NNX
     O  = dot_general(P, V)          contracting k with V's sequence axis
 
 Every dimension is tracked by label (batch dims, query dims, key dim), so masks and biases
-are passed to the kernel in its ``[batch, heads, q, k]`` layout and the output is put
-back in the program's layout. Anything else -- softmax over another axis, a mask applied
-after the softmax, a scale applied after the bias, an intermediate used elsewhere, a
-``-inf`` fill -- is not a match. Each replacement is checked (output shape/dtype, and a
+(possibly broadcast along size-1 dims) are passed to the kernel in its ``[batch, heads, q,
+k]`` layout and the output is put back in the program's layout. ``Q`` may be either operand
+of the first ``dot_general`` (the softmax axis and ``P.V`` decide which holds the keys).
+Grouped-query attention needs nothing special when the group is a query dim (GQA
+``jax.nn.dot_product_attention``, ``einsum("btkgd,bskd->bkgts")``); K and V written as
+``jnp.repeat(x, groups, axis=h)`` along the same batch (head) label are un-repeated and use
+the kernel's own GQA (``jnp.tile`` / another order is not a repeat). Low-precision inputs
+may have float32 scores and softmax with the probabilities cast back before ``P.V``, or a
+softmax whose sum is taken in float32. Anything else -- softmax over another axis, a mask
+applied after the softmax, a scale applied after the bias, two masks, an intermediate used
+elsewhere, a ``-inf`` fill -- is not a match. Each replacement is checked (output shape/dtype, and a
 numeric comparison on random inputs when it is small enough); a failed check keeps the
 original sub-graph and warns.
 """
@@ -66,6 +73,15 @@ class _AttnMatch:
   mask: Any = None
   mask_perm: tuple[int, ...] | None = None
   out_perm: tuple[int, ...] = ()   # canonical [batch..., qfree..., dv] -> D2 output layout
+  bias_shape: tuple[int, ...] | None = None   # the scores' shape the bias broadcasts to
+  # Grouped-query attention written as ``jnp.repeat(k/v, groups, axis=head)``: ``k``/``v``
+  # are the un-repeated arrays, ``head_b`` the batch label of the (q) head dim and
+  # ``groups`` the repeat count; the kernel gets ``heads = batch_sizes[head_b]`` q heads
+  # and ``heads // groups`` k/v heads. ``pre_eqns``: the repeat eqns and eqns computing
+  # the scale from constants (in the numeric check, not removed).
+  head_b: int | None = None
+  groups: int = 1
+  pre_eqns: tuple[int, ...] = ()
 
 
 class _NoMatch(Exception):
@@ -92,6 +108,40 @@ def _scalar_value(a, known) -> float | None:
   if v is None or v.size != 1:
     return None
   return float(v.reshape(()))
+
+
+_SCALAR_OPS = frozenset({"sqrt", "rsqrt", "convert_element_type", "div", "mul", "neg",
+                         "integer_pow", "pow", "reshape", "broadcast_in_dim"})
+
+
+def _const_scalar_chain(jaxpr, prod, a, known, acc: list, depth: int = 0) -> float | None:
+  """The value of a one-element ``a`` computed from constants only by a few elementwise
+  ops (e.g. ``sqrt(8.0)`` in bfloat16, which constant folding may leave), else None.
+  The eqns used are appended to ``acc``."""
+  v = _scalar_value(a, known)
+  if v is not None or depth > 4 or not isinstance(a, core.Var):
+    return v
+  i = prod.get(a)
+  if i is None:
+    return None
+  e = jaxpr.eqns[i]
+  if e.primitive.name not in _SCALAR_OPS or e.effects or len(e.outvars) != 1 or \
+      int(np.prod(a.aval.shape)) != 1:
+    return None
+  ins = []
+  for x in e.invars:
+    xv = _const_scalar_chain(jaxpr, prod, x, known, acc, depth + 1)
+    if xv is None or int(np.prod(x.aval.shape)) != 1:
+      return None
+    ins.append(np.asarray(xv, x.aval.dtype).reshape(x.aval.shape))
+  try:
+    with jax.ensure_compile_time_eval():
+      out = e.primitive.bind(*ins, **e.params)
+    val = float(np.asarray(out, np.float32).reshape(()))
+  except Exception:
+    return None
+  acc.append(i)
+  return val
 
 
 def _single_use(v, uses, idx) -> bool:
@@ -186,12 +236,26 @@ def _match_softmax(jaxpr, uses, s_var, known):
   ce = uses.get(e, [])
   if len(ce) != 2 or -1 in ce:
     raise _NoMatch("exp used elsewhere")
-  rs = [i for i in ce if eqns[i].primitive.name == "reduce_sum"]
+  rs = [i for i in ce if eqns[i].primitive.name in ("reduce_sum", "convert_element_type")]
   dv = [i for i in ce if eqns[i].primitive.name == "div"]
-  if len(rs) != 1 or len(dv) != 1 or tuple(eqns[rs[0]].params["axes"]) != (f_axis,):
+  if len(rs) != 1 or len(dv) != 1:
+    raise _NoMatch("softmax normaliser")
+  i_rs, widened = rs[0], False
+  if eqns[i_rs].primitive.name == "convert_element_type":
+    # A low-precision softmax sums in float32: exp -> f32 -> reduce_sum -> broadcast -> back.
+    wide = eqns[i_rs].outvars[0]
+    if not (jnp.issubdtype(e.aval.dtype, jnp.floating)
+            and jnp.issubdtype(wide.aval.dtype, jnp.floating)
+            and jnp.dtype(wide.aval.dtype).itemsize > jnp.dtype(e.aval.dtype).itemsize):
+      raise _NoMatch("softmax normaliser narrowed")
+    idx.append(i_rs)
+    i_rs, widened = only_consumer(wide), True
+    if eqns[i_rs].primitive.name != "reduce_sum":
+      raise _NoMatch("softmax normaliser")
+  if tuple(eqns[i_rs].params["axes"]) != (f_axis,):
     raise _NoMatch("softmax normaliser over another axis")
-  idx.append(rs[0])
-  cur = eqns[rs[0]].outvars[0]
+  idx.append(i_rs)
+  cur = eqns[i_rs].outvars[0]
   j = only_consumer(cur)
   if eqns[j].primitive.name != "broadcast_in_dim" or tuple(
       eqns[j].params["broadcast_dimensions"]) != tuple(d for d in range(ndim) if d != f_axis) or \
@@ -199,6 +263,13 @@ def _match_softmax(jaxpr, uses, s_var, known):
     raise _NoMatch("softmax sum not broadcast back")
   idx.append(j)
   cur = eqns[j].outvars[0]
+  if widened:
+    j = only_consumer(cur)
+    if eqns[j].primitive.name != "convert_element_type" or \
+        eqns[j].outvars[0].aval.dtype != e.aval.dtype:
+      raise _NoMatch("softmax normaliser not cast back")
+    idx.append(j)
+    cur = eqns[j].outvars[0]
   if only_consumer(cur) != dv[0] or eqns[dv[0]].invars[0] is not e or eqns[dv[0]].invars[1] is not cur:
     raise _NoMatch("softmax divides something else")
   idx.append(dv[0])
@@ -236,12 +307,76 @@ def _depends_on(jaxpr, prod, var, targets: set, memo: dict) -> bool:
 
 
 def _match_attention(jaxpr, uses, prod, d1: int, known) -> _AttnMatch:
+  """The attention whose ``Q.K`` is eqn ``d1`` (``Q`` either operand: the softmax and
+  ``P.V`` decide which one holds the keys)."""
+  first = None
+  for q_is_lhs in (True, False):
+    try:
+      return _match_attention_oriented(jaxpr, uses, prod, d1, known, q_is_lhs)
+    except _NoMatch as e:
+      first = first or e
+  raise first
+
+
+def _head_repeat(jaxpr, prod, var):
+  """``(source, axis, groups, eqn indices)`` if ``var`` is ``jnp.repeat(source, groups,
+  axis=axis)`` (each slice of ``source`` along ``axis`` repeated ``groups`` times in a row),
+  spelled as ``reshape(broadcast_in_dim(source))`` with the new dim right after ``axis``
+  (optionally via an explicit unit dim: ``broadcast_to(x[:, :, :, None], ...)``); else None.
+  ``jnp.tile`` (another order) is not a repeat."""
+  i = prod.get(var)
+  if i is None or not isinstance(var, core.Var):
+    return None
+  e = jaxpr.eqns[i]
+  if e.primitive.name != "reshape" or e.params.get("dimensions") not in (None, ()):
+    return None
+  x = e.invars[0]
+  j = prod.get(x)
+  if j is None or jaxpr.eqns[j].primitive.name != "broadcast_in_dim":
+    return None
+  eb = jaxpr.eqns[j]
+  y = eb.invars[0]
+  if not isinstance(y, core.Var) or len(eb.invars) != 1:
+    return None
+  s2, s1, sy = tuple(var.aval.shape), tuple(x.aval.shape), tuple(y.aval.shape)
+  bd = tuple(eb.params["broadcast_dimensions"])
+  if len(s1) != len(s2) + 1 or x.aval.dtype != var.aval.dtype or y.aval.dtype != var.aval.dtype:
+    return None
+  for a in range(len(s2)):
+    if s1[:a] != s2[:a] or s1[a + 2:] != s2[a + 1:] or s1[a] * s1[a + 1] != s2[a]:
+      continue
+    skip = tuple(d for d in range(len(s1)) if d != a + 1)
+    unit = s1[:a + 1] + (1,) + s1[a + 2:]
+    if bd == skip and sy == s2[:a] + (s1[a],) + s2[a + 1:]:
+      return y, a, s1[a + 1], (j, i)
+    if bd == tuple(range(len(s1))) and sy == unit:
+      # y = x_src with a unit dim inserted at a + 1 (expand_dims / reshape / broadcast).
+      k = prod.get(y)
+      if k is None:
+        continue
+      ey = jaxpr.eqns[k]
+      src = ey.invars[0] if ey.invars else None
+      if not isinstance(src, core.Var) or len(ey.invars) != 1 or src.aval.dtype != y.aval.dtype:
+        continue
+      if tuple(src.aval.shape) != s2[:a] + (s1[a],) + s2[a + 1:]:
+        continue
+      ok = (ey.primitive.name == "reshape" and ey.params.get("dimensions") in (None, ())) or (
+          ey.primitive.name == "broadcast_in_dim"
+          and tuple(ey.params["broadcast_dimensions"]) == skip)
+      if ok:
+        return src, a, s1[a + 1], (k, j, i)
+  return None
+
+
+def _match_attention_oriented(jaxpr, uses, prod, d1: int, known, q_is_lhs: bool) -> _AttnMatch:
   eqns = jaxpr.eqns
   e1 = eqns[d1]
   (lc, rc), (lb, rb) = e1.params["dimension_numbers"]
+  q, k = e1.invars
+  if not q_is_lhs:
+    lc, rc, lb, rb, q, k = rc, lc, rb, lb, k, q
   if len(lc) != 1 or len(rc) != 1:
     raise _NoMatch("Q.K must contract exactly one head dim")
-  q, k = e1.invars
   if not all(isinstance(x, core.Var) for x in (q, k)):
     raise _NoMatch("literal operand")
   qr, kr = len(q.aval.shape), len(k.aval.shape)
@@ -250,18 +385,25 @@ def _match_attention(jaxpr, uses, prod, d1: int, known) -> _AttnMatch:
   if len(kfree) != 1 or not qfree:
     raise _NoMatch("K must have exactly one sequence dim")
   nb = len(lb)
-  # Labels of S0 dims: ("b", i) batch i; ("q", j) query free dim j; ("k",) key dim.
-  labels = [("b", i) for i in range(nb)] + [("q", j) for j in range(len(qfree))] + [("k",)]
+  # Labels of S0 dims: ("b", i) batch i; ("q", j) query free dim j; ("k",) key dim
+  # (dot_general's output: batch dims, then lhs free dims, then rhs free dims).
+  qlabels = [("q", j) for j in range(len(qfree))]
+  labels = [("b", i) for i in range(nb)] + (qlabels + [("k",)] if q_is_lhs else [("k",)] + qlabels)
   scale = 1.0
   bias = mask = None
-  bias_labels = mask_labels = None
+  bias_labels = mask_labels = bias_shape = None
   phase = 0
   idx = [d1]
   cur = e1.outvars[0]
-  dtype = cur.aval.dtype
-  if not (q.aval.dtype == k.aval.dtype == dtype):
+  # Scores may be computed wider than the inputs (bf16 q/k, float32 scores and softmax,
+  # probabilities cast back before P.V: jax.nn.dot_product_attention's spelling).
+  in_dtype, dtype = q.aval.dtype, cur.aval.dtype
+  if k.aval.dtype != in_dtype or not jnp.issubdtype(in_dtype, jnp.floating):
     raise _NoMatch("mixed dtypes")
+  if dtype != in_dtype and not (dtype == jnp.float32 and jnp.dtype(in_dtype).itemsize < 4):
+    raise _NoMatch("scores dtype")
   chain_set = {d1}
+  const_eqns: list = []      # scale computed from constants (checked, not removed)
   while True:
     c = uses.get(cur, [])
     if len(c) == 2 and "reduce_max" in {eqns[i].primitive.name for i in c} and -1 not in c:
@@ -276,17 +418,24 @@ def _match_attention(jaxpr, uses, prod, d1: int, known) -> _AttnMatch:
       if name == "div" and e.invars[1] is cur:
         raise _NoMatch("division by scores")
       val = _scalar_value(others[0], known)
+      if val is None:
+        val = _const_scalar_chain(jaxpr, prod, others[0], known, const_eqns)
       if val is None or not np.isfinite(val) or val == 0:
         raise _NoMatch("non-constant scale")
       if others[0].aval.shape not in ((),) and np.prod(others[0].aval.shape) != 1:
         raise _NoMatch("non-scalar scale")
+      if e.outvars[0].aval.shape != cur.aval.shape:
+        raise _NoMatch("scale changes the shape")
       scale = scale * val if name == "mul" else scale / val
     elif name == "add" and len(others) == 1 and phase == 0:
       b = others[0]
-      if (not isinstance(b, core.Var) or b.aval.shape != cur.aval.shape
+      shape = tuple(cur.aval.shape)
+      if (not isinstance(b, core.Var) or len(b.aval.shape) != len(shape)
+          or any(s not in (1, t) for s, t in zip(b.aval.shape, shape))
+          or e.outvars[0].aval.shape != cur.aval.shape
           or b.aval.dtype != dtype or _depends_on(jaxpr, prod, b, chain_set, {})):
-        raise _NoMatch("bias must be an independent full-shape array")
-      bias, bias_labels = b, list(labels)
+        raise _NoMatch("bias must be an independent array of the scores' shape")
+      bias, bias_labels, bias_shape = b, list(labels), shape
       phase = 1
     elif name == "select_n" and len(e.invars) == 3 and phase in (0, 1) and e.invars[2] is cur:
       pred, fill = e.invars[0], e.invars[1]
@@ -325,6 +474,8 @@ def _match_attention(jaxpr, uses, prod, d1: int, known) -> _AttnMatch:
       labels = new_labels
     else:
       raise _NoMatch(f"unexpected {name} between Q.K and softmax")
+    if e.outvars[0].aval.dtype != dtype:
+      raise _NoMatch("scores change dtype")
     idx.append(i)
     chain_set.add(i)
     cur = e.outvars[0]
@@ -334,6 +485,14 @@ def _match_attention(jaxpr, uses, prod, d1: int, known) -> _AttnMatch:
     raise _NoMatch("softmax is not over the key axis")
   idx.extend(sm_idx)
   c = uses.get(p_var, [])
+  if dtype != in_dtype:
+    # float32 probabilities cast back to the inputs' dtype before P.V.
+    if len(c) != 1 or c[0] == -1 or eqns[c[0]].primitive.name != "convert_element_type" or \
+        eqns[c[0]].outvars[0].aval.dtype != in_dtype:
+      raise _NoMatch("probabilities not cast back to the inputs' dtype")
+    idx.append(c[0])
+    p_var = eqns[c[0]].outvars[0]
+    c = uses.get(p_var, [])
   if len(c) != 1 or c[0] == -1 or eqns[c[0]].primitive.name != "dot_general":
     raise _NoMatch("probabilities not consumed by one dot_general")
   d2 = c[0]
@@ -347,7 +506,8 @@ def _match_attention(jaxpr, uses, prod, d1: int, known) -> _AttnMatch:
     p_first = False
   else:
     raise _NoMatch("P.V")
-  if not isinstance(v, core.Var) or v.aval.dtype != dtype or e2.outvars[0].aval.dtype != dtype:
+  if not isinstance(v, core.Var) or v.aval.dtype != in_dtype or \
+      e2.outvars[0].aval.dtype != in_dtype:
     raise _NoMatch("V dtype")
   if tuple(pc) != (axis,) or len(vc) != 1:
     raise _NoMatch("P.V must contract the key axis only")
@@ -389,13 +549,27 @@ def _match_attention(jaxpr, uses, prod, d1: int, known) -> _AttnMatch:
   canon_out = [("b", i) for i in range(nb)] + [("q", j) for j in range(len(qfree))] + [("v",)]
   out_perm = tuple(canon_out.index(l) for l in out_labels)
   idx.append(d2)
+  # Grouped-query attention spelled with jnp.repeat: K and V both repeat their slices
+  # along the same batch (head) label by the same count -> the kernel's own GQA on the
+  # un-repeated K/V (q head h reads k/v head h // groups, exactly jnp.repeat's order).
+  head_b, groups, pre = None, 1, tuple(const_eqns)
+  rep_k, rep_v = _head_repeat(jaxpr, prod, k), _head_repeat(jaxpr, prod, v)
+  if rep_k is not None and rep_v is not None:
+    k0, ak, gk, k_eqns = rep_k
+    v0, av, gv, v_eqns = rep_v
+    if (gk == gv and gk > 1 and ak in rb and av in vb
+        and p_batch_labels[list(vb).index(av)] == ("b", list(rb).index(ak))
+        and k0.aval.shape[ak] == v0.aval.shape[av]):
+      head_b, groups = list(rb).index(ak), gk
+      pre = tuple(sorted(set(pre) | set(k_eqns) | set(v_eqns)))
+      k, v = k0, v0
   return _AttnMatch(
       d1=d1, d2=d2, eqns=sorted(set(idx)), q=q, k=k, v=v, q_perm=q_perm, k_perm=k_perm,
       v_perm=v_perm, batch_sizes=batch_sizes, q_sizes=q_sizes, kv_len=kv_len,
       head_dim=head_dim, v_dim=v_dim, scale=scale,
       bias=bias, bias_perm=perm_for(bias_labels) if bias is not None else None,
       mask=mask, mask_perm=perm_for(mask_labels) if mask is not None else None,
-      out_perm=out_perm)
+      out_perm=out_perm, bias_shape=bias_shape, head_b=head_b, groups=groups, pre_eqns=pre)
 
 
 def _fill_value(jaxpr, prod, fill, known):
@@ -427,24 +601,45 @@ def _fill_eqns(jaxpr, prod, fill, uses, select_idx):
   return out
 
 
-def _canonical(x, perm, lead_sizes, mid, tail):
-  x = jnp.transpose(x, perm)
-  return x.reshape(lead_sizes + mid + tail)
-
-
 def _attention_replacement(m: _AttnMatch, backend: str):
+  """``fn(q, k, v, bias, mask)`` computing the matched attention with ``flash_attention``.
+
+  Batch dims are flattened into the kernel's batch and query dims into its sequence; with
+  a head repeat (``m.head_b``) that batch dim becomes the kernel's heads and ``k``/``v``
+  keep ``heads // groups`` heads (the kernel's grouped-query attention).
+  """
   flash_attention = _kernel("flash_attention")
-  nbf = int(np.prod(m.batch_sizes)) if m.batch_sizes else 1
+  hb = m.head_b
+  nb = len(m.batch_sizes)
+  heads = 1 if hb is None else m.batch_sizes[hb]
+  kv_heads = heads // m.groups
+  other = tuple(s for i, s in enumerate(m.batch_sizes) if i != hb)
+  nbo = int(np.prod(other)) if other else 1
   tq = int(np.prod(m.q_sizes))
 
+  def heads_last(x, perm):
+    x = jnp.transpose(x, perm)                      # [batch..., seq..., feature]
+    return x if hb is None else jnp.moveaxis(x, hb, -2)
+
+  def scores(x, perm):
+    x = jnp.transpose(x, perm)                      # [batch..., q..., k]
+    if hb is not None:
+      x = jnp.moveaxis(x, hb, nb - 1)               # [other batch..., head, q..., k]
+    return x.reshape(nbo, heads, tq, m.kv_len)
+
   def fn(q, k, v, bias, mask):
-    qc = jnp.transpose(q, m.q_perm).reshape(nbf, tq, 1, m.head_dim)
-    kc = jnp.transpose(k, m.k_perm).reshape(nbf, m.kv_len, 1, m.head_dim)
-    vc = jnp.transpose(v, m.v_perm).reshape(nbf, m.kv_len, 1, m.v_dim)
-    bc = None if bias is None else jnp.transpose(bias, m.bias_perm).reshape(nbf, 1, tq, m.kv_len)
-    mc = None if mask is None else jnp.transpose(mask, m.mask_perm).reshape(nbf, 1, tq, m.kv_len)
+    qc = heads_last(q, m.q_perm).reshape(nbo, tq, heads, m.head_dim)
+    kc = heads_last(k, m.k_perm).reshape(nbo, m.kv_len, kv_heads, m.head_dim)
+    vc = heads_last(v, m.v_perm).reshape(nbo, m.kv_len, kv_heads, m.v_dim)
+    if bias is not None and tuple(bias.shape) != m.bias_shape:
+      bias = jnp.broadcast_to(bias, m.bias_shape)
+    bc = None if bias is None else scores(bias, m.bias_perm)
+    mc = None if mask is None else scores(mask, m.mask_perm)
     o = flash_attention(qc, kc, vc, bias=bc, mask=mc, scale=float(m.scale), backend=backend)
-    o = o.reshape(m.batch_sizes + m.q_sizes + (m.v_dim,))
+    if hb is None:
+      o = o.reshape(m.batch_sizes + m.q_sizes + (m.v_dim,))
+    else:
+      o = jnp.moveaxis(o.reshape(other + m.q_sizes + (heads, m.v_dim)), -2, hb)
     return jnp.transpose(o, m.out_perm)
 
   return fn
@@ -560,6 +755,22 @@ def _check(closed, eqn_ids, in_vars, out_var, repl, spot_check: bool, key_extra,
   are small enough, compares it numerically with the original sub-graph on random inputs.
   """
   out_aval = out_var.aval
+  # One random value per distinct input (q, k and v may be one variable).
+  uniq, pos = [], []
+  for a in in_vars:
+    j = next((n for n, u in enumerate(uniq) if u is a), None) if a is not None else None
+    if a is not None and j is None:
+      uniq.append(a)
+      j = len(uniq) - 1
+    pos.append(j)
+  if len(uniq) < sum(a is not None for a in in_vars):
+    spread = lambda vals: [None if j is None else vals[j] for j in pos]
+    f_repl, f_sub = repl, _subgraph_fn(closed, eqn_ids, in_vars, out_var)
+    repl = lambda *vals: f_repl(*spread(vals))
+    sub_fn = lambda *vals: f_sub(*spread(vals))
+    in_vars = uniq
+  else:
+    sub_fn = None
   args = tuple(_sds(a) for a in in_vars)
   try:
     got = jax.eval_shape(repl, *args)
@@ -571,10 +782,11 @@ def _check(closed, eqn_ids, in_vars, out_var, repl, spot_check: bool, key_extra,
     return None
   if any(isinstance(c, core.Tracer) for c in closed.consts):
     return None
-  key = _spot_key(closed, eqn_ids, args, key_extra)
+  key = _spot_key(closed, eqn_ids, args, (key_extra, tuple(pos)))
   if key is not None and key in _SPOT_CACHE:
     return _SPOT_CACHE[key]
-  verdict = _spot_check(_subgraph_fn(closed, eqn_ids, in_vars, out_var), repl, args, out_aval)
+  sub = sub_fn or _subgraph_fn(closed, eqn_ids, in_vars, out_var)
+  verdict = _spot_check(sub, repl, args, out_aval)
   if key is not None:
     _SPOT_CACHE[key] = verdict
   return verdict
@@ -727,8 +939,8 @@ def route_kernels(closed: core.ClosedJaxpr, *, kernels: str | None = "auto", spo
     in_vars = (m.q, m.k, m.v, m.bias, m.mask)
     out_var = work.jaxpr.eqns[m.d2].outvars[0]
     key = ("attention", m.q_perm, m.k_perm, m.v_perm, m.out_perm, m.bias_perm, m.mask_perm,
-           m.scale, id(_attention_replacement))
-    reason = _check(work, m.eqns, in_vars, out_var, repl, spot_check, key)
+           m.scale, m.head_b, m.groups, id(_attention_replacement))
+    reason = _check(work, set(m.eqns) | set(m.pre_eqns), in_vars, out_var, repl, spot_check, key)
     here = location(str(m.d2), work.jaxpr.eqns[m.d2])
     if reason is not None:
       warnings.warn(f"adaptive_jit: attention at eqn {here} was not routed to "
