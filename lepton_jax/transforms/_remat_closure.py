@@ -168,16 +168,57 @@ def solve(problem: Problem, budget_bytes: int, *, method: str = "milp",
   if res.x is None:
     return None
   order = np.argsort(-res.x[:nv], kind="stable")
-  # round: keep the LP's most-saved values first while they fit
-  saved, used = set(forced), sum(problem.values[v].nbytes for v in forced)
-  for v in order:
-    if res.x[v] < 0.5 or v in saved:
+  best = None
+  for thr in _THRESHOLDS:  # round at several levels; repair, then improve; keep the best
+    saved, used = set(forced), sum(problem.values[v].nbytes for v in forced)
+    for v in order:  # the LP's most-saved values first while they fit
+      if res.x[v] < thr or v in saved:
+        continue
+      b = problem.values[v].nbytes
+      if used + b <= cap:
+        saved.add(int(v)); used += b
+    plan = closure(problem, saved, "lp")
+    if plan.saved_bytes > budget_bytes:
+      plan = _repair(problem, plan, budget_bytes, "lp")
+    if plan is None:
       continue
-    b = problem.values[v].nbytes
-    if used + b <= cap:
-      saved.add(int(v)); used += b
-  plan = closure(problem, saved, "lp")
-  return plan if plan.saved_bytes <= budget_bytes else _repair(problem, plan, budget_bytes, "lp")
+    plan = _fill(problem, plan, budget_bytes)
+    if best is None or (plan.recompute_flops, plan.saved_bytes) < (best.recompute_flops, best.saved_bytes):
+      best = plan
+  return best
+
+
+_THRESHOLDS = (0.5,)
+_SWAP_MAX_VALUES = 400  # pairwise swaps in ``_fill`` only on graphs up to this many values
+
+
+def _fill(problem: Problem, plan: Plan, budget_bytes: int) -> Plan:
+  """Adds / swaps in saved values while that lowers recompute FLOPs within the budget."""
+  cur = plan
+  for _ in range(4 * len(problem.values) + 1):
+    best = None
+    for v in _frontier(problem, cur):
+      drops = sorted(cur.saved) if len(problem.values) <= _SWAP_MAX_VALUES else []
+      for drop in [None] + drops:
+        s = set(cur.saved) | {v}
+        if drop is not None:
+          s.discard(drop)
+        trial = closure(problem, s, cur.method)
+        if trial.saved_bytes > budget_bytes or trial.recompute_flops >= cur.recompute_flops:
+          continue
+        if best is None or (trial.recompute_flops, trial.saved_bytes) < (best.recompute_flops, best.saved_bytes):
+          best = trial
+        if drop is None:
+          break  # adding alone already helps: no need to try swaps for v
+    if best is None:
+      return cur
+    cur = best
+  return cur
+
+
+def _frontier(problem: Problem, plan: Plan) -> list[int]:
+  """Unsaved values produced by recomputed equations (saving one can cut recompute)."""
+  return sorted({v for e in plan.recomputed for v in problem.eqns[e].outs} - plan.saved)
 
 
 def _repair(problem: Problem, plan: Plan, budget_bytes: int, method: str) -> Plan | None:

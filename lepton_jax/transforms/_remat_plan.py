@@ -54,7 +54,7 @@ _SOLVERS = ("auto", "greedy", "milp")
 _BUDGET_KINDS = ("peak", "saved")
 _INLINE_PRIMS = ("pjit", "jit", "closed_call", "core_call")
 _MAX_DEPTH = 5
-_CLOSURE_MILP_MAX = 20000   # MILP variables; larger graphs use the rounded LP
+_CLOSURE_MILP_MAX = 20000   # save-set MILP variables; larger graphs use the rounded LP (any solver=)
 _CLOSURE_TARGETS = (1.0, 0.85, 0.7, 0.55, 0.4, 0.25, 0.1)  # saved-byte targets, fractions of the budget
 
 
@@ -1263,7 +1263,7 @@ class _Planner:
     cg = _closure_graph(g, self._prefix)
     prob = cg.problem
     size = len(prob.values) + len(prob.eqns)
-    method = "lp" if self.solver == "greedy" or size > _CLOSURE_MILP_MAX else "milp"
+    method = "lp" if size > _CLOSURE_MILP_MAX else "milp"  # HiGHS is fast at these sizes
     top = closure_lib.closure(prob, range(len(prob.values))).saved_bytes
     targets = sorted({min(top, int(budget * f)) for f in _CLOSURE_TARGETS}, reverse=True)
     tried = set()
@@ -1290,7 +1290,7 @@ class _Planner:
       cg = _closure_graph(g, self._prefix, whole_scans=whole)
       prob = cg.problem
       size = len(prob.values) + len(prob.eqns)
-      method = "lp" if self.solver == "greedy" or size > _CLOSURE_MILP_MAX else "milp"
+      method = "lp" if size > _CLOSURE_MILP_MAX else "milp"  # HiGHS is fast at these sizes
       target = budget
       for _ in range(4):  # the measured residuals may exceed the model (a value JAX keeps on its own)
         cp = closure_lib.solve(prob, target, method=method, time_limit=5.0)
@@ -1507,7 +1507,9 @@ def remat_plan(fun: Callable | None = None, /, *, budget, offload: bool = False,
     budget: bytes (``int``), a size string (``"512MiB"``), or a float in (0, 1]:
       that fraction of plain ``jax.grad``'s activation peak.
     offload: allow offloading residuals to host memory.
-    solver: ``"auto"`` (MILP for small graphs, else greedy), ``"greedy"``, ``"milp"``.
+    solver: ``"auto"`` (MILP for small graphs, else greedy), ``"greedy"``, ``"milp"``:
+      the solver of the segment-tree plans. Save-set plans use an exact MILP up to
+      20k variables (HiGHS takes milliseconds there) and a rounded LP beyond.
     cost_model: device FLOP/s and host bandwidth (default by backend).
     budget_kind: what ``budget`` bounds. ``"peak"`` (default): the activation
       peak of the forward + backward pass (``RematPlan.peak_bytes``).
