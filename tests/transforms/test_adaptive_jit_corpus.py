@@ -263,14 +263,7 @@ def test_near_misses_are_not_routed(name):
   _close(*jax.jit(lambda *a: (g(*a), fn(*a)))(q, k, v))   # ours and plain JAX, one compile
 
 
-def test_failed_check_falls_back_with_warning(monkeypatch):
-  from lepton_jax.transforms.passes import _route_kernels as rk
-  real = rk._attention_replacement
-
-  def wrong(m, backend):
-    f = real(m, backend)
-    return lambda *a: f(*a) * 1.01     # a subtly wrong "kernel"
-  monkeypatch.setattr(rk, "_attention_replacement", wrong)
+def test_failed_check_falls_back_with_warning(wrong_attention_kernel):
   q, k, v = _attn_parts()
   fn = lambda q, k, v: jax.nn.dot_product_attention(q, k, v)
   g = adaptive_jit(fn, kernels="xla")

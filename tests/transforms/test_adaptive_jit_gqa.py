@@ -185,14 +185,7 @@ def test_near_misses_are_not_routed_as_gqa(name):
   _close(*jax.jit(lambda *a: (g(*a), fn(*a)))(*args), 1e-5)
 
 
-def test_failed_check_of_repeat_route_falls_back_with_warning(monkeypatch):
-  from lepton_jax.transforms.passes import _route_kernels as rk
-  real = rk._attention_replacement
-
-  def wrong(m, backend):
-    f = real(m, backend)
-    return lambda *a: f(*a) * 1.01     # a subtly wrong "kernel"
-  monkeypatch.setattr(rk, "_attention_replacement", wrong)
+def test_failed_check_of_repeat_route_falls_back_with_warning(wrong_attention_kernel):
   q, k, v = _qkv()
   g = adaptive_jit(_repeat_attn, kernels="xla")
   with pytest.warns(RuntimeWarning, match="numeric spot check failed"):
