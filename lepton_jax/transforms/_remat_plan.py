@@ -15,8 +15,8 @@ How it works:
    feasible plan wins.
    Alongside, ``_remat_closure`` solves the exact save-set problem over every
    forward intermediate (least recompute FLOPs within saved bytes) and cuts the
-   program into regions where everything needed across a cut is saved; both
-   families are measured and the cheaper plan within the budget wins.
+   program into regions where everything needed across a cut is saved; it plans
+   ``budget_kind="saved"`` and serves peak budgets no segment tree fits.
 5. The plan is applied with JAX's own machinery: ``checkpoint_name`` +
    ``jax.checkpoint(policy=save_only_these_names / save_and_offload_only_these_names)``.
    The result is checked with JAX's saved-residual accounting and the shared
@@ -1200,15 +1200,14 @@ class _Planner:
     search = _TreeSearch(g, cm, self.offload, self.solver)
     n_units = len(g.cands) + sum(len(s.cands) for s in g.scans.values())
     max_depth = max(1, min(_MAX_DEPTH, int(math.ceil(math.log2(max(n_units, 2))))))
+    # Segment-tree plans first: XLA's compiled memory follows their few, coarse regions
+    # (checked against memory_analysis()); the finer save-set regions can compile to more
+    # temp memory than their jaxpr peak, so they serve when no tree plan fits.
     tree = self._tree_plan(g, search, ctx, max_depth)
-    clos = self._closure_plan(g, ctx)
-    # rank on measured extra FLOPs (+ the model's transfer time of offloaded residuals)
-    def seconds(flops, transfer=0.0):
-      return cm.recompute_seconds(max(flops - base_flops, 0.0)) + transfer
-    if tree is not None and (clos is None or seconds(tree[2][3], _transfer_seconds(tree[0], cm))
-                             < seconds(clos[4][3])):
+    if tree is not None:
       node, fn, measured = tree
       return self._finish(ctx, node, fn, _node_solver(node), measured)
+    clos = self._closure_plan(g, ctx)
     if clos is not None:
       return self._finish_closure(ctx, *clos)
     # No costed plan fits: try the recompute-everything structures with the smallest
@@ -1495,11 +1494,11 @@ def remat_plan(fun: Callable | None = None, /, *, budget, offload: bool = False,
   Each intermediate that ``jax.grad`` would save is kept on device, recomputed in
   the backward pass, or (``offload=True``) offloaded to ``pinned_host`` memory,
   minimising recompute + transfer time (``cost_model``) while the activation
-  peak fits ``budget``. Two families of plans compete, each measured on the
-  traced forward + backward pass: nested segment trees over the residuals of
-  plain ``jax.grad``, and exact least-recompute *save sets* over every forward
-  intermediate (e.g. keep a matmul output, recompute the activation after it)
-  cut into regions. The plan is applied with ``checkpoint_name`` and
+  peak fits ``budget``. Two families of plans, each measured on the traced
+  forward + backward pass: nested segment trees over the residuals of plain
+  ``jax.grad`` (tried first), and exact least-recompute *save sets* over every
+  forward intermediate (e.g. keep a matmul output, recompute the activation
+  after it) cut into regions (when no tree fits, and for ``budget_kind="saved"``). The plan is applied with ``checkpoint_name`` and
   ``jax.checkpoint`` policies; values and gradients equal those of ``fun``.
 
   Args:
