@@ -19,9 +19,9 @@ budget: an exact MILP (scipy / HiGHS) -- binaries ``x_v`` (saved) and ``r_e``
 for every input ``u`` of a recomputed equation, ``sum bytes * x <= budget`` -- or
 its LP relaxation rounded and repaired (``method="lp"``, for large graphs).
 Values produced by a non-recomputable equation (a ``scan`` kept as its own
-region) must be saved when needed. A plan then cuts the program into
-``jax.checkpoint`` regions wherever everything crossing the cut that is needed
-is saved (:func:`valid_cuts`), so recomputation happens region by region.
+region) must be saved when needed. The planner (``_remat_plan``) then cuts the
+program into ``jax.checkpoint`` regions wherever everything crossing the cut
+that is needed is saved, so recomputation happens region by region.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from typing import Sequence
 
 import numpy as np
 
-__all__ = ["Eqn", "Value", "Problem", "Plan", "closure", "solve", "valid_cuts"]
+__all__ = ["Eqn", "Value", "Problem", "Plan", "closure", "solve"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -168,27 +168,19 @@ def solve(problem: Problem, budget_bytes: int, *, method: str = "milp",
   if res.x is None:
     return None
   order = np.argsort(-res.x[:nv], kind="stable")
-  best = None
-  for thr in _THRESHOLDS:  # round at several levels; repair, then improve; keep the best
-    saved, used = set(forced), sum(problem.values[v].nbytes for v in forced)
-    for v in order:  # the LP's most-saved values first while they fit
-      if res.x[v] < thr or v in saved:
-        continue
-      b = problem.values[v].nbytes
-      if used + b <= cap:
-        saved.add(int(v)); used += b
-    plan = closure(problem, saved, "lp")
-    if plan.saved_bytes > budget_bytes:
-      plan = _repair(problem, plan, budget_bytes, "lp")
-    if plan is None:
+  saved, used = set(forced), sum(problem.values[v].nbytes for v in forced)
+  for v in order:  # round: the LP's most-saved values first while they fit
+    if res.x[v] < 0.5 or v in saved:
       continue
-    plan = _fill(problem, plan, budget_bytes)
-    if best is None or (plan.recompute_flops, plan.saved_bytes) < (best.recompute_flops, best.saved_bytes):
-      best = plan
-  return best
+    b = problem.values[v].nbytes
+    if used + b <= cap:
+      saved.add(int(v)); used += b
+  plan = closure(problem, saved, "lp")
+  if plan.saved_bytes > budget_bytes:
+    plan = _repair(problem, plan, budget_bytes, "lp")
+  return None if plan is None else _fill(problem, plan, budget_bytes)
 
 
-_THRESHOLDS = (0.5,)
 _SWAP_MAX_VALUES = 400  # pairwise swaps in ``_fill`` only on graphs up to this many values
 
 
@@ -242,18 +234,3 @@ def _repair(problem: Problem, plan: Plan, budget_bytes: int, method: str) -> Pla
     saved.discard(best[1])
     cur = best[2]
   return cur
-
-
-def valid_cuts(num_eqns: int, crossing: Sequence[Sequence[int]], plan: Plan,
-               needed_after: Sequence[set]) -> list[int]:
-  """Cut positions ``c`` (before eqn ``c``) where every needed crossing value is saved.
-
-  ``crossing[c]``: value ids defined before ``c`` and read at/after it;
-  ``needed_after[c]``: value ids the backward of eqns at/after ``c`` reads
-  (plain residuals and inputs of recomputed eqns there).
-  """
-  out = []
-  for c in range(1, num_eqns):
-    if all(v in plan.saved or v not in needed_after[c] for v in crossing[c]):
-      out.append(c)
-  return out

@@ -1261,8 +1261,7 @@ class _Planner:
     _, flat_specs, argnums, budget, _, _, _, _, _ = ctx
     cg = _closure_graph(g, self._prefix)
     prob = cg.problem
-    size = len(prob.values) + len(prob.eqns)
-    method = "lp" if size > _CLOSURE_MILP_MAX else "milp"  # HiGHS is fast at these sizes
+    method = _closure_method(prob)
     top = closure_lib.closure(prob, range(len(prob.values))).saved_bytes
     targets = sorted({min(top, int(budget * f)) for f in _CLOSURE_TARGETS}, reverse=True)
     tried = set()
@@ -1288,8 +1287,7 @@ class _Planner:
     for whole in ((False, True) if g.scans else (False,)):
       cg = _closure_graph(g, self._prefix, whole_scans=whole)
       prob = cg.problem
-      size = len(prob.values) + len(prob.eqns)
-      method = "lp" if size > _CLOSURE_MILP_MAX else "milp"  # HiGHS is fast at these sizes
+      method = _closure_method(prob)
       target = budget
       for _ in range(4):  # the measured residuals may exceed the model (a value JAX keeps on its own)
         cp = closure_lib.solve(prob, target, method=method, time_limit=5.0)
@@ -1421,9 +1419,9 @@ class _Planner:
     return _Compiled(plan, fn, out_tree)
 
 
-def _transfer_seconds(node: "_Node", cm: CostModel) -> float:
-  """The model's host-transfer time of a structure (its cost beyond recompute FLOPs)."""
-  return max(node.cost - cm.recompute_seconds(node.flops), 0.0)
+def _closure_method(problem: closure_lib.Problem) -> str:
+  """The save-set solver for ``problem``: the exact MILP (HiGHS is fast at these sizes) or the rounded LP."""
+  return "lp" if len(problem.values) + len(problem.eqns) > _CLOSURE_MILP_MAX else "milp"
 
 
 def _node_solver(node: "_Node") -> str:
