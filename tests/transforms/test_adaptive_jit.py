@@ -333,7 +333,9 @@ def test_buckets_see_through_custom_derivatives_and_remat(fn):
   assert info.compiles <= 2 and info.bucket_fallbacks == 0, info
   # Gradients (exact shapes under jax.grad) still equal plain JAX.
   x = jax.random.normal(jax.random.key(9), (2, 5, 16))
-  _close(jax.grad(lambda w: g(w, x).sum())(w), jax.grad(lambda w: fn(w, x).sum())(w))
+  want = jax.jit(jax.grad(lambda w: fn(w, x).sum()))(w)
+  # Each entry sums 10 products of O(1) terms: float32 reassociation error scales with max|grad|.
+  _close(jax.grad(lambda w: g(w, x).sum())(w), want, rtol=1e-5, atol=1e-5 * float(jnp.abs(want).max()))
 
 
 def test_lower_compile_call_with_dict_params():
