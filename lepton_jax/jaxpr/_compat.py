@@ -1,0 +1,78 @@
+"""The one place lepton_jax touches JAX internals (``jax._src``).
+
+Role: every other module imports jaxpr types and internal helpers from here, so a JAX upgrade
+(0.10.x here, 0.11.x on the GPU machine) is absorbed in one file. Public spellings
+(``jax.extend.core``, ``jax.core``) are preferred; ``jax._src`` is used only for what has no public
+name, each with a comment saying why.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.core as _jax_core
+import jax.extend.core as _jex_core
+
+# Public (jax.extend.core / jax.core) jaxpr data types.
+ClosedJaxpr = _jex_core.ClosedJaxpr
+Jaxpr = _jex_core.Jaxpr
+JaxprEqn = _jex_core.JaxprEqn
+Literal = _jex_core.Literal
+Var = _jex_core.Var
+DropVar = _jex_core.DropVar
+Primitive = _jex_core.Primitive
+new_jaxpr_eqn = _jex_core.new_jaxpr_eqn
+jaxpr_as_fun = _jex_core.jaxpr_as_fun
+no_effects = _jex_core.no_effects
+AbstractValue = _jax_core.AbstractValue
+ShapedArray = _jax_core.ShapedArray
+Tracer = _jax_core.Tracer
+eval_jaxpr = _jax_core.eval_jaxpr
+
+# Internal: no public equivalent.
+from jax._src import core as core  # noqa: E402  (trace_ctx, EvalTrace, physical_aval, join_effects, get_aval)
+from jax._src import source_info_util as source_info_util  # noqa: E402  (new_jaxpr_eqn's source_info)
+from jax._src.interpreters import partial_eval as pe  # noqa: E402  (dce_jaxpr, dce_rules, has_effects)
+
+try:  # saved_residuals is public only as print_saved_residuals
+  from jax._src.ad_checkpoint import saved_residuals as saved_residuals  # noqa: E402
+except ImportError:  # pragma: no cover - future JAX
+  saved_residuals = None
+
+try:
+  from jax._src.lax.control_flow import loops as _loops  # noqa: E402
+  while_p = _loops.while_p
+except (ImportError, AttributeError):  # pragma: no cover
+  while_p = None
+
+JAX_VERSION = tuple(int(p) for p in jax.__version__.split(".")[:3] if p.isdigit())
+
+
+def get_aval(x):
+  return core.get_aval(x)
+
+
+def physical_aval(aval):
+  return core.physical_aval(aval)
+
+
+def join_effects(*effects):
+  return core.join_effects(*effects)
+
+
+def is_eval_context() -> bool:
+  """True when no JAX transformation is being traced (eager evaluation)."""
+  current = getattr(core.trace_ctx, "trace", None)
+  return current is None or isinstance(current, core.EvalTrace)
+
+
+def is_var(x) -> bool:
+  """A real (not dropped) jaxpr variable."""
+  return isinstance(x, Var) and not isinstance(x, DropVar)
+
+
+def is_literal(x) -> bool:
+  return isinstance(x, Literal)
+
+
+def is_jaxpr(x) -> bool:
+  return isinstance(x, (Jaxpr, ClosedJaxpr))
