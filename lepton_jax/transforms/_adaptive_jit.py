@@ -16,11 +16,11 @@ from typing import Any, Callable, Literal, Sequence, overload
 
 import jax
 import numpy as np
-from jax._src import core
+from lepton_jax.jaxpr._eval import eval_jaxpr
 
 from lepton_jax._nnx import is_graph_node as _is_graph_node
 from lepton_jax.transforms import _buckets
-from lepton_jax.transforms.passes._common import Rewrite
+from lepton_jax.jaxpr._driver import Rewrite, count_eqns
 from lepton_jax.transforms.passes._pipeline import normalize_passes, run_passes
 
 __all__ = ["adaptive_jit", "AdaptiveJitted", "CacheInfo", "ExplainReport"]
@@ -129,11 +129,6 @@ class _Static:
   static_pos: tuple[tuple[int, Any], ...]
   static_kw: tuple[tuple[str, Any], ...]
   nargs: int
-
-
-def _count_eqns(jaxpr) -> int:
-  from lepton_jax.transforms.passes._dce import _count_eqns as c
-  return c(jaxpr)
 
 
 class AdaptiveJitted:
@@ -275,7 +270,7 @@ class AdaptiveJitted:
     leaves = _interleave(static.donate_mask, donated, kept)
     closed, out_tree, state_leaves = self._trace(static, leaves, state)
     new, _ = run_passes(closed, self._passes, kernels=self._kernels)
-    outs = core.eval_jaxpr(new.jaxpr, new.consts, *leaves, *state_leaves)
+    outs = eval_jaxpr(new.jaxpr, new.consts, *leaves, *state_leaves)
     return jax.tree_util.tree_unflatten(out_tree, outs)
 
   def _fast_impl(self, *args, **kwargs):
@@ -284,7 +279,7 @@ class AdaptiveJitted:
     static, leaves, nodes, state = self._split(args, kwargs)
     closed, out_tree, state_leaves = self._trace(static, leaves, state)
     new, _ = run_passes(closed, self._passes, kernels=self._kernels)
-    outs = core.eval_jaxpr(new.jaxpr, new.consts, *leaves, *state_leaves)
+    outs = eval_jaxpr(new.jaxpr, new.consts, *leaves, *state_leaves)
     out, new_state = jax.tree_util.tree_unflatten(out_tree, outs)
     if nodes:  # only reached by lower() with NNX objects (registered pytrees in Flax NNX)
       from flax import nnx
@@ -374,7 +369,7 @@ class AdaptiveJitted:
     static, donated, kept, _, state, _ = self._prepare(args, kwargs)
     return self._jitted.lower(static, donated, kept, state)
 
-  def rewritten_jaxpr(self, *args, **kwargs) -> tuple[core.ClosedJaxpr, core.ClosedJaxpr]:
+  def rewritten_jaxpr(self, *args, **kwargs) -> tuple["jax.extend.core.ClosedJaxpr", "jax.extend.core.ClosedJaxpr"]:
     """``(original, rewritten)`` closed jaxprs for these arguments (flat interface)."""
     static, donated, kept, _, state, _ = self._prepare(args, kwargs)
     leaves = _interleave(static.donate_mask, _abstract(donated), _abstract(kept))
@@ -411,8 +406,8 @@ class AdaptiveJitted:
         flops_after=float(ljx.jaxpr_cost(new).flops),
         peak_bytes_before=int(ljx.peak_live_bytes(closed)),
         peak_bytes_after=int(ljx.peak_live_bytes(new)),
-        eqns_before=_count_eqns(closed.jaxpr),
-        eqns_after=_count_eqns(new.jaxpr),
+        eqns_before=count_eqns(closed.jaxpr),
+        eqns_after=count_eqns(new.jaxpr),
         bucket=bucket_info,
     )
 

@@ -243,7 +243,7 @@ def test_fold_never_adds_consts_to_open_subjaxpr():
 def test_map_subjaxprs_skips_instead_of_asserting():
   from jax._src import core as jcore
 
-  from lepton_jax.transforms.passes._common import map_subjaxprs
+  from lepton_jax.jaxpr._driver import map_subjaxprs
   closed = jax.make_jaxpr(lambda x: jax.checkpoint(jnp.sin)(x))(jnp.ones(2))
   (eqn,) = closed.jaxpr.eqns
 

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from jax._src import core
+from lepton_jax.jaxpr import _compat as core
 
-from lepton_jax.transforms.passes._common import (known_consts, Rewrite, inline_closed, location,
-                                                  map_subjaxprs, substitute)
+from lepton_jax.jaxpr._driver import (known_consts, Rewrite, inline_closed, location, rewrite_nested,
+                                      substitute)
 
 __all__ = ["cond"]
 
@@ -51,10 +51,6 @@ def _cond_jaxpr(closed: core.ClosedJaxpr, path: str, records: list[Rewrite]) -> 
                                  len(branches) - 1))
           changed = True
           continue
-    new_eqn = map_subjaxprs(eqn, lambda cj, nm, _o, here=here: _cond_jaxpr(cj, f"{here}/{nm}/", records))
-    if new_eqn is not eqn:
-      changed = True
-      eqn = new_eqn
     new_eqns.append(eqn)
   if not changed:
     return closed
@@ -77,4 +73,4 @@ def cond(closed: core.ClosedJaxpr, **_) -> tuple[core.ClosedJaxpr, list[Rewrite]
   ['static_predicate']
   """
   records: list[Rewrite] = []
-  return _cond_jaxpr(closed, "", records), records
+  return rewrite_nested(closed, _cond_jaxpr, records), records

@@ -12,23 +12,12 @@ from typing import Any
 
 import numpy as np
 
-from jax._src import core
-
-from lepton_jax.transforms.passes._common import Rewrite, location, map_subjaxprs, substitute
+from lepton_jax.jaxpr import _compat as core
+from lepton_jax.jaxpr._driver import Rewrite, location, rewrite_nested, substitute
+from lepton_jax.jaxpr._registry import primitive_info
 
 __all__ = ["cse"]
 
-_COMMUTATIVE = frozenset({"add", "mul", "max", "min", "and", "or", "xor", "eq", "ne",
-                          "add_any"})
-# Never merged: stateful/random/nondeterministic or identity-carrying primitives.
-_NEVER = ("rng", "random", "iota_2x32", "threefry", "callback", "debug", "print",
-          "infeed", "outfeed", "barrier", "optimization_barrier", "pure_callback", "io_callback", "pallas_call", "axis_index", "psum", "all_",
-          "ppermute", "pmax", "pmin", "reduce_scatter", "mutable", "ref_", "get", "swap",
-          "addupdate", "run_state", "custom_lin", "mesh_cast", "sharding_constraint")
-
-
-def _never(prim_name: str) -> bool:
-  return any(tok in prim_name for tok in _NEVER)
 
 
 class _Unhashable(Exception):
@@ -78,11 +67,12 @@ def _cse_jaxpr(closed: core.ClosedJaxpr, path: str, records: list[Rewrite]) -> c
       eqn = eqn.replace(invars=invars)
       changed = True
     key = None
-    if not eqn.effects and not _never(eqn.primitive.name) and not any(
+    info = primitive_info(eqn)
+    if not eqn.effects and info.cse_safe and not any(
         isinstance(v, core.DropVar) for v in eqn.outvars):
       try:
         ins = [_atom_key(a, env) for a in eqn.invars]
-        if eqn.primitive.name in _COMMUTATIVE and len(ins) == 2:
+        if info.commutative and len(ins) == 2:
           ins = sorted(ins, key=repr)
         key = (eqn.primitive, tuple(ins), _freeze(eqn.params),
                tuple((v.aval.shape, str(v.aval.dtype)) if hasattr(v.aval, "shape") else str(v.aval)
@@ -99,10 +89,6 @@ def _cse_jaxpr(closed: core.ClosedJaxpr, path: str, records: list[Rewrite]) -> c
       continue
     if key is not None:
       seen[key] = eqn.outvars
-    new_eqn = map_subjaxprs(eqn, lambda cj, name, _o, here=here: _cse_jaxpr(cj, f"{here}/{name}/", records))
-    if new_eqn is not eqn:
-      changed = True
-      eqn = new_eqn
     new_eqns.append(eqn)
   if not changed:
     return closed
@@ -125,4 +111,4 @@ def cse(closed: core.ClosedJaxpr, **_) -> tuple[core.ClosedJaxpr, list[Rewrite]]
   ['duplicate_sin']
   """
   records: list[Rewrite] = []
-  return _cse_jaxpr(closed, "", records), records
+  return rewrite_nested(closed, _cse_jaxpr, records), records

@@ -8,31 +8,12 @@ carry depends on are removed) and recursion into every nested jaxpr.
 
 from __future__ import annotations
 
-from jax._src import core
-from jax._src.interpreters import partial_eval as pe
-from jax._src.lax.control_flow import loops as _loops
-
-from lepton_jax.transforms.passes._common import Rewrite, location, map_subjaxprs
+from lepton_jax.jaxpr import _compat as core
+from lepton_jax.jaxpr._compat import pe
+from lepton_jax.jaxpr._driver import Rewrite, count_eqns, location, map_subjaxprs
+from lepton_jax.jaxpr._registry import subjaxpr_params
 
 __all__ = ["dce"]
-
-
-def _count_eqns(jaxpr: core.Jaxpr) -> int:
-  n = 0
-  for e in jaxpr.eqns:
-    n += 1
-    for v in e.params.values():
-      if isinstance(v, core.ClosedJaxpr):
-        n += _count_eqns(v.jaxpr)
-      elif isinstance(v, core.Jaxpr):
-        n += _count_eqns(v)
-      elif isinstance(v, (tuple, list)):
-        for b in v:
-          if isinstance(b, core.ClosedJaxpr):
-            n += _count_eqns(b.jaxpr)
-          elif isinstance(b, core.Jaxpr):
-            n += _count_eqns(b)
-  return n
 
 
 def _while_rule(used_outs: list[bool], eqn: core.JaxprEqn):
@@ -89,7 +70,7 @@ def _dce_jaxpr(jaxpr: core.Jaxpr, used_outputs: list[bool], instantiate: list[bo
     eqn = jaxpr.eqns[i]
     used_outs = [env.get(v, False) if not isinstance(v, core.DropVar) else False
                  for v in eqn.outvars]
-    if eqn.primitive is _loops.while_p:
+    if eqn.primitive is core.while_p:
       rule = _while_rule
     else:
       rule = pe.dce_rules.get(eqn.primitive, pe._default_dce_rule)  # pylint: disable=protected-access
@@ -114,18 +95,8 @@ def _dce_jaxpr(jaxpr: core.Jaxpr, used_outputs: list[bool], instantiate: list[bo
   return new_jaxpr, used_inputs
 
 
-def _sub_count(eqn: core.JaxprEqn) -> int:
-  n = 0
-  for v in eqn.params.values():
-    if isinstance(v, core.ClosedJaxpr):
-      n += _count_eqns(v.jaxpr)
-    elif isinstance(v, core.Jaxpr):
-      n += _count_eqns(v)
-    elif isinstance(v, (tuple, list)):
-      for b in v:
-        if isinstance(b, core.ClosedJaxpr):
-          n += _count_eqns(b.jaxpr)
-  return n
+def _sub_count(eqn) -> int:
+  return sum(count_eqns(j) for _, _, j in subjaxpr_params(eqn))
 
 
 def _dce_closed_all(closed: core.ClosedJaxpr, path: str, records: list[Rewrite]) -> core.ClosedJaxpr:

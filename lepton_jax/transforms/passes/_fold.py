@@ -11,24 +11,23 @@ from __future__ import annotations
 import numpy as np
 
 import jax
-from jax._src import core
+from lepton_jax.jaxpr import _compat as core
 
-from lepton_jax.transforms.passes._common import known_consts, Rewrite, location, map_subjaxprs, substitute
+from lepton_jax.jaxpr._driver import known_consts, Rewrite, location, rewrite_nested, substitute
+from lepton_jax.jaxpr._registry import primitive_info
 
 __all__ = ["fold"]
 
 _DEFAULT_MAX_ELEMENTS = 1 << 16
-_SKIP = ("rng", "random", "callback", "debug", "print", "infeed", "outfeed",
-         "pallas_call", "axis_index", "psum", "all_", "ppermute", "pmax", "pmin",
-         "mutable", "ref_", "sharding", "mesh_cast", "device_put", "barrier")
 
 
 def _literal(val: np.ndarray, aval) -> core.Literal:
   return core.Literal(val, aval)
 
 
-def _fold_jaxpr(closed: core.ClosedJaxpr, path: str, records: list[Rewrite], top: bool,
+def _fold_jaxpr(closed: core.ClosedJaxpr, path: str, records: list[Rewrite],
                 max_elements: int) -> core.ClosedJaxpr:
+  top = path == ""   # nested jaxprs only get scalar literals (see below)
   jaxpr = closed.jaxpr
   known = known_consts(closed)
   env: dict = {}
@@ -56,7 +55,7 @@ def _fold_jaxpr(closed: core.ClosedJaxpr, path: str, records: list[Rewrite], top
     foldable = (
         all(v is not None for v in vals)
         and not eqn.effects
-        and not any(tok in eqn.primitive.name for tok in _SKIP)
+        and primitive_info(eqn).foldable
         and not any(isinstance(p, (core.ClosedJaxpr, core.Jaxpr)) for p in eqn.params.values())
         and all(hasattr(v.aval, "shape") and hasattr(v.aval, "dtype") for v in eqn.outvars)
         and all(np.issubdtype(np.dtype(v.aval.dtype), np.number) or v.aval.dtype == np.bool_
@@ -95,12 +94,6 @@ def _fold_jaxpr(closed: core.ClosedJaxpr, path: str, records: list[Rewrite], top
         records.append(Rewrite("fold", f"constant_{eqn.primitive.name}", location(here, eqn), 1))
         changed = True
         continue
-    new_eqn = map_subjaxprs(
-        eqn, lambda cj, name, _o, here=here: _fold_jaxpr(cj, f"{here}/{name}/", records, False,
-                                                        max_elements))
-    if new_eqn is not eqn:
-      changed = True
-      eqn = new_eqn
     new_eqns.append(eqn)
   if not changed:
     return closed
@@ -136,4 +129,5 @@ def fold(closed: core.ClosedJaxpr, *, max_elements: int = _DEFAULT_MAX_ELEMENTS,
   ['constant_add']
   """
   records: list[Rewrite] = []
-  return _fold_jaxpr(closed, "", records, True, max_elements), records
+  level = lambda cj, path, recs: _fold_jaxpr(cj, path, recs, max_elements)
+  return rewrite_nested(closed, level, records), records

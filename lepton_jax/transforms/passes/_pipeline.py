@@ -9,13 +9,13 @@ from __future__ import annotations
 
 from typing import Any, Callable, Sequence
 
-from jax._src import core
-
-from lepton_jax.transforms.passes._common import Rewrite
+from lepton_jax.jaxpr import _compat as core
+from lepton_jax.jaxpr._driver import Rewrite
 from lepton_jax.transforms.passes._cond import cond
 from lepton_jax.transforms.passes._cse import cse
 from lepton_jax.transforms.passes._dce import dce
 from lepton_jax.transforms.passes._fold import fold
+from lepton_jax.transforms.passes._route_kernels import route_kernels
 from lepton_jax.transforms.passes._simplify import simplify
 
 __all__ = ["PASSES", "DEFAULT_PASSES", "normalize_passes", "run_passes"]
@@ -28,7 +28,7 @@ PASSES: dict[str, PassFn] = {
     "fold": fold,
     "simplify": simplify,
     "cond": cond,
-    "route_kernels": None,  # imported lazily (depends on lepton_jax.pallas_kernels)
+    "route_kernels": route_kernels,
 }
 
 #: Default order: fold constants so predicates become static, drop static branches,
@@ -89,9 +89,6 @@ def run_passes(closed: core.ClosedJaxpr, passes: tuple[tuple[str, tuple], ...], 
       if kernels is None:
         continue
       kw["kernels"] = kernels
-    fn = PASSES[name]
-    if fn is None:
-      from lepton_jax.transforms.passes._route_kernels import route_kernels as fn
-    closed, recs = fn(closed, **kw)
+    closed, recs = PASSES[name](closed, **kw)
     records.extend(recs)
   return closed, records

@@ -38,9 +38,12 @@ import numpy as np
 
 import jax
 import jax.numpy as jnp
-from jax._src import core
-
-from lepton_jax.transforms.passes._common import Rewrite, inline_closed, location
+import lepton_jax.pallas_kernels as lpk
+from lepton_jax.jaxpr import _compat as core
+from lepton_jax.jaxpr._defuse import DefUse
+from lepton_jax.jaxpr._driver import Rewrite, inline_calls, known_consts, location, rewrite_nested
+from lepton_jax.jaxpr._eval import eval_jaxpr, retrace
+from lepton_jax.transforms.passes import _templates
 
 __all__ = ["route_kernels", "find_attention", "clear_spot_check_cache"]
 
@@ -88,16 +91,8 @@ class _NoMatch(Exception):
   pass
 
 
-def _uses(jaxpr: core.Jaxpr) -> dict:
-  uses: dict = {}
-  for i, e in enumerate(jaxpr.eqns):
-    for a in e.invars:
-      if isinstance(a, core.Var):
-        uses.setdefault(a, []).append(i)
-  for a in jaxpr.outvars:
-    if isinstance(a, core.Var):
-      uses.setdefault(a, []).append(-1)
-  return uses
+def _uses(jaxpr) -> dict:
+  return DefUse(jaxpr).uses
 
 
 def _scalar_value(a, known) -> float | None:
@@ -277,11 +272,7 @@ def _match_softmax(jaxpr, uses, s_var, known):
 
 
 def _producer_map(jaxpr):
-  prod = {}
-  for i, e in enumerate(jaxpr.eqns):
-    for v in e.outvars:
-      prod[v] = i
-  return prod
+  return DefUse(jaxpr).producers
 
 
 def _depends_on(jaxpr, prod, var, targets: set, memo: dict) -> bool:
@@ -646,21 +637,14 @@ def _attention_replacement(m: _AttnMatch, backend: str):
 
 
 def _kernel(name: str):
-  try:
-    import lepton_jax.pallas_kernels as lpk
-    return getattr(lpk, name)
-  except (ImportError, AttributeError):
-    # The package may not re-export yet; fall back to the implementing module.
-    import importlib
-    mod = {"flash_attention": "_attention", "rms_norm": "_norms", "layer_norm": "_norms",
-           "softmax_cross_entropy": "_cross_entropy", "matmul": "_matmul"}[name]
-    return getattr(importlib.import_module(f"lepton_jax.pallas_kernels.{mod}"), name)
+  """The public ``lepton_jax.pallas_kernels`` entry point ``name``."""
+  return getattr(lpk, name)
 
 
 def find_attention(closed: core.ClosedJaxpr) -> list[_AttnMatch]:
   """All exact attention matches at the top level of ``closed`` (see module doc)."""
   jaxpr = closed.jaxpr
-  known = _known_consts(closed)
+  known = known_consts(closed)
   uses = _uses(jaxpr)
   prod = _producer_map(jaxpr)
   out, taken = [], set()
@@ -678,65 +662,18 @@ def find_attention(closed: core.ClosedJaxpr) -> list[_AttnMatch]:
   return out
 
 
-def _known_consts(closed):
-  known = {}
-  for v, c in zip(closed.jaxpr.constvars, closed.consts):
-    if not isinstance(c, core.Tracer):
-      try:
-        known[v] = np.asarray(c)
-      except Exception:
-        pass
-  return known
-
-
-def _inline_jits(closed: core.ClosedJaxpr) -> tuple[core.ClosedJaxpr, bool]:
-  """Inlines nested ``jit`` calls at the top level so patterns can be seen whole."""
-  jaxpr = closed.jaxpr
-  new_eqns, changed = [], False
-  env: dict = {}
-  for e in jaxpr.eqns:
-    e = e.replace(invars=[env.get(a, a) if isinstance(a, core.Var) else a for a in e.invars])
-    if e.primitive.name in ("jit", "pjit") and not e.effects:
-      inl = inline_closed(e.params["jaxpr"], list(e.invars))
-      if inl is not None:
-        sub, outs = inl
-        sub_closed, _ = _inline_jits(core.ClosedJaxpr(
-            jaxpr.replace(invars=[], outvars=outs, eqns=sub), closed.consts))
-        new_eqns.extend(sub_closed.jaxpr.eqns)
-        for v, o in zip(e.outvars, sub_closed.jaxpr.outvars):
-          env[v] = o
-        changed = True
-        continue
-    new_eqns.append(e)
-  if not changed:
-    return closed, False
-  outvars = [env.get(a, a) if isinstance(a, core.Var) else a for a in jaxpr.outvars]
-  return core.ClosedJaxpr(jaxpr.replace(eqns=new_eqns, outvars=outvars), closed.consts), True
-
-
 def _subgraph_fn(closed, eqn_ids, in_vars, out_var):
   """The matched sub-graph as a function of its inputs (for spot checks)."""
   jaxpr = closed.jaxpr
-  ext = dict(zip(jaxpr.constvars, closed.consts))
+  ids = set(eqn_ids)
+  sub = jaxpr.replace(invars=[], outvars=[out_var],
+                      eqns=[e for i, e in enumerate(jaxpr.eqns) if i in ids])
 
   def fn(*vals):
-    env = dict(ext)
-    for a, val in zip(in_vars, vals):
-      if isinstance(a, core.Var):
-        env[a] = val
-    for i in sorted(eqn_ids):
-      e = jaxpr.eqns[i]
-      ins = [a.val if isinstance(a, core.Literal) else env[a] for a in e.invars]
-      params = e.primitive.get_bind_params(e.params)
-      if isinstance(params, tuple):
-        subfuns, params = params
-      else:
-        subfuns = []
-      outs = e.primitive.bind(*subfuns, *ins, **params)
-      outs = outs if e.primitive.multiple_results else [outs]
-      for o, val in zip(e.outvars, outs):
-        env[o] = val
-    return env[out_var]
+    env_vars = [a for a in in_vars if isinstance(a, core.Var)]
+    env_vals = [v for a, v in zip(in_vars, vals) if isinstance(a, core.Var)]
+    inner = sub.replace(invars=env_vars)
+    return eval_jaxpr(inner, closed.consts, *env_vals)[0]
 
   return fn
 
@@ -800,8 +737,7 @@ _SPOT_CACHE: dict = {}
 def clear_spot_check_cache() -> None:
   """Forgets cached spot-check verdicts and traced templates."""
   _SPOT_CACHE.clear()
-  from lepton_jax.transforms.passes._templates import clear_template_cache
-  clear_template_cache()
+  _templates.clear_template_cache()
 
 
 def _largest_value(jaxpr, eqn_ids, args) -> int:
@@ -861,42 +797,6 @@ def _spot_check(sub, repl, args, out_aval):
   return None if ok else "numeric spot check failed"
 
 
-def _retrace(closed: core.ClosedJaxpr, skip: set, repls: dict) -> core.ClosedJaxpr:
-  """Re-traces ``closed`` evaluating ``repls[i](read)`` instead of eqn i and skipping ``skip``."""
-  jaxpr = closed.jaxpr
-
-  def run(*args):
-    env = {}
-    for v, c in zip(jaxpr.constvars, closed.consts):
-      env[v] = c
-    for v, a in zip(jaxpr.invars, args):
-      env[v] = a
-    read = lambda a: a.val if isinstance(a, core.Literal) else env[a]
-    for i, e in enumerate(jaxpr.eqns):
-      if i in repls:
-        outs = repls[i](read)
-      elif i in skip:
-        continue
-      else:
-        params = e.primitive.get_bind_params(e.params)
-        if isinstance(params, tuple):
-          subfuns, params = params
-        else:
-          subfuns = []
-        with e.ctx.manager:
-          outs = e.primitive.bind(*subfuns, *[read(a) for a in e.invars], **params)
-        outs = outs if e.primitive.multiple_results else [outs]
-      for v, o in zip(e.outvars, outs):
-        if not isinstance(v, core.DropVar):
-          env[v] = o
-    return [read(a) for a in jaxpr.outvars]
-
-  in_specs = [jax.ShapeDtypeStruct(v.aval.shape, v.aval.dtype,
-                                   weak_type=getattr(v.aval, "weak_type", False))
-              for v in jaxpr.invars]
-  return jax.make_jaxpr(run)(*in_specs)
-
-
 _FAMILY_KERNEL = {"rms_norm": "rms_norm", "layer_norm": "layer_norm",
                   "softmax_cross_entropy": "softmax_cross_entropy", "matmul": "matmul"}
 
@@ -931,9 +831,15 @@ def route_kernels(closed: core.ClosedJaxpr, *, kernels: str | None = "auto", spo
   """
   if kernels is None:
     return closed, []
-  from lepton_jax.transforms.passes import _templates
-  work, _ = _inline_jits(closed)
-  records, repls, skip, taken = [], {}, set(), set()
+  records: list[Rewrite] = []
+  level = lambda cj, path, recs: _route_level(cj, path, recs, kernels, spot_check)
+  return rewrite_nested(closed, level, records), records
+
+
+def _route_level(closed, path: str, records: list, kernels: str, spot_check: bool):
+  """Routes the hotspots of one jaxpr level (nested jit calls inlined to see patterns whole)."""
+  work, _ = inline_calls(closed)
+  repls, skip, taken = {}, set(), set()
   for m in find_attention(work):
     repl = _attention_replacement(m, kernels)
     in_vars = (m.q, m.k, m.v, m.bias, m.mask)
@@ -941,7 +847,7 @@ def route_kernels(closed: core.ClosedJaxpr, *, kernels: str | None = "auto", spo
     key = ("attention", m.q_perm, m.k_perm, m.v_perm, m.out_perm, m.bias_perm, m.mask_perm,
            m.scale, m.head_b, m.groups, id(_attention_replacement))
     reason = _check(work, set(m.eqns) | set(m.pre_eqns), in_vars, out_var, repl, spot_check, key)
-    here = location(str(m.d2), work.jaxpr.eqns[m.d2])
+    here = location(f"{path}{m.d2}", work.jaxpr.eqns[m.d2])
     if reason is not None:
       warnings.warn(f"adaptive_jit: attention at eqn {here} was not routed to "
                     f"pallas_kernels.flash_attention because its check failed ({reason}); the "
@@ -974,7 +880,7 @@ def route_kernels(closed: core.ClosedJaxpr, *, kernels: str | None = "auto", spo
     if got.shape != out_var.aval.shape or got.dtype != out_var.aval.dtype:
       continue
     reason = _check(work, m.eqns, m.inputs, out_var, repl, spot_check, key)
-    here = location(str(m.root), work.jaxpr.eqns[m.root])
+    here = location(f"{path}{m.root}", work.jaxpr.eqns[m.root])
     kname = _FAMILY_KERNEL[m.template.family]
     if reason is not None:
       warnings.warn(f"adaptive_jit: {m.pattern} at eqn {here} was not routed to "
@@ -991,6 +897,5 @@ def route_kernels(closed: core.ClosedJaxpr, *, kernels: str | None = "auto", spo
     taken |= m.eqns
     records.append(Rewrite("route_kernels", m.pattern, here, len(m.eqns)))
   if not repls:
-    return closed, []
-  new = _retrace(work, skip, repls)
-  return new, records
+    return closed
+  return retrace(work, replace=repls, skip=frozenset(skip))

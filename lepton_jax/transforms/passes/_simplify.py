@@ -20,10 +20,16 @@ from __future__ import annotations
 import numpy as np
 
 import jax
-from jax._src import core
+from lepton_jax.jaxpr import _compat as core
 
-from lepton_jax.transforms.passes._common import (known_consts, Rewrite, aval_equal, location,
-                                                  map_subjaxprs, substitute, trace_eqns)
+from lepton_jax.jaxpr._driver import (known_consts, Rewrite, location, rewrite_nested, substitute,
+                                      trace_eqns)
+
+
+def aval_equal(a, b) -> bool:
+  """Same shape and dtype (weak types and shardings may differ)."""
+  return (getattr(a, "shape", None) == getattr(b, "shape", None)
+          and getattr(a, "dtype", None) == getattr(b, "dtype", None))
 
 __all__ = ["simplify"]
 
@@ -60,8 +66,9 @@ def _exact_widening(orig, mid) -> bool:
   return fm.nmant >= fo.nmant and fm.maxexp >= fo.maxexp and fm.minexp <= fo.minexp
 
 
-def _simplify_jaxpr(closed: core.ClosedJaxpr, path: str, records: list[Rewrite], nan_unsafe: bool,
-                    top: bool) -> core.ClosedJaxpr:
+def _simplify_jaxpr(closed: core.ClosedJaxpr, path: str, records: list[Rewrite], nan_unsafe: bool
+                    ) -> core.ClosedJaxpr:
+  top = path == ""
   jaxpr = closed.jaxpr
   known = known_consts(closed)
   env: dict = {}
@@ -209,12 +216,6 @@ def _simplify_jaxpr(closed: core.ClosedJaxpr, path: str, records: list[Rewrite],
       records.append(Rewrite("simplify", pattern, location(here, eqn), 1))
       changed = True
       eqn = replacement
-    new_eqn = map_subjaxprs(
-        eqn, lambda cj, nm, _o, here=here: _simplify_jaxpr(cj, f"{here}/{nm}/", records,
-                                                          nan_unsafe, False))
-    if new_eqn is not eqn:
-      changed = True
-      eqn = new_eqn
     for v in eqn.outvars:
       producer[v] = eqn
     new_eqns.append(eqn)
@@ -256,4 +257,5 @@ def simplify(closed: core.ClosedJaxpr, *, nan_unsafe: bool = False, **_
   ['double_transpose', 'mul_by_one']
   """
   records: list[Rewrite] = []
-  return _simplify_jaxpr(closed, "", records, nan_unsafe, True), records
+  level = lambda cj, path, recs: _simplify_jaxpr(cj, path, recs, nan_unsafe)
+  return rewrite_nested(closed, level, records), records

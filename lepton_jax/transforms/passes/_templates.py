@@ -33,7 +33,13 @@ import numpy as np
 
 import jax
 import jax.numpy as jnp
-from jax._src import core
+import lepton_jax.pallas_kernels as lpk
+from lepton_jax.jaxpr import _compat as core
+from lepton_jax.jaxpr._driver import inline_calls
+from lepton_jax.transforms.passes._cse import cse
+from lepton_jax.transforms.passes._dce import dce
+from lepton_jax.transforms.passes._fold import fold
+from lepton_jax.transforms.passes._simplify import simplify
 
 __all__ = ["TEMPLATES", "TemplateMatch", "find_template_matches", "clear_template_cache"]
 
@@ -258,15 +264,20 @@ class _Traced:
 
 
 def _inline_all(closed):
-  from lepton_jax.transforms.passes._route_kernels import _inline_jits
-  return _inline_jits(closed)[0]
+  return inline_calls(closed)[0]
+
+
+def _normalize(closed):
+  """The passes that run before routing, in the default order (so templates look alike)."""
+  for p in (fold, simplify, cse, dce):
+    closed = p(closed)[0]
+  return closed
 
 
 def _trace_template(tpl: Template, avals: tuple) -> _Traced | None:
   key = (tpl.family, tpl.name, avals)
   if key in _TRACE_CACHE:
     return _TRACE_CACHE[key]
-  from lepton_jax.transforms.passes._pipeline import normalize_passes, run_passes
   specs = [jax.ShapeDtypeStruct(s, d) for s, d in avals]
   fn = (lambda *a: tpl.fn(*a, eps=EPS_SENTINEL)) if tpl.has_eps else tpl.fn
   try:
@@ -277,9 +288,7 @@ def _trace_template(tpl: Template, avals: tuple) -> _Traced | None:
   if len(closed.jaxpr.outvars) != 1:
     _TRACE_CACHE[key] = None
     return None
-  norm = normalize_passes(["fold", "simplify", "cse", "dce"])
-  cands = [_inline_all(closed), _inline_all(run_passes(closed, norm)[0]),
-           run_passes(_inline_all(closed), norm)[0]]
+  cands = [_inline_all(closed), _inline_all(_normalize(closed)), _normalize(_inline_all(closed))]
   variants, seen = [], set()
   for c in cands:
     s = str(c.jaxpr)
@@ -550,24 +559,23 @@ def _try(tpl, tr, jaxpr, pprod, pknown, i) -> TemplateMatch | None:
 
 def replacement(m: TemplateMatch, backend: str, out_aval) -> Callable:
   """``fn(*inputs) -> root value`` calling the ``lepton_jax.pallas_kernels`` entry."""
-  from lepton_jax.transforms.passes._route_kernels import _kernel
   t = m.template
   shape = tuple(out_aval.shape)
   if t.family == "rms_norm":
-    k = _kernel("rms_norm")
+    k = lpk.rms_norm
     fn = lambda x, s=None: k(x, s, eps=m.eps, backend=backend)
   elif t.family == "layer_norm":
-    k = _kernel("layer_norm")
+    k = lpk.layer_norm
     fn = lambda x, s=None, b=None: k(x, s, b, eps=m.eps, backend=backend)
   elif t.family == "softmax_cross_entropy":
-    k = _kernel("softmax_cross_entropy")
+    k = lpk.softmax_cross_entropy
 
     def fn(logits, labels):
       if t.labels_trailing_one:
         labels = labels.reshape(labels.shape[:-1])
       return k(logits, labels, backend=backend)
   elif t.family == "matmul":
-    k = _kernel("matmul")
+    k = lpk.matmul
     fn = lambda x, w, b=None: k(x, w, bias=b, activation=t.activation, backend=backend)
   else:  # pragma: no cover
     raise ValueError(t.family)
