@@ -1,0 +1,118 @@
+"""Shared helpers of the compression transforms: argument flattening (with NNX graph nodes),
+trace-cache keys, compiled-program measurements."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lepton_jax._nnx import is_graph_node, nnx_module
+from lepton_jax.jaxpr._compat import Tracer
+
+__all__ = ["Flat", "flatten_call", "spec_of", "compiled_figures", "has_tracer"]
+
+
+@dataclasses.dataclass
+class Flat:
+  """``(args, kwargs)`` with NNX graph nodes replaced by their state."""
+  treedef: Any
+  nodes: dict          # position in the node-level leaves -> (node, graphdef)
+  pure: list           # node-level leaves with nodes replaced by nnx.State
+  leaves: list         # array leaves of ``pure``
+  pure_tree: Any       # treedef of ``pure``
+
+  def key(self):
+    gdefs = tuple((i, _hashable(g)) for i, (_, g) in sorted(self.nodes.items()))
+    avals = tuple((tuple(np.shape(x)), jnp.result_type(x), _weak(x)) for x in self.leaves)
+    return (self.treedef, self.pure_tree, gdefs, avals)
+
+
+def _weak(x) -> bool:
+  aval = getattr(x, "aval", None)
+  if aval is not None:
+    return bool(getattr(aval, "weak_type", False))
+  return isinstance(x, (bool, int, float, complex))
+
+
+def _hashable(gdef):
+  try:
+    hash(gdef)
+    return gdef
+  except TypeError:  # pragma: no cover - older flax
+    return id(gdef)
+
+
+def flatten_call(args, kwargs) -> Flat:
+  nnx = nnx_module()
+  leaves, treedef = jax.tree_util.tree_flatten((args, kwargs), is_leaf=is_graph_node)
+  nodes, pure = {}, []
+  for i, x in enumerate(leaves):
+    if is_graph_node(x):
+      gdef, state = nnx.split(x)
+      nodes[i] = (x, gdef)
+      pure.append(state)
+    else:
+      pure.append(x)
+  flat, pure_tree = jax.tree_util.tree_flatten(pure)
+  return Flat(treedef, nodes, pure, flat, pure_tree)
+
+
+def pure_function(fun, flat: Flat):
+  """``f(*array_leaves) -> (out_leaves, out_tree_store)``: re-merges NNX nodes inside."""
+  nnx = nnx_module()
+  store = []
+
+  def f(*arrays):
+    pure = jax.tree_util.tree_unflatten(flat.pure_tree, arrays)
+    leaves = list(pure)
+    merged = {}
+    for i, (_, gdef) in flat.nodes.items():
+      merged[i] = nnx.merge(gdef, leaves[i])
+      leaves[i] = merged[i]
+    args, kwargs = jax.tree_util.tree_unflatten(flat.treedef, leaves)
+    out = fun(*args, **kwargs)
+    states = {i: nnx.state(m) for i, m in merged.items()}
+    outs, tree = jax.tree_util.tree_flatten((out, states))
+    store.append(tree)
+    return outs
+
+  return f, store
+
+
+def update_nodes(flat: Flat, states: dict) -> None:
+  nnx = nnx_module()
+  for i, (node, _) in flat.nodes.items():
+    nnx.update(node, states[i])
+
+
+def spec_of(x):
+  return jax.ShapeDtypeStruct(np.shape(x), jnp.result_type(x), weak_type=_weak(x))
+
+
+def has_tracer(values) -> bool:
+  return any(isinstance(v, Tracer) for v in values)
+
+
+def compiled_figures(fun, *args, **kwargs) -> dict:
+  """Bytes and FLOPs of ``jax.jit(fun)`` compiled for these arguments (the backend's numbers)."""
+  compiled = jax.jit(fun).lower(*args, **kwargs).compile()
+  mem = compiled.memory_analysis()
+  cost = compiled.cost_analysis()
+  if isinstance(cost, (list, tuple)):
+    cost = cost[0] if cost else {}
+  cost = cost or {}
+
+  def g(name):
+    return int(getattr(mem, name, 0) or 0) if mem is not None else 0
+
+  return {
+      "temp_bytes": g("temp_size_in_bytes"),
+      "argument_bytes": g("argument_size_in_bytes"),
+      "output_bytes": g("output_size_in_bytes"),
+      "flops": float(cost.get("flops", 0.0)),
+      "bytes_accessed": float(cost.get("bytes accessed", 0.0)),
+  }
