@@ -19,3 +19,7 @@ from lepton_jax.transforms._adaptive_jit import adaptive_jit as adaptive_jit
 from lepton_jax.transforms._remat_plan import RematPlan as RematPlan
 from lepton_jax.transforms._remat_plan import remat_plan as remat_plan
 from lepton_jax import offload as offload
+from lepton_jax.compression._mixed_precision import mixed_precision as mixed_precision
+from lepton_jax.compression._mixed_precision import DynamicLossScale as DynamicLossScale
+from lepton_jax.compression._quantize import quantize as quantize
+from lepton_jax.compression._prune import prune as prune
