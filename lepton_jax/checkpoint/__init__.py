@@ -4,4 +4,5 @@
 """
 
 from lepton_jax.checkpoint._manager import CheckpointCorruptionWarning as CheckpointCorruptionWarning
+from lepton_jax.checkpoint._manager import CheckpointLockError as CheckpointLockError
 from lepton_jax.checkpoint._manager import TieredCheckpointManager as TieredCheckpointManager

@@ -2,27 +2,35 @@
 
 from __future__ import annotations
 
-import asyncio
+import concurrent.futures
 import dataclasses
 import json
+import logging
 import os
+import re
+import shutil
+import socket
+import threading
+import time
 import uuid
 import warnings
+import weakref
 from typing import Any, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
-from orbax.checkpoint._src.handlers import json_checkpoint_handler
 
 from lepton_jax.checkpoint import _checksum
 
-__all__ = ["TieredCheckpointManager", "CheckpointCorruptionWarning", "STATE_ITEM",
-           "METADATA_ITEM", "MANIFEST_ITEM"]
+__all__ = ["TieredCheckpointManager", "CheckpointCorruptionWarning", "CheckpointLockError",
+           "STATE_ITEM", "METADATA_ITEM", "MANIFEST_ITEM"]
 
 _API = "TieredCheckpointManager"
 _FORMAT = "lepton_jax.checkpoint/1"
+_log = logging.getLogger("lepton_jax.checkpoint")
 
 #: Orbax item holding every array leaf as a nested dict (``ocp.args.StandardSave``).
 STATE_ITEM = "state"
@@ -32,14 +40,40 @@ METADATA_ITEM = "metadata"
 MANIFEST_ITEM = "lepton_manifest"
 _COMMIT_FILE = "commit_success.txt"  # written by Orbax just before the atomic rename
 _JSON_FILE = "metadata"  # file name JsonCheckpointHandler writes inside its item directory
+_SIDE_DIR = ".lepton"  # per-tier lock file and verdicts; Orbax ignores names that are not steps
+_NEW_TAG = ".lepton-new-"  # a re-saved step written aside, promoted once complete
+_STALE_TAG = ".lepton-stale-"  # a retired step, deleted right after the rename
+_ORBAX_TMP = ".orbax-checkpoint-tmp"
+_ROOT_KEY = "__lepton_root__"  # storage path of a state that is a single array (no pytree keys)
+_ASIDE_RE = re.compile(r"^(\d+)(\.lepton-new-|\.lepton-stale-)[0-9a-f]+$")
 
 
 class CheckpointCorruptionWarning(UserWarning):
   """A checkpoint failed verification and was skipped in favour of an older one."""
 
 
+class CheckpointLockError(RuntimeError):
+  """Another live TieredCheckpointManager holds the checkpoint directory."""
+
+
 class _Corrupt(Exception):
-  """Internal: a step directory that cannot be trusted."""
+  """Internal: a step directory that cannot be trusted (damaged, incomplete, wrong content)."""
+
+
+def _is_io_error(e: BaseException) -> bool:
+  """An environment problem (permissions, disk, network), not damage of the checkpoint."""
+  seen = set()
+  while e is not None and id(e) not in seen:
+    seen.add(id(e))
+    if isinstance(e, OSError) and not isinstance(e, (FileNotFoundError, IsADirectoryError,
+                                                     NotADirectoryError, EOFError)):
+      return True
+    msg = str(e)
+    if any(k in msg for k in ("PERMISSION_DENIED", "RESOURCE_EXHAUSTED", "UNAVAILABLE",
+                              "Permission denied", "No space left")):
+      return True
+    e = e.__cause__ or e.__context__
+  return False
 
 
 # ----------------------------------------------------------------------------
@@ -66,7 +100,12 @@ def _segment(k) -> str:
 
 
 def _path(kp) -> tuple[str, ...]:
-  return tuple(_segment(k) for k in kp)
+  # A state that is one bare array has no keys; it is stored under a reserved name.
+  return tuple(_segment(k) for k in kp) or (_ROOT_KEY,)
+
+
+def _leaf_name(kp) -> str:
+  return jax.tree_util.keystr(kp) or "<root> (the state itself)"
 
 
 def _is_key_array(x) -> bool:
@@ -100,9 +139,9 @@ def _get(nested: dict, path: Sequence[str]):
 
 @dataclasses.dataclass
 class _Split:
-  array_paths: list
+  array_paths: list       # paths of the arrays Orbax writes (non-empty arrays)
   arrays: list            # what Orbax saves (key arrays replaced by their key data)
-  entries: list           # manifest entries (without digests)
+  entries: list           # manifest entries of every array leaf (without digests)
   meta_pairs: list        # (path, json value)
   meta_types: list        # manifest entries for metadata leaves
 
@@ -111,23 +150,35 @@ def _split(state) -> _Split:
   leaves = jax.tree_util.tree_flatten_with_path(state)[0]
   sp = _Split([], [], [], [], [])
   for kp, x in leaves:
-    path = _path(kp)
+    path, name = _path(kp), _leaf_name(kp)
     if isinstance(x, jax.ShapeDtypeStruct):
-      raise TypeError(f"{_API}.save: state leaf {jax.tree_util.keystr(kp)} is a ShapeDtypeStruct; "
+      raise TypeError(f"{_API}.save: state leaf {name} is a ShapeDtypeStruct; "
                       "save needs concrete arrays (ShapeDtypeStructs belong in restore(target=...))")
     if isinstance(x, (jax.Array, np.ndarray)):
       key_impl = None
       kind = "numpy" if isinstance(x, np.ndarray) else "jax"
+      if kind == "jax" and x.is_deleted():
+        raise ValueError(f"{_API}.save: state leaf {name} is a deleted jax.Array (donated to a jitted "
+                         "function or deleted); save the state before donating it")
       if kind == "jax" and _is_key_array(x):
         key_impl = str(jax.random.key_impl(x))
         x = jax.random.key_data(x)
-      if kind == "numpy" and x.dtype == object:
-        raise TypeError(f"{_API}.save: state leaf {jax.tree_util.keystr(kp)} is an object array")
-      sp.array_paths.append(path)
-      sp.arrays.append(x)
-      sp.entries.append({"path": list(path), "shape": list(x.shape), "dtype": np.dtype(x.dtype).name,
-                         "kind": kind, "key_impl": key_impl})
+      dt = np.dtype(x.dtype)
+      if dt.kind in "OUS" or dt.fields is not None or dt.type is np.void:
+        raise TypeError(
+            f"{_API}.save: state leaf {name} is an array of dtype {dt}; arrays of objects, strings, "
+            "bytes or structured records cannot be checkpointed. Store text as a str leaf, records "
+            "as a dict of numeric arrays")
+      stored = x.size > 0  # Orbax refuses zero-size arrays; shape and dtype say everything
+      sp.entries.append({"path": list(path), "shape": list(x.shape), "dtype": dt.name,
+                         "kind": kind, "key_impl": key_impl, "stored": stored})
+      if stored:
+        sp.array_paths.append(path)
+        sp.arrays.append(x)
     elif isinstance(x, np.generic):
+      if np.dtype(x.dtype).kind in "OUSV" and np.dtype(x.dtype).type in (np.str_, np.bytes_, np.void, np.object_):
+        raise TypeError(f"{_API}.save: state leaf {name} is a numpy {x.dtype} scalar; store it as "
+                        "a plain Python str/int/float leaf")
       sp.meta_pairs.append((path, x.item()))
       sp.meta_types.append({"path": list(path), "type": f"numpy:{x.dtype.name}"})
     elif x is None or isinstance(x, (bool, int, float, str)):
@@ -135,9 +186,11 @@ def _split(state) -> _Split:
       sp.meta_types.append({"path": list(path), "type": type(x).__name__})
     else:
       raise TypeError(
-          f"{_API}.save: state leaf {jax.tree_util.keystr(kp)} has type {type(x).__name__}; "
+          f"{_API}.save: state leaf {name} has type {type(x).__name__}; "
           "valid leaves are jax/numpy arrays and JSON scalars (bool, int, float, str); convert it "
           "(for example to a dict of scalars) or register it as a pytree")
+  # Two leaves on one storage path (e.g. keys 1 and "1") are refused before anything is written.
+  _nest([(tuple(e["path"]), None) for e in sp.entries] + [(p, None) for p, _ in sp.meta_pairs])
   return sp
 
 
@@ -145,69 +198,181 @@ def _canonical_json(obj) -> str:
   return json.dumps(obj, sort_keys=True, allow_nan=True)
 
 
+def _snapshot(arrays: list) -> tuple[list, list]:
+  """The caller's share of a save: host copies of ``arrays`` and their digests, started.
+
+  Device arrays larger than ``HOST_DIGEST_MAX_BYTES`` get their digest computed on
+  their devices (one jit, dispatched asynchronously, finished in the background);
+  the rest are digested from the host copy in the background. Host copies start
+  together (``copy_to_host_async``) so the transfers overlap. Returns
+  ``(host_copies, pending_digests)``; a pending digest is ``None`` where the
+  background thread digests the host copy.
+  """
+  n = len(arrays)
+  digests: list = [None] * n
+  big = [i for i, x in enumerate(arrays) if isinstance(x, jax.Array)
+         and (_checksum._nbytes(x) > _checksum.HOST_DIGEST_MAX_BYTES or not x.is_fully_addressable)]
+  if big:
+    for i, d in zip(big, _checksum._digest_all([arrays[i] for i in big])):
+      digests[i] = d
+  for x in arrays:
+    if isinstance(x, jax.Array) and x.is_fully_addressable:
+      x.copy_to_host_async()
+  host: list = [None] * n
+  for i, x in enumerate(arrays):
+    if isinstance(x, np.ndarray):
+      host[i] = np.array(x, copy=True)  # the caller may modify its numpy array afterwards
+    elif x.is_fully_addressable:
+      host[i] = np.asarray(x)  # immutable: jax arrays never change in place
+    else:  # spans several processes: an on-device copy; Orbax writes this process's shards
+      host[i] = x.copy()
+  return host, digests
+
+
+def _finish_digests(host: list, pending: list) -> list[str]:
+  out: list = [None] * len(host)
+  big_host = []
+  for i, (h, d) in enumerate(zip(host, pending)):
+    if d is not None:
+      out[i] = _checksum.digest_hex(d)
+    elif h.nbytes > _checksum.HOST_DIGEST_MAX_BYTES:
+      big_host.append(i)
+    else:
+      out[i] = _checksum.host_digest(h)
+  if big_host:  # NumPy would take seconds per 100 MiB; the jitted digest is ~20x faster
+    for i, d in zip(big_host, _checksum._digest_all([_as_device_words(host[i]) for i in big_host])):
+      out[i] = _checksum.digest_hex(d)
+  return out
+
+
+def _as_device_words(h: np.ndarray) -> jax.Array:
+  """A device array with the same digest as host array ``h`` (64-bit types as uint32 words,
+  so that ``jax_enable_x64=False`` cannot narrow them)."""
+  h = np.ascontiguousarray(h)
+  if h.dtype.itemsize == 8 and not np.issubdtype(h.dtype, np.complexfloating):
+    return jnp.asarray(h.view(np.uint32).reshape(h.shape + (2,)))
+  if h.dtype == np.complex128:
+    return jnp.asarray(h.view(np.uint32).reshape(h.shape + (2, 2)))
+  return jnp.asarray(h)
+
+
 # ----------------------------------------------------------------------------
-# The manifest item: JSON written inside Orbax's atomic commit, digests fetched
-# from the device in the background.
+# Directories: step listing, fingerprints, verdicts, locks, recovery.
 
 
-class _LazyManifest:
-
-  def __init__(self, body: dict, digests: list):
-    self.body = body
-    self.digests = digests
-
-  def resolve(self) -> dict:
-    body = dict(self.body)
-    body["arrays"] = [dict(e, digest=_checksum.digest_hex(d))
-                      for e, d in zip(self.body["arrays"], self.digests)]
-    return {"body": body, "crc32": _checksum.crc32_text(_canonical_json(body))}
+def _is_local(path: epath.Path) -> bool:
+  return "://" not in os.fspath(path)
 
 
-@dataclasses.dataclass
-class _ManifestSave(ocp.args.CheckpointArgs):
-  """Save args of the manifest item (registered per manager, not globally)."""
-
-  item: _LazyManifest
-
-
-class _ManifestHandler(json_checkpoint_handler.JsonCheckpointHandler):
-  """JsonCheckpointHandler whose item is resolved (digests fetched) at commit time."""
-
-  async def _save_fn(self, x, directory):
-    if isinstance(x, _LazyManifest):
-      x = await asyncio.to_thread(x.resolve)
-    await super()._save_fn(x, directory)
-
-  @classmethod
-  def typestr(cls) -> str:
-    # On disk it is an ordinary JSON item: plain Orbax restores it with JsonCheckpointHandler.
-    return json_checkpoint_handler.JsonCheckpointHandler.typestr()
+def _fingerprint(step_dir: epath.Path) -> list | None:
+  """(file, size, mtime) of every file of a step: any rewrite of a file changes it."""
+  if not _is_local(step_dir):
+    return None
+  root = os.fspath(step_dir)
+  out = []
+  try:
+    for dirpath, _, files in os.walk(root):
+      for f in files:
+        st = os.stat(os.path.join(dirpath, f))
+        out.append([os.path.relpath(os.path.join(dirpath, f), root), st.st_size, st.st_mtime_ns])
+  except OSError:
+    return None
+  if not out:
+    return None
+  return sorted(out)
 
 
-# ----------------------------------------------------------------------------
+def _pid_alive(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:
+    return True
+  try:  # a killed child its parent has not reaped yet is dead too
+    with open(f"/proc/{pid}/stat") as f:
+      return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+  except (OSError, IndexError):
+    return True
+
+
+class _Lock:
+  """``<dir>/.lepton/lock``: one writing manager per directory (pid, host, token inside)."""
+
+  def __init__(self, directory: epath.Path):
+    self.path = os.path.join(os.fspath(directory), _SIDE_DIR, "lock")
+    self.token = uuid.uuid4().hex
+    self.held = False
+
+  def acquire(self) -> None:
+    os.makedirs(os.path.dirname(self.path), exist_ok=True)
+    me = {"pid": os.getpid(), "host": socket.gethostname(), "token": self.token,
+          "since": time.strftime("%Y-%m-%d %H:%M:%S")}
+    for _ in range(20):
+      try:
+        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+      except FileExistsError:
+        pass
+      else:
+        with os.fdopen(fd, "w") as f:
+          json.dump(me, f)
+        self.held = True
+        return
+      try:
+        with open(self.path) as f:
+          other = json.load(f)
+      except FileNotFoundError:
+        continue
+      except (OSError, ValueError):  # being written right now, or a torn write of a dead holder
+        if time.time() - os.path.getmtime(self.path) < 5:
+          time.sleep(0.05)
+          continue
+        other = {"pid": -1, "host": socket.gethostname()}
+      pid, host = int(other.get("pid", -1)), str(other.get("host", "?"))
+      if host == socket.gethostname() and (pid < 0 or not _pid_alive(pid)):
+        warnings.warn(
+            f"{_API}: taking over the lock {self.path} of a manager that is gone (pid {pid} on "
+            f"{host} is not running; it probably crashed)", UserWarning, stacklevel=4)
+        try:
+          os.unlink(self.path)
+        except FileNotFoundError:
+          pass
+        continue
+      who = "this process" if pid == os.getpid() and host == socket.gethostname() else f"pid {pid} on host {host}"
+      raise CheckpointLockError(
+          f"{_API}: {os.path.dirname(os.path.dirname(self.path))} is already used by another "
+          f"TieredCheckpointManager ({who}, since {other.get('since', '?')}); two writers would "
+          "delete each other's steps. Close the other manager first (or use another directory); "
+          f"if that process no longer exists, delete {self.path}")
+    raise CheckpointLockError(f"{_API}: could not acquire {self.path} (it keeps changing)")
+
+  def release(self) -> None:
+    if not self.held:
+      return
+    self.held = False
+    try:
+      with open(self.path) as f:
+        if json.load(f).get("token") != self.token:
+          return
+      os.unlink(self.path)
+    except (OSError, ValueError):
+      pass
+
+
+def _release_all(locks) -> None:
+  for lock in locks:
+    lock.release()
 
 
 class _Tier:
 
-  def __init__(self, name: str, directory, every: int, keep: int | None, async_save: bool):
+  def __init__(self, name: str, directory, every: int, keep: int | None):
     self.name = name
     self.directory = epath.Path(directory)
     self.every = every
     self.keep = keep
     self.saved_this_session: set[int] = set()
-    options = ocp.CheckpointManagerOptions(
-        max_to_keep=keep,
-        enable_async_checkpointing=async_save,
-        cleanup_tmp_directories=True,
-        create=True,
-    )
-    registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
-    registry.add(STATE_ITEM, ocp.args.StandardSave, ocp.StandardCheckpointHandler())
-    json_handler = ocp.JsonCheckpointHandler()
-    registry.add(METADATA_ITEM, ocp.args.JsonSave, json_handler)
-    registry.add(METADATA_ITEM, ocp.args.JsonRestore, json_handler)
-    registry.add(MANIFEST_ITEM, _ManifestSave, _ManifestHandler())
-    self.mngr = ocp.CheckpointManager(self.directory, options=options, handler_registry=registry)
+    self.lock = _Lock(self.directory) if _is_local(self.directory) else None
 
   def step_dirs(self) -> dict[int, epath.Path]:
     """Finalised (renamed) step directories; in-flight tmp directories are excluded."""
@@ -215,9 +380,60 @@ class _Tier:
     if not self.directory.exists():
       return out
     for p in self.directory.iterdir():
-      if p.name.isdigit() and p.is_dir():
-        out[int(p.name)] = p
+      if p.name.isdigit():
+        try:
+          if p.is_dir():
+            out[int(p.name)] = p
+        except OSError:  # renamed away meanwhile
+          continue
     return out
+
+  def verdict_path(self, step: int) -> str:
+    return os.path.join(os.fspath(self.directory), _SIDE_DIR, "verdicts", f"{step}.json")
+
+  def aside(self, step: int, tag: str) -> epath.Path:
+    return self.directory / f"{step}{tag}{uuid.uuid4().hex}"
+
+  def recover(self) -> None:
+    """Finishes or undoes what a crash interrupted (run while holding the lock).
+
+    A re-save writes ``N.lepton-new-*`` completely, renames ``N`` to
+    ``N.lepton-stale-*``, renames the new copy to ``N`` and deletes the stale
+    one; after a crash at any point, the newest complete copy becomes ``N``.
+    Orbax's unfinished tmp directories are deleted.
+    """
+    if not self.directory.exists():
+      return
+    names = [p.name for p in self.directory.iterdir()]
+    steps = {n for n in names if n.isdigit()}
+    aside: dict[str, list] = {}
+    for n in names:
+      m = _ASIDE_RE.match(n)
+      if m:
+        aside.setdefault(m.group(1), []).append((m.group(2), n))
+    for step, entries in aside.items():
+      entries.sort(key=lambda e: e[0] != _NEW_TAG)  # a complete new copy wins over the stale one
+      for tag, n in entries:
+        p = self.directory / n
+        complete = (p / _COMMIT_FILE).exists()
+        if step not in steps and complete:
+          p.rename(self.directory / step)
+          steps.add(step)
+          _log.warning("%s: restored step %s in %s from %s after an interrupted re-save",
+                       _API, step, self.directory, n)
+        else:
+          shutil.rmtree(os.fspath(p), ignore_errors=True)
+    for n in names:
+      if _ORBAX_TMP in n and (self.directory / n).exists():
+        shutil.rmtree(os.fspath(self.directory / n), ignore_errors=True)
+    vdir = os.path.join(os.fspath(self.directory), _SIDE_DIR, "verdicts")
+    if os.path.isdir(vdir):
+      for f in os.listdir(vdir):
+        if f.split(".")[0] not in steps:
+          try:
+            os.unlink(os.path.join(vdir, f))
+          except OSError:
+            pass
 
 
 def _read_manifest(step_dir: epath.Path) -> dict:
@@ -232,6 +448,8 @@ def _read_manifest(step_dir: epath.Path) -> dict:
   except FileNotFoundError as e:
     raise _Corrupt(f"manifest {f} is missing (incomplete or damaged checkpoint)") from e
   except Exception as e:  # noqa: BLE001 - any parse problem means damage
+    if _is_io_error(e):
+      raise
     raise _Corrupt(f"manifest {f} is unreadable: {type(e).__name__}: {e}") from e
   if not ok:
     raise _Corrupt(f"manifest {f} fails its own CRC-32 check")
@@ -251,6 +469,23 @@ def _key_data_sharding(sharding, ndim: int):
   return _default_sharding()
 
 
+def _x64_blocked(dtype) -> bool:
+  return (not jax.config.jax_enable_x64
+          and np.dtype(dtype) in (np.dtype(np.float64), np.dtype(np.int64), np.dtype(np.uint64),
+                                  np.dtype(np.complex128)))
+
+
+@dataclasses.dataclass
+class _SaveJob:
+  step: int
+  tiers: list
+  host: list
+  pending_digests: list
+  split: _Split
+  meta: dict
+  supersede: dict  # tier name -> steps > step left by an earlier run, removed once step commits
+
+
 class TieredCheckpointManager:
   """Two-tier Orbax checkpointing that survives ``kill -9`` and detects corruption.
 
@@ -262,10 +497,10 @@ class TieredCheckpointManager:
 
   How it works:
 
-  * Each tier is an ordinary ``orbax.checkpoint.CheckpointManager`` with three
-    items per step: ``"state"`` (every array leaf, as a nested dict keyed by
-    the pytree path, via ``StandardCheckpointHandler``), ``"metadata"`` (every
-    non-array leaf - step, data-iterator position, config values - as JSON) and
+  * Each tier is an ordinary Orbax checkpoint directory with three items per
+    step: ``"state"`` (every array leaf, as a nested dict keyed by the pytree
+    path, ``StandardCheckpointHandler``), ``"metadata"`` (every non-array leaf -
+    step, data-iterator position, config values - as JSON) and
     ``"lepton_manifest"`` (JSON: shape, dtype and a 64-bit content digest of
     every array, a CRC-32 of the metadata, and a CRC-32 of itself). Plain Orbax
     reads the persistent tier::
@@ -276,23 +511,40 @@ class TieredCheckpointManager:
           state=ocp.args.StandardRestore(abstract_nested_dict),
           metadata=ocp.args.JsonRestore()))
 
-  * ``save`` is asynchronous (``async_save=True``): it returns once the arrays
-    are copied device->host and the digest computation is dispatched; the
-    writes, the manifest and Orbax's atomic finalisation (tmp directory +
-    rename) run in the background. A step is visible to ``latest_step`` and
-    ``restore`` only after that rename, with the manifest inside it, so a crash
-    at any moment leaves the newest complete step of each tier intact.
-  * ``restore`` re-computes every array's digest on the restored arrays and
-    compares it with the manifest. On a mismatch, a missing or truncated file
-    or an unreadable manifest it warns (:class:`CheckpointCorruptionWarning`)
-    and falls back to the next newest step in either tier; it never returns
-    values that differ from what was saved. The digest is independent of the
+  * ``save`` blocks only for the device->host copy of the arrays (started for
+    all arrays at once) and for dispatching the digest computation on the
+    devices; digests, writes, Orbax's atomic finalisation (tmp directory +
+    rename) and retention run on a background thread, one tier after the other
+    (a failing tier does not stop the next one; the error is raised by
+    ``wait()``, the next ``save`` or, with ``async_save=False``, by ``save``).
+  * A step directory appears only by an atomic rename of a complete copy.
+    Re-saving a step that exists writes the new copy aside, then swaps it in;
+    a crash at any moment leaves the old or the new complete copy, and the
+    next manager finishes or undoes the swap. If a crash (or an I/O error)
+    kept the persistent tier from a step it was due, the next manager (or the
+    next ``save``) copies the newest local step there.
+  * Each directory holds a lock (``.lepton/lock``: pid, host); a second manager
+    on a directory in use is refused with :class:`CheckpointLockError`; the
+    lock of a process that no longer runs is taken over with a warning.
+  * ``latest_step`` names only a step whose data verifies: the first time it
+    reads and checks the step (digests), then it remembers the verdict next to
+    the step (``.lepton/verdicts``) together with the size and mtime of every
+    file, so a later change of any file triggers a new check. Steps this
+    manager wrote are recorded as verified when committed (their digests come
+    from the very bytes handed to Orbax).
+  * ``restore`` re-computes every array's digest and compares it with the
+    manifest. On a mismatch, a missing or truncated file or an unreadable
+    manifest it warns (:class:`CheckpointCorruptionWarning`) and falls back to
+    the next newest step in either tier (``step=None``) or raises (explicit
+    ``step``); it never returns values that differ from what was saved. Errors
+    that are not damage - a target of the wrong shape, dtype or sharding, an
+    I/O error - are raised as themselves. The digest is independent of the
     sharding (see ``lepton_jax.checkpoint._checksum``), so restoring onto a
     different mesh is verified too.
-  * Saving a step that is not newer than steps already on disk from an earlier
-    run (training restarted from an older checkpoint) removes those steps
-    (``>= step``, in both tiers) with a warning, so that ``latest_step`` and a
-    later ``restore`` follow the new run rather than the abandoned one.
+  * Saving a step older than steps left on disk by an earlier run (training
+    restarted from an older checkpoint) removes those newer steps, in both
+    tiers and with a warning, once the new step is committed, so that
+    ``latest_step`` and a later ``restore`` follow the new run.
 
   Checkpoint/resume of a Flax NNX model, its optax optimizer and metadata:
 
@@ -320,7 +572,8 @@ class TieredCheckpointManager:
   ``NamedSharding``); restored arrays take the target's sharding (any mesh),
   non-array target leaves are replaced by the saved values. Without
   ``target``, ``restore`` returns nested dicts keyed by the pytree path with
-  arrays on the default device.
+  arrays on the default device (a state saved as one bare array comes back as
+  that array).
 
   Args:
     local_dir: directory of the fast tier, or ``None``.
@@ -364,13 +617,38 @@ class TieredCheckpointManager:
         raise ValueError(f"{_API}: local_dir={os.fspath(local_dir)!r} and persistent_dir="
                          f"{os.fspath(persistent_dir)!r} overlap; give two separate directories")
     self._async = async_save
-    self._closed = False
+    self._closed = True  # until the locks are held
     self._tiers: list[_Tier] = []
     if local_dir is not None:
-      self._tiers.append(_Tier("local", local_dir, int(local_every), int(keep_local), async_save))
+      self._tiers.append(_Tier("local", local_dir, int(local_every), int(keep_local)))
     if persistent_dir is not None:
       self._tiers.append(_Tier("persistent", persistent_dir, int(persistent_every),
-                               None if keep_persistent is None else int(keep_persistent), async_save))
+                               None if keep_persistent is None else int(keep_persistent)))
+    locks = []
+    try:
+      for t in self._tiers:
+        t.directory.mkdir(parents=True, exist_ok=True)
+        if t.lock is not None:
+          t.lock.acquire()
+          locks.append(t.lock)
+    except BaseException:
+      _release_all(locks)
+      raise
+    self._finalizer = weakref.finalize(self, _release_all, locks)
+    self._closed = False
+    self._verdicts: dict = {}
+    self._fs_lock = threading.RLock()  # renames/deletes vs. verification of the same step
+    self._pending: concurrent.futures.Future | None = None
+    self._persistent_owed = False
+    self._checkpointer = ocp.Checkpointer(ocp.CompositeCheckpointHandler())
+    self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="lepton-ckpt")
+    for t in self._tiers:
+      t.recover()
+    if len(self._tiers) == 2:
+      if async_save:
+        self._pending = self._executor.submit(self._catch_up)
+      else:
+        self._catch_up()
 
   # -- context manager -------------------------------------------------------
 
@@ -401,12 +679,18 @@ class TieredCheckpointManager:
     Args:
       step: non-negative training step.
       state: a pytree of arrays (jax or numpy, sharded or not, PRNG keys
-        included) and JSON scalars (``nnx.state(...)``, optax states, dicts).
+        included, zero-size allowed) and JSON scalars (``nnx.state(...)``,
+        optax states, dicts), or a single array.
       force: save to both tiers regardless of the intervals.
 
     Returns:
       Whether a save was started (``False`` when no tier is due or the step
       was already saved by this manager).
+
+    Raises:
+      TypeError / ValueError: a leaf that cannot be stored (named), before anything is written.
+      The error of an earlier asynchronous save, or (``async_save=False``) of this one;
+      every due tier is attempted before the error is raised.
     """
     self._check_open("save")
     if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or step < 0:
@@ -414,64 +698,222 @@ class TieredCheckpointManager:
           f"{_API}.save: step must be an int >= 0, got {step!r}")
     step = int(step)
     tiers = [t for t in self._tiers
-             if (force or step % t.every == 0) and step not in t.saved_this_session]
+             if (force or step % t.every == 0 or (t.name == "persistent" and self._persistent_owed))
+             and step not in t.saved_this_session]
     if not tiers:
       return False
-    sp = _split(state)
+    sp = _split(state)  # bad leaves are refused before anything is written
     meta = _nest(sp.meta_pairs)
-    body = {"format": _FORMAT, "step": step, "arrays": sp.entries, "metadata_types": sp.meta_types,
-            "metadata_crc32": _checksum.crc32_text(_canonical_json(meta))}
-    _nest([(p, None) for p in sp.array_paths] + [(p, None) for p, _ in sp.meta_pairs])  # collisions
-    arrays_tree = _nest(list(zip(sp.array_paths, sp.arrays)))
-    digests = _checksum.device_digests(sp.arrays)
+    self.wait()  # one save in flight at a time: bounded host memory, errors surface here
+    supersede = {}
     for t in self._tiers:  # a restarted run supersedes newer steps in every tier
-      self._drop_stale(t, step)
+      newer = sorted(s for s in t.step_dirs() if s > step and s not in t.saved_this_session)
+      if newer:
+        supersede[t.name] = newer
+        warnings.warn(
+            f"{_API}.save: step {step} is older than {t.name} steps {newer} left by an earlier run "
+            f"(training restarted from an older checkpoint); those steps are removed from "
+            f"{t.directory} once step {step} is committed, so that the latest step follows the new run",
+            UserWarning, stacklevel=2)
+    host, pending = _snapshot(sp.arrays)
+    job = _SaveJob(step, tiers, host, pending, sp, meta, supersede)
     for t in tiers:
-      items = {METADATA_ITEM: ocp.args.JsonSave(meta),
-               MANIFEST_ITEM: _ManifestSave(_LazyManifest(body, digests))}
-      if arrays_tree:
-        items[STATE_ITEM] = ocp.args.StandardSave(arrays_tree)
-      t.mngr.save(step, args=ocp.args.Composite(**items), force=True)
       t.saved_this_session.add(step)
+    if self._async:
+      self._pending = self._executor.submit(self._run_save, job)
+    else:
+      self._run_save(job)
     return True
 
-  def _drop_stale(self, t: _Tier, step: int):
-    def stale_steps():
-      return sorted(s for s in t.step_dirs()
-                    if s > step or (s == step and s not in t.saved_this_session))
-    if not stale_steps():
+  def _run_save(self, job: _SaveJob) -> None:
+    digests = _finish_digests(job.host, job.pending_digests)
+    entries, k = [], 0
+    for e in job.split.entries:
+      if e["stored"]:
+        e = dict(e, digest=digests[k])
+        k += 1
+      else:
+        e = dict(e, digest=None)
+      entries.append(e)
+    body = {"format": _FORMAT, "step": job.step, "arrays": entries,
+            "metadata_types": job.split.meta_types,
+            "metadata_crc32": _checksum.crc32_text(_canonical_json(job.meta))}
+    manifest = {"body": body, "crc32": _checksum.crc32_text(_canonical_json(body))}
+    items = {METADATA_ITEM: ocp.args.JsonSave(job.meta), MANIFEST_ITEM: ocp.args.JsonSave(manifest)}
+    if job.host:
+      items[STATE_ITEM] = ocp.args.StandardSave(_nest(list(zip(job.split.array_paths, job.host))))
+    args = ocp.args.Composite(**items)
+    errors = []
+    committed = []
+    for t in job.tiers:  # every due tier is attempted, whatever happened to the one before
+      try:
+        self._write(t, job.step, args)
+        committed.append(t)
+      except Exception as e:  # noqa: BLE001 - re-raised below, after the other tiers
+        t.saved_this_session.discard(job.step)
+        errors.append((t, e))
+        if t.name == "persistent":
+          self._persistent_owed = True  # the next save writes the durable tier again
+    if any(t.name == "persistent" for t in committed):
+      self._persistent_owed = False
+    if committed:
+      with self._fs_lock:
+        for t in self._tiers:
+          for s in job.supersede.get(t.name, ()):
+            self._remove_step(t, s)
+        for t in committed:
+          self._retain(t)
+    if errors:
+      t, e = errors[0]
+      e.add_note(f"{_API}.save: writing step {job.step} to the {t.name} tier {t.directory} failed"
+                 + "".join(f"; the {o.name} tier {'failed too' if any(o is x for x, _ in errors) else 'committed it'}"
+                           for o in job.tiers if o is not t))
+      raise e
+
+  def _write(self, t: _Tier, step: int, args) -> None:
+    final = t.directory / str(step)
+    exists = final.exists()
+    dest = t.aside(step, _NEW_TAG) if exists else final
+    with warnings.catch_warnings():
+      warnings.simplefilter("ignore")  # Orbax's informational warnings (e.g. about host arrays)
+      self._checkpointer.save(dest, args=args)
+    if exists:  # atomic re-save: the old complete copy is retired only after the new one is complete
+      with self._fs_lock:
+        self._swap_in(t, step, dest)
+    self._record_verdict(t, step, final, True, "")
+
+  def _swap_in(self, t: _Tier, step: int, new: epath.Path) -> None:
+    final = t.directory / str(step)
+    stale = t.aside(step, _STALE_TAG)
+    if final.exists():
+      final.rename(stale)
+    new.rename(final)
+    if stale.exists():
+      shutil.rmtree(os.fspath(stale), ignore_errors=True)
+
+  def _remove_step(self, t: _Tier, step: int) -> None:
+    p = t.directory / str(step)
+    if not p.exists():
       return
-    t.mngr.wait_until_finished()
-    stale = stale_steps()
-    if not stale:
+    trash = t.aside(step, _STALE_TAG)
+    p.rename(trash)  # atomic: the step stops counting at once
+    shutil.rmtree(os.fspath(trash), ignore_errors=True)
+    t.saved_this_session.discard(step)
+    self._verdicts.pop((t.name, step), None)
+    try:
+      os.unlink(t.verdict_path(step))
+    except OSError:
+      pass
+
+  def _retain(self, t: _Tier) -> None:
+    if t.keep is None:
       return
-    warnings.warn(
-        f"{_API}.save: step {step} is not newer than {t.name} steps {stale} left by an earlier run "
-        f"(training restarted from an older checkpoint); removing those steps from "
-        f"{t.directory} so that the latest step follows the new run", UserWarning, stacklevel=3)
-    for s in stale:
-      p = t.directory / str(s)
-      trash = t.directory / f"{s}.lepton-stale-{uuid.uuid4().hex}"
-      p.rename(trash)  # atomic: the step stops counting at once
-      trash.rmtree()
-      t.saved_this_session.discard(s)
-    t.mngr.reload()
+    steps = sorted(t.step_dirs())
+    for s in steps[:-t.keep]:
+      self._remove_step(t, s)
+
+  def _catch_up(self) -> None:
+    """Copies the newest local step to the persistent tier if a crash made it miss a due step."""
+    local, pers = self._tiers
+    try:
+      psteps = [s for s, p in pers.step_dirs().items() if self._manifest_ok(p)]
+      newest_p = max(psteps, default=-1)
+      lsteps = sorted((s for s, p in local.step_dirs().items() if s > newest_p and self._manifest_ok(p)),
+                      reverse=True)
+      if not lsteps or (lsteps[0] // pers.every) * pers.every <= newest_p:
+        return  # no persistent save was due since the newest persistent step
+      # The due step itself if the local tier still has it, else the newest local step.
+      order = sorted(lsteps, key=lambda s: (s % pers.every != 0, -s))
+      for s in order:
+        src = local.directory / str(s)
+        ok, reason = self._verified(local, s, src)
+        if not ok:
+          continue
+        with self._fs_lock:
+          tmp = pers.aside(s, _NEW_TAG)
+          shutil.copytree(os.fspath(src), os.fspath(tmp))
+          self._swap_in(pers, s, tmp)
+          self._record_verdict(pers, s, pers.directory / str(s), True, "")
+          self._retain(pers)
+        _log.warning("%s: the persistent tier %s missed step %d (a crash or error between the two "
+                     "tiers); copied local step %d there", _API, pers.directory,
+                     (lsteps[0] // pers.every) * pers.every, s)
+        return
+    except Exception as e:  # noqa: BLE001 - catching up is best effort; saves go on
+      _log.warning("%s: could not copy the newest local step to the persistent tier: %s: %s",
+                   _API, type(e).__name__, e)
+      self._persistent_owed = True
 
   def wait(self) -> None:
     """Blocks until every started save is committed (and raises its error, if any)."""
-    for t in self._tiers:
-      t.mngr.wait_until_finished()
+    fut, self._pending = self._pending, None
+    if fut is not None:
+      fut.result()
 
   def close(self) -> None:
-    """Waits for pending saves and releases Orbax's resources (idempotent)."""
+    """Waits for pending saves, releases the directories' locks (idempotent)."""
     if self._closed:
       return
     try:
       self.wait()
     finally:
       self._closed = True
-      for t in self._tiers:
-        t.mngr.close()
+      self._executor.shutdown(wait=True)
+      self._finalizer()
+
+  # -- verification --------------------------------------------------------------
+
+  @staticmethod
+  def _manifest_ok(p: epath.Path) -> bool:
+    try:
+      _read_manifest(p)
+      return True
+    except _Corrupt:
+      return False
+
+  def _record_verdict(self, t: _Tier, step: int, p: epath.Path, ok: bool, reason: str) -> None:
+    fp = _fingerprint(p)
+    if fp is None:
+      return
+    v = {"fingerprint": fp, "ok": ok, "reason": reason}
+    self._verdicts[(t.name, step)] = v
+    path = t.verdict_path(step)
+    try:
+      os.makedirs(os.path.dirname(path), exist_ok=True)
+      tmp = f"{path}.{uuid.uuid4().hex}.tmp"
+      with open(tmp, "w") as f:
+        json.dump(v, f)
+      os.replace(tmp, path)
+    except OSError:
+      pass
+
+  def _cached_verdict(self, t: _Tier, step: int, p: epath.Path):
+    fp = _fingerprint(p)
+    if fp is None:
+      return None
+    v = self._verdicts.get((t.name, step))
+    if v is None:
+      try:
+        with open(t.verdict_path(step)) as f:
+          v = json.load(f)
+      except (OSError, ValueError):
+        return None
+    return v if v.get("fingerprint") == fp else None
+
+  def _verified(self, t: _Tier, step: int, p: epath.Path) -> tuple[bool, str]:
+    with self._fs_lock:
+      v = self._cached_verdict(t, step, p)
+      if v is not None:
+        return bool(v["ok"]), str(v.get("reason", ""))
+      if not p.exists():
+        return False, "removed"
+      try:
+        self._restore_dir(p, step, _TargetPlan(None))
+        ok, reason = True, ""
+      except _Corrupt as e:
+        ok, reason = False, str(e)
+      self._record_verdict(t, step, p, ok, reason)
+      return ok, reason
 
   # -- reading -----------------------------------------------------------------
 
@@ -485,26 +927,24 @@ class TieredCheckpointManager:
     return [(s, t, p) for s, _, t, p in cands]
 
   def all_steps(self) -> list[int]:
-    """Sorted steps that are complete (committed, manifest intact) in either tier."""
+    """Sorted steps that are committed with an intact manifest in either tier (data not read)."""
     steps = set()
     for s, _, p in self._candidates(None):
-      if s in steps:
-        continue
-      try:
-        _read_manifest(p)
+      if s not in steps and self._manifest_ok(p):
         steps.add(s)
-      except _Corrupt:
-        pass
     return sorted(steps)
 
   def latest_step(self) -> int | None:
-    """Newest complete step in either tier (never one still being written), or ``None``."""
-    for s, _, p in self._candidates(None):
-      try:
-        _read_manifest(p)
+    """Newest step in either tier whose data verifies (never one still being written), or ``None``.
+
+    The first call reads and checks a step it has no verdict for (as ``restore``
+    does); the verdict is remembered next to the step, so later calls cost a
+    directory listing unless a file of the step changed.
+    """
+    self._check_open("latest_step")
+    for s, t, p in self._candidates(None):
+      if self._verified(t, s, p)[0]:
         return s
-      except _Corrupt:
-        continue
     return None
 
   def restore(self, step: int | None = None, *, target: Any = None) -> Any:
@@ -524,7 +964,9 @@ class TieredCheckpointManager:
     Raises:
       FileNotFoundError: no checkpoint at all (or none at ``step``).
       ValueError: every candidate checkpoint failed verification (the message
-        lists why), or ``target`` does not match the saved structure.
+        lists why), or ``target`` does not match the saved structure, shape,
+        dtype or sharding (the message names the leaf).
+      Other errors (I/O, Orbax) that are not damage of the checkpoint, as themselves.
     """
     self._check_open("restore")
     if step is not None and (isinstance(step, bool) or not isinstance(step, (int, np.integer))):
@@ -540,17 +982,28 @@ class TieredCheckpointManager:
     reasons = []
     for s, t, p in cands:
       try:
-        out = self._restore_dir(p, s, plan)
+        with self._fs_lock:
+          out = self._restore_dir(p, s, plan)
       except _Corrupt as e:
+        self._record_verdict(t, s, p, False, str(e))
         reasons.append(f"{t.name} step {s}: {e}")
         warnings.warn(
-            f"{_API}.restore: skipping {t.name} checkpoint step {s} at {p}: {e}; falling back to "
-            "the next newest checkpoint", CheckpointCorruptionWarning, stacklevel=2)
+            f"{_API}.restore: skipping {t.name} checkpoint step {s} at {p}: {e}; "
+            + ("falling back to the next newest checkpoint" if step is None else
+               "trying the other tier"), CheckpointCorruptionWarning, stacklevel=2)
         continue
+      self._record_verdict(t, s, p, True, "")
       return out
     raise ValueError(
         f"{_API}.restore: no valid checkpoint{'' if step is None else f' for step {step}'} in {where}; "
         "every candidate failed verification:\n  " + "\n  ".join(reasons))
+
+  def _read_arrays(self, step_dir: epath.Path, entries: list, abstract_pairs: list) -> list:
+    with warnings.catch_warnings():
+      warnings.simplefilter("ignore")
+      restored = ocp.Checkpointer(ocp.StandardCheckpointHandler()).restore(
+          step_dir / STATE_ITEM, args=ocp.args.StandardRestore(_nest(abstract_pairs)))
+    return [_get(restored, tuple(e["path"])) for e in entries]
 
   def _restore_dir(self, step_dir: epath.Path, step: int, plan: "_TargetPlan"):
     body = _read_manifest(step_dir)
@@ -560,17 +1013,22 @@ class TieredCheckpointManager:
     try:
       meta = json.loads((step_dir / METADATA_ITEM / _JSON_FILE).read_text())
     except Exception as e:  # noqa: BLE001
+      if _is_io_error(e):
+        raise
       raise _Corrupt(f"metadata item unreadable: {type(e).__name__}: {e}") from e
     if _checksum.crc32_text(_canonical_json(meta)) != body["metadata_crc32"]:
       raise _Corrupt("metadata CRC-32 mismatch")
     entries = body["arrays"]
-    plan.check(entries, body["metadata_types"])
+    plan.check(entries, body["metadata_types"])  # target mismatch: ValueError, before any read
+    stored = [e for e in entries if e.get("stored", True)]
     # Arrays: restore with the saved shape/dtype onto the requested placement.
     abstract_pairs = []
-    for e in entries:
+    for e in stored:
       path = tuple(e["path"])
       shape, dtype = tuple(e["shape"]), np.dtype(e["dtype"])
       kind = plan.kind(path, e["kind"])
+      if kind == "jax" and _x64_blocked(dtype):
+        kind = "numpy"  # only reachable without a target for that leaf: 64-bit values stay exact
       if kind == "numpy":
         abstract_pairs.append((path, np.empty(shape, dtype)))
       else:
@@ -579,33 +1037,44 @@ class TieredCheckpointManager:
           sharding = _key_data_sharding(sharding, len(shape) - 1)
         abstract_pairs.append((path, jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)))
     restored_flat = []
-    if entries:
-      abstract = _nest(abstract_pairs)
+    if stored:
       try:
-        with warnings.catch_warnings():
-          warnings.simplefilter("ignore")
-          restored = ocp.Checkpointer(ocp.StandardCheckpointHandler()).restore(
-              step_dir / STATE_ITEM, args=ocp.args.StandardRestore(abstract))
-        restored_flat = [_get(restored, tuple(e["path"])) for e in entries]
-      except _Corrupt:
+        restored_flat = self._read_arrays(step_dir, stored, abstract_pairs)
+      except Exception as e:  # noqa: BLE001 - damage, or a problem of the target / environment
+        if _is_io_error(e):
+          e.add_note(f"{_API}.restore: I/O error reading step {step} at {step_dir}")
+          raise
+        self._probe(step_dir, step, stored, e)  # raises _Corrupt if the data itself is bad
+        e.add_note(f"{_API}.restore: step {step} at {step_dir} is intact (its data reads and verifies "
+                   "without the target); the error comes from placing it onto the target's "
+                   "shardings/devices")
         raise
-      except Exception as e:  # noqa: BLE001 - missing / truncated / undecodable files
-        raise _Corrupt(f"Orbax could not read the arrays: {type(e).__name__}: {str(e)[:300]}") from e
-      for e, x in zip(entries, restored_flat):
+      for e, x in zip(stored, restored_flat):
         if tuple(x.shape) != tuple(e["shape"]) or np.dtype(x.dtype) != np.dtype(e["dtype"]):
           raise _Corrupt(f"array {'/'.join(e['path'])} restored as {x.shape} {x.dtype}, "
                          f"manifest says {tuple(e['shape'])} {e['dtype']}")
-      got = _checksum.device_digests(restored_flat)
-      for e, d in zip(entries, got):
-        if _checksum.digest_hex(d) != e["digest"]:
+      got = self._digests_of(restored_flat)
+      for e, d in zip(stored, got):
+        if d != e["digest"]:
           raise _Corrupt(f"content digest mismatch for array {'/'.join(e['path'])} "
-                         f"(saved {e['digest']}, read {_checksum.digest_hex(d)})")
+                         f"(saved {e['digest']}, read {d})")
     # Re-wrap PRNG keys and assemble.
     values = {}
-    for e, x in zip(entries, restored_flat):
+    by_path = {tuple(e["path"]): x for e, x in zip(stored, restored_flat)}
+    for e in entries:
+      path = tuple(e["path"])
+      if e.get("stored", True):
+        x = by_path[path]
+      else:  # zero-size: shape and dtype are the whole content
+        x = np.zeros(tuple(e["shape"]), np.dtype(e["dtype"]))
+        if plan.kind(path, e["kind"]) == "jax" and not _x64_blocked(x.dtype):
+          sharding = plan.sharding(path) or _default_sharding()
+          if e["key_impl"] is not None:
+            sharding = _key_data_sharding(sharding, x.ndim - 1)
+          x = jax.device_put(x, sharding)
       if e["key_impl"] is not None:
         x = jax.random.wrap_key_data(x, impl=e["key_impl"])
-      values[tuple(e["path"])] = x
+      values[path] = x
     for m in body["metadata_types"]:
       path = tuple(m["path"])
       try:
@@ -616,6 +1085,28 @@ class TieredCheckpointManager:
         v = np.dtype(m["type"][6:]).type(v)
       values[path] = v
     return plan.assemble(values)
+
+  @staticmethod
+  def _digests_of(arrays: list) -> list[str]:
+    host = [x for x in arrays if isinstance(x, np.ndarray)]
+    pending = _checksum.device_digests([x for x in arrays if not isinstance(x, np.ndarray)])
+    hd = _finish_digests(host, [None] * len(host))
+    it_h, it_d = iter(hd), iter(pending)
+    return [next(it_h) if isinstance(x, np.ndarray) else _checksum.digest_hex(next(it_d)) for x in arrays]
+
+  def _probe(self, step_dir: epath.Path, step: int, stored: list, err: Exception) -> None:
+    """Reads the arrays without any placement; ``_Corrupt`` unless they read and verify."""
+    pairs = [(tuple(e["path"]), np.empty(tuple(e["shape"]), np.dtype(e["dtype"]))) for e in stored]
+    try:
+      host = self._read_arrays(step_dir, stored, pairs)
+    except Exception as e2:  # noqa: BLE001
+      if _is_io_error(e2):
+        raise
+      raise _Corrupt(f"Orbax could not read the arrays: {type(err).__name__}: {str(err)[:300]}") from err
+    for e, d in zip(stored, self._digests_of(host)):
+      if d != e["digest"]:
+        raise _Corrupt(f"content digest mismatch for array {'/'.join(e['path'])} "
+                       f"(saved {e['digest']}, read {d})")
 
 
 class _TargetPlan:
@@ -637,7 +1128,7 @@ class _TargetPlan:
     saved = {tuple(e["path"]): e for e in entries}
     saved_meta = {tuple(m["path"]) for m in meta_types}
     for path, (kp, x) in self.leaves.items():
-      name = jax.tree_util.keystr(kp)
+      name = _leaf_name(kp)
       if path in saved:
         e = saved[path]
         if not _is_arraylike(x):
@@ -650,6 +1141,23 @@ class _TargetPlan:
         if (e["key_impl"] is not None) != _is_key_array(x):
           raise ValueError(f"{_API}.restore: target leaf {name} has dtype {x.dtype} but the checkpoint "
                            f"holds {'a PRNG key array' if e['key_impl'] else e['dtype']}")
+        if e["key_impl"] is None and np.dtype(x.dtype) != np.dtype(e["dtype"]):
+          raise ValueError(f"{_API}.restore: target leaf {name} has dtype {np.dtype(x.dtype).name} but "
+                           f"the checkpoint holds {e['dtype']}; give a {e['dtype']} target leaf "
+                           "(and cast after restoring if you want another dtype)")
+        is_numpy = isinstance(x, np.ndarray)
+        if not is_numpy and _x64_blocked(e["dtype"]):
+          raise ValueError(f"{_API}.restore: target leaf {name} is a {e['dtype']} jax array, but "
+                           "jax_enable_x64 is off; give a numpy array target leaf (np.empty(shape, "
+                           f"{e['dtype']!r})) or enable x64")
+        sharding = None if is_numpy else getattr(x, "sharding", None)
+        if sharding is not None:
+          try:
+            sharding.shard_shape(shape)
+          except Exception as err:  # noqa: BLE001 - the sharding cannot hold the saved shape
+            raise ValueError(f"{_API}.restore: target leaf {name} has sharding {sharding} that "
+                             f"cannot hold the saved shape {shape}: {err}; fix the target's "
+                             "sharding") from err
       elif path in saved_meta:
         if _is_arraylike(x):
           raise ValueError(f"{_API}.restore: target leaf {name} is an array but the checkpoint "
@@ -671,13 +1179,13 @@ class _TargetPlan:
 
   def assemble(self, values: dict):
     if self.target is None:
+      if list(values) == [(_ROOT_KEY,)]:  # the state was one bare array
+        return values[(_ROOT_KEY,)]
       return _nest(list(values.items()))
     out = []
     for path, (kp, x) in self.leaves.items():
       v = values[path]
-      if _is_arraylike(x) and not _is_key_array(x) and np.dtype(v.dtype) != np.dtype(x.dtype):
-        v = v.astype(x.dtype)
-      elif not _is_arraylike(x) and isinstance(x, np.generic) and not isinstance(v, np.generic):
+      if not _is_arraylike(x) and isinstance(x, np.generic) and not isinstance(v, np.generic):
         v = type(x)(v)
       out.append(v)
     return jax.tree_util.tree_unflatten(self.treedef, out)
