@@ -820,7 +820,8 @@ class TieredCheckpointManager:
       newest_p = max(psteps, default=-1)
       lsteps = sorted((s for s, p in local.step_dirs().items() if s > newest_p and self._manifest_ok(p)),
                       reverse=True)
-      if not lsteps or (lsteps[0] // pers.every) * pers.every <= newest_p:
+      due = (lsteps[0] // pers.every) * pers.every if lsteps else -1
+      if due <= newest_p or (due == 0 and 0 not in lsteps):
         return  # no persistent save was due since the newest persistent step
       # The due step itself if the local tier still has it, else the newest local step.
       order = sorted(lsteps, key=lambda s: (s % pers.every != 0, -s))
@@ -837,7 +838,7 @@ class TieredCheckpointManager:
           self._retain(pers)
         _log.warning("%s: the persistent tier %s missed step %d (a crash or error between the two "
                      "tiers); copied local step %d there", _API, pers.directory,
-                     (lsteps[0] // pers.every) * pers.every, s)
+                     due, s)
         return
     except Exception as e:  # noqa: BLE001 - catching up is best effort; saves go on
       _log.warning("%s: could not copy the newest local step to the persistent tier: %s: %s",

@@ -44,9 +44,12 @@ def state_for_step(step: int, *, n: int = 256) -> dict:
   }
 
 
-def _child(local: str, persistent: str, progress: str) -> None:
+def _child(local: str, persistent: str, progress: str, mode: str = "loop") -> None:
   from lepton_jax.checkpoint import TieredCheckpointManager
 
+  if mode == "resave":
+    _resave_child(local, persistent, progress)
+    return
   mngr = TieredCheckpointManager(local, persistent, **SAVE_KWARGS)
   latest = mngr.latest_step()
   step = 1 if latest is None else latest + 1
@@ -59,6 +62,24 @@ def _child(local: str, persistent: str, progress: str) -> None:
         f.write(str(step))
       os.replace(tmp, progress)
     step += 1
+
+
+def _resave_child(local: str, persistent: str, progress: str) -> None:
+  """Resumes and re-saves the resumed step (both tiers) over and over: ``st = restore(); save(step, st)``."""
+  from lepton_jax.checkpoint import TieredCheckpointManager
+
+  n = 0
+  while True:
+    with TieredCheckpointManager(local, persistent, **SAVE_KWARGS) as mngr:
+      step = mngr.latest_step()
+      st = mngr.restore(target=state_for_step(0))
+      mngr.save(step, st, force=True)
+      mngr.wait()
+    n += 1
+    tmp = progress + ".tmp"
+    with open(tmp, "w") as f:
+      f.write(str(n))
+    os.replace(tmp, progress)
 
 
 def _zygote() -> None:
@@ -77,13 +98,14 @@ def _zygote() -> None:
     if cmd[0] == "run":
       local, persistent, progress = cmd[1:4]
       log = cmd[4] if len(cmd) > 4 else os.devnull
+      mode = cmd[5] if len(cmd) > 5 else "loop"
       pid = os.fork()
       if pid == 0:
         fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
         os.dup2(fd, 1)
         os.dup2(fd, 2)
         try:
-          _child(local, persistent, progress)
+          _child(local, persistent, progress, mode)
         except BaseException:  # noqa: BLE001
           import traceback
           traceback.print_exc()
@@ -116,14 +138,26 @@ def check_restored(restored, step: int) -> None:
       assert g == w
 
 
+def _persistent_steps(d: str) -> list[int]:
+  p = os.path.join(d, "persistent")
+  return sorted(int(n) for n in os.listdir(p) if n.isdigit()) if os.path.isdir(p) else []
+
+
 def run_faults(root: str, n_runs: int, *, n_dirs: int = 2, seed: int = 0, max_delay: float = 0.4,
-               timeout: float = 120.0, log=None) -> list[dict]:
+               timeout: float = 120.0, log=None, mode: str = "loop") -> list[dict]:
   """Runs ``n_runs`` save-loop children, each ``kill -9``'d at a random moment, and checks each.
 
   Runs cycle over ``n_dirs`` directory pairs, so later runs resume (and crash)
   on top of earlier crashed runs. After each kill a fresh manager must report
   the newest complete step (at least the last step the child saw committed)
-  and restore exactly ``state_for_step(latest)`` without any corruption warning.
+  and restore exactly ``state_for_step(latest)`` without any corruption warning;
+  once that manager is closed, the persistent tier must hold a step at least as
+  new as the newest step it was due (``persistent_every`` divides it) - a crash
+  between the two tiers' commits is caught up.
+
+  ``mode="resave"``: every directory first gets steps 1..4; each child then resumes
+  and re-saves the resumed step 4 in both tiers in a loop (``st = restore();
+  save(4, st, force=True)``) until killed; step 4 must survive every kill.
   Returns one record per run.
   """
   from lepton_jax.checkpoint import CheckpointCorruptionWarning, TieredCheckpointManager
@@ -144,7 +178,15 @@ def run_faults(root: str, n_runs: int, *, n_dirs: int = 2, seed: int = 0, max_de
       os.makedirs(d, exist_ok=True)
       progress, logf = os.path.join(d, "progress"), os.path.join(d, "child.log")
       prev = last.get(d, 0)
-      zygote.stdin.write(f"run {d}/local {d}/persistent {progress} {logf}\n")
+      if mode == "resave":
+        if not os.path.isdir(os.path.join(d, "local")):
+          with TieredCheckpointManager(f"{d}/local", f"{d}/persistent", **SAVE_KWARGS) as m:
+            for s in range(1, 5):
+              m.save(s, state_for_step(s), force=True)
+        if os.path.exists(progress):
+          os.unlink(progress)
+        prev = 0
+      zygote.stdin.write(f"run {d}/local {d}/persistent {progress} {logf} {mode}\n")
       zygote.stdin.flush()
       pid = int(zygote.stdout.readline())
       t0 = time.monotonic()
@@ -170,6 +212,8 @@ def run_faults(root: str, n_runs: int, *, n_dirs: int = 2, seed: int = 0, max_de
         committed = max(committed, int(open(progress).read()))
       except (FileNotFoundError, ValueError):
         pass
+      if mode == "resave":
+        committed = 4  # the progress file counts completed re-saves of step 4
       t1 = time.monotonic()
       with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -181,6 +225,13 @@ def run_faults(root: str, n_runs: int, *, n_dirs: int = 2, seed: int = 0, max_de
       assert latest is not None and latest >= committed, (i, latest, committed)
       assert restored["meta"]["step"] == latest, (i, restored["meta"]["step"], latest)
       check_restored(restored, latest)
+      if mode == "resave":
+        assert latest == 4, f"fault run {i}: the re-saved step 4 was lost (latest {latest})"
+      every = SAVE_KWARGS["persistent_every"]
+      durable = _persistent_steps(d)
+      assert durable and durable[-1] >= every * (latest // every), (
+          f"fault run {i}: persistent tier {durable} lacks the due step {every * (latest // every)} "
+          f"(latest {latest})")
       last[d] = latest
       rec = {"run": i, "dir": i % n_dirs, "kill_delay_s": round(delay, 4), "committed_before_kill": committed,
              "restored_step": latest, "verify_s": round(time.monotonic() - t1, 4)}
@@ -202,7 +253,7 @@ if __name__ == "__main__":
   os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=1"
   if sys.argv[1:] == ["zygote"]:
     _zygote()
-  elif len(sys.argv) == 5 and sys.argv[1] == "child":
-    _child(*sys.argv[2:5])
+  elif len(sys.argv) in (5, 6) and sys.argv[1] == "child":
+    _child(*sys.argv[2:])
   else:
     raise SystemExit("usage: _fault_child.py zygote | child LOCAL PERSISTENT PROGRESS")

@@ -366,3 +366,197 @@ def test_kill_dash_nine_during_save_loop(tmp_path):
   assert all(r["restored_step"] >= r["committed_before_kill"] for r in records)
   # Later runs resumed on top of earlier crashed runs.
   assert max(r["restored_step"] for r in records) > 10
+
+
+def test_kill_dash_nine_during_resave_of_the_resumed_step(tmp_path):
+  """20 children resume and re-save the resumed step (both tiers) until SIGKILLed; it survives."""
+  records = fault.run_faults(str(tmp_path), 20, n_dirs=2, seed=7, max_delay=0.3, mode="resave")
+  assert len(records) == 20 and all(r["restored_step"] == 4 for r in records)
+
+
+# ---------------------------------------------------------------------------------------------
+# Issue 18: verified latest_step, errors that are not corruption, crash safety, locks, leaves.
+
+
+def _corrupt_step(step_dir):
+  f = _data_files(step_dir)[0]
+  b = bytearray(f.read_bytes())
+  b[len(b) // 2] ^= 0x10
+  f.write_bytes(bytes(b))
+
+
+def test_latest_step_names_only_a_verified_step(tmp_path):
+  st = lambda s: {"w": jnp.asarray(np.random.RandomState(s).randn(64, 64).astype(np.float32)), "meta": {"step": s}}
+  with _mk(tmp_path, persistent_every=1) as mngr:
+    for s in (1, 2):
+      mngr.save(s, st(s))
+    mngr.wait()
+    assert mngr.latest_step() == 2
+  for tier in ("local", "persistent"):  # the newest step is damaged in both tiers
+    _corrupt_step(tmp_path / tier / "2")
+  with _mk(tmp_path, persistent_every=1) as mngr:
+    assert mngr.all_steps() == [1, 2]  # manifests are intact; only the data is bad
+    assert mngr.latest_step() == 1
+    assert mngr.latest_step() == 1  # the remembered verdict
+    with pytest.warns(CheckpointCorruptionWarning, match="step 2"):
+      _assert_tree_equal(mngr.restore(target=st(0)), st(1))  # step=None falls back
+    with pytest.warns(CheckpointCorruptionWarning):
+      with pytest.raises(ValueError, match="no valid checkpoint for step 2"):
+        mngr.restore(2, target=st(0))  # an explicitly requested step does not
+    # Re-saving the damaged step replaces it; latest_step follows.
+    mngr.save(2, st(2))
+    mngr.wait()
+    assert mngr.latest_step() == 2
+    _assert_tree_equal(mngr.restore(target=st(0)), st(2))
+
+
+def test_errors_that_are_not_corruption_are_raised_as_themselves(tmp_path, monkeypatch):
+  mesh = jax.make_mesh((8,), ("x",))
+  state = {"w": jnp.arange(3.0), "d": np.arange(4, dtype=np.float64), "meta": {"step": 1}}
+  with _mk(tmp_path) as mngr:
+    mngr.save(1, state)
+    mngr.wait()
+    with warnings.catch_warnings():
+      warnings.simplefilter("error", CheckpointCorruptionWarning)
+      bad_sharding = dict(state, w=jax.ShapeDtypeStruct((3,), jnp.float32,
+                                                        sharding=jax.NamedSharding(mesh, jax.P("x"))))
+      with pytest.raises(ValueError, match=r"target leaf \['w'\] has sharding .* cannot hold the saved shape \(3,\)"):
+        mngr.restore(target=bad_sharding)
+      with pytest.raises(ValueError, match=r"target leaf \['d'\] has dtype float32 but the checkpoint holds float64"):
+        mngr.restore(target=dict(state, d=np.zeros(4, np.float32)))
+      with pytest.raises(ValueError, match=r"target leaf \['d'\] is a float64 jax array"):
+        mngr.restore(target=dict(state, d=jax.ShapeDtypeStruct((4,), np.float64)))
+      r = mngr.restore(target=state)
+      assert r["d"].dtype == np.float64 and np.array_equal(r["d"], state["d"])
+
+      def io_error(*a, **k):
+        raise OSError(5, "Input/output error")
+      monkeypatch.setattr(TieredCheckpointManager, "_read_arrays", io_error)
+      with pytest.raises(OSError, match="Input/output error"):
+        mngr.restore()
+    assert mngr.all_steps() == [1]
+
+
+def test_sync_save_attempts_the_durable_tier_when_the_local_tier_fails(tmp_path):
+  with _mk(tmp_path, local_every=1, persistent_every=1, async_save=False) as mngr:
+    real = mngr._write
+
+    def failing_local(t, step, args):
+      if t.name == "local":
+        raise OSError(28, "No space left on device")
+      return real(t, step, args)
+    mngr._write = failing_local
+    with pytest.raises(OSError, match="No space left") as info:
+      mngr.save(1, {"w": jnp.ones(4)})
+    assert "persistent tier committed it" in "".join(getattr(info.value, "__notes__", []))
+    assert (tmp_path / "persistent" / "1").is_dir() and not (tmp_path / "local" / "1").exists()
+    mngr._write = real
+    assert mngr.latest_step() == 1
+
+
+def test_durable_tier_catches_up_after_a_crash_between_tiers(tmp_path):
+  st = lambda s: {"w": jnp.full((8,), float(s)), "meta": {"step": s}}
+  kw = dict(local_every=1, persistent_every=3, keep_local=2)
+  with TieredCheckpointManager(tmp_path / "local", tmp_path / "persistent", **kw) as mngr:
+    for s in (1, 2, 3):
+      mngr.save(s, st(s))
+  # The process then wrote steps 4..6 locally and died before the persistent commit of 6
+  # (the same directories written by a local-only manager).
+  with TieredCheckpointManager(tmp_path / "local", None, **kw) as mngr:
+    for s in (4, 5, 6):
+      mngr.save(s, st(s))
+  assert sorted(os.listdir(tmp_path / "persistent")) == [".lepton", "3"]
+  with TieredCheckpointManager(tmp_path / "local", tmp_path / "persistent", **kw) as mngr:
+    mngr.wait()
+  assert sorted(int(n) for n in os.listdir(tmp_path / "persistent") if n.isdigit()) == [3, 6]
+  shutil.rmtree(tmp_path / "local")  # the fast tier is gone (new machine): the durable one has 6
+  with TieredCheckpointManager(tmp_path / "local", tmp_path / "persistent", **kw) as mngr:
+    assert mngr.latest_step() == 6
+    _assert_tree_equal(mngr.restore(target=st(0)), st(6))
+
+
+def test_failed_persistent_write_is_retried_on_the_next_save(tmp_path):
+  with _mk(tmp_path, local_every=1, persistent_every=4) as mngr:
+    real = mngr._write
+    mngr._write = lambda t, s, a: (_ for _ in ()).throw(OSError(5, "EIO")) if t.name == "persistent" else real(t, s, a)
+    mngr.save(4, {"w": jnp.ones(2)})
+    with pytest.raises(OSError, match="EIO"):
+      mngr.wait()
+    mngr._write = real
+    mngr.save(5, {"w": jnp.ones(2)})  # not due in the persistent tier, but it is owed one
+    mngr.wait()
+  assert sorted(n for n in os.listdir(tmp_path / "persistent") if n.isdigit()) == ["5"]
+
+
+def test_second_manager_is_refused_and_stale_locks_are_taken_over(tmp_path):
+  import subprocess
+  m1 = _mk(tmp_path)
+  with pytest.raises(lck.CheckpointLockError, match="already used by another TieredCheckpointManager.*this process"):
+    _mk(tmp_path)
+  with pytest.raises(lck.CheckpointLockError, match="persistent"):
+    TieredCheckpointManager(None, tmp_path / "persistent", local_every=1, persistent_every=1)
+  m1.save(1, {"w": jnp.ones(2)})
+  m1.close()
+  with _mk(tmp_path) as m2:  # released on close
+    assert m2.latest_step() == 1
+  dead = subprocess.Popen(["true"])
+  dead.wait()
+  lock = tmp_path / "local" / ".lepton" / "lock"
+  lock.write_text(json.dumps({"pid": dead.pid, "host": __import__("socket").gethostname()}))
+  with pytest.warns(UserWarning, match=f"taking over the lock .* gone \\(pid {dead.pid} "):
+    m3 = _mk(tmp_path)
+  assert m3.latest_step() == 1
+  m3.close()
+  assert not lock.exists()
+
+
+def test_interrupted_resave_and_leftover_directories_are_recovered(tmp_path):
+  a, b = {"w": jnp.full((4,), 1.0)}, {"w": jnp.full((4,), 2.0)}
+  for sub, st in (("A", a), ("B", b)):
+    with TieredCheckpointManager(tmp_path / sub, None, local_every=1, persistent_every=1) as m:
+      m.save(2, st)
+  d = tmp_path / "A"
+  # Crash inside a re-save of step 2: old copy renamed away, new complete copy not yet promoted.
+  (d / "2").rename(d / "2.lepton-stale-0a")
+  shutil.copytree(tmp_path / "B" / "2", d / "2.lepton-new-0b")
+  (d / "9.orbax-checkpoint-tmp-123").mkdir()
+  (d / "7.lepton-stale-0c").mkdir()
+  with TieredCheckpointManager(d, None, local_every=1, persistent_every=1) as m:
+    assert m.latest_step() == 2
+    np.testing.assert_array_equal(np.asarray(m.restore()["w"]), np.full(4, 2.0))
+  assert sorted(n for n in os.listdir(d) if not n.startswith(".")) == ["2"]
+  # Crash right after the old copy was renamed away (new copy incomplete): the old one comes back.
+  (d / "2").rename(d / "2.lepton-stale-0d")
+  shutil.copytree(tmp_path / "B" / "2", d / "2.lepton-new-0e")
+  (d / "2.lepton-new-0e" / "commit_success.txt").unlink()
+  with TieredCheckpointManager(d, None, local_every=1, persistent_every=1) as m:
+    np.testing.assert_array_equal(np.asarray(m.restore()["w"]), np.full(4, 2.0))
+  assert sorted(n for n in os.listdir(d) if not n.startswith(".")) == ["2"]
+
+
+def test_bare_array_zero_size_and_unusual_leaves(tmp_path):
+  with _mk(tmp_path) as mngr:
+    assert mngr.save(1, jnp.arange(3.0))
+    mngr.wait()
+    np.testing.assert_array_equal(np.asarray(mngr.restore()), np.arange(3.0))
+    np.testing.assert_array_equal(np.asarray(mngr.restore(target=jnp.zeros(3))), np.arange(3.0))
+    state = {"z": jnp.zeros((0, 4)), "n": np.zeros((2, 0), np.int8), "k": jax.random.split(jax.random.key(0), 0),
+             "s": "text", "w": jnp.ones(2)}
+    mngr.save(2, state)
+    mngr.wait()
+    r = mngr.restore(target=state)
+    assert r["z"].shape == (0, 4) and r["n"].shape == (2, 0) and r["n"].dtype == np.int8
+    assert r["k"].shape == (0,) and r["s"] == "text"
+    r = mngr.restore()
+    assert r["z"].shape == (0, 4) and r["s"] == "text"
+    with pytest.raises(TypeError, match=r"state leaf \['names'\] is an array of dtype <U3"):
+      mngr.save(3, {"names": np.array(["abc", "d"]), "w": jnp.ones(2)})
+    with pytest.raises(TypeError, match=r"state leaf \['rec'\] is an array of dtype"):
+      mngr.save(3, {"rec": np.zeros(2, dtype=[("a", "f4"), ("b", "i4")])})
+    with pytest.raises(TypeError, match=r"state leaf \['b'\] has type bytes"):
+      mngr.save(3, {"b": b"raw"})
+    x = jnp.ones(3)
+    jax.jit(lambda a: a + 1, donate_argnums=0)(x).block_until_ready()
+    if x.is_deleted():  # CPU may refuse the donation
+      with pytest.raises(ValueError, match=r"state leaf \['x'\] is a deleted jax.Array"):
+        mngr.save(3, {"x": x})
