@@ -19,8 +19,9 @@ from lepton_jax._errors import KernelError
 from lepton_jax.pallas_kernels import _autotune
 from lepton_jax.pallas_kernels import _registry
 from lepton_jax.pallas_kernels._common import (
-    FLOAT_DTYPES, FLOAT_NAMES, MASK_VALUE, cdiv, check_array, compiler_params, dot_nn,
-    dot_nt, dot_tn, is_pow2, next_pow2, pad_axis, round_up, shapes_dtypes)
+    FLOAT_DTYPES, FLOAT_NAMES, GPU_SMEM_BYTES, MASK_VALUE, STAT_LANES_TPU, cdiv, check_array,
+    compiler_params, cost_estimate, dot_nn, dot_nt, dot_tn, is_pow2, nbytes, next_pow2, pad_axis,
+    round_up, shapes_dtypes)
 
 __all__ = ["BlockSizes", "flash_attention", "flash_attention_reference"]
 
@@ -52,15 +53,53 @@ class BlockSizes:
 
   @classmethod
   def get_default(cls, *, q_len: int | None = None, kv_len: int | None = None,
-                  impl: str = "gpu") -> "BlockSizes":
-    """Defaults; blocks shrink (power of two, >= 16) for short sequences."""
+                  impl: str = "gpu", head_dim: int | None = None, dtype=None) -> "BlockSizes":
+    """Defaults valid on the target device for ``head_dim`` / ``dtype``.
+
+    * ``impl="gpu"`` (Triton): the largest tiles whose shared memory (forward, dq and dk/dv
+      kernels, :func:`gpu_smem_bytes`) fits an H100/H200's 227 KiB for this head_dim and
+      dtype (e.g. bf16 d=128: 128 x 64 forward tiles; f32 d=256: 32 x 32).
+    * ``impl="tpu"``: 256 x 512 forward and 256 x 256 backward tiles (multiples of the
+      (8|16|32, 128) Mosaic tiles), shrunk to the padded sequence lengths.
+    * ``impl="xla"``: 512-row chunks.
+    Blocks shrink (power of two, >= 16) for short sequences.
+    """
+    def fit(b, n, lo=16):
+      return b if n is None else max(lo, min(b, next_pow2(n)))
     if impl == "xla":
-      bq, bk, bqb, bkb = 512, 512, 512, 512
-    else:
-      bq, bk, bqb, bkb = 128, 128, 64, 64
-    def fit(b, n):
-      return b if n is None else max(16, min(b, next_pow2(n)))
-    return cls(fit(bq, q_len), fit(bk, kv_len), fit(bqb, q_len), fit(bkb, kv_len))
+      return cls(fit(512, q_len), fit(512, kv_len), fit(512, q_len), fit(512, kv_len))
+    if impl == "tpu":
+      return cls(fit(256, q_len, 32), fit(512, kv_len, 128), fit(256, q_len, 32),
+                 fit(256, kv_len, 128))
+    dp = max(16, next_pow2(head_dim or 128))
+    item = jnp.dtype(dtype or jnp.bfloat16).itemsize
+    for bq, bk, bqb, bkb in _GPU_CANDIDATES:
+      bs = cls(fit(bq, q_len), fit(bk, kv_len), fit(bqb, q_len), fit(bkb, kv_len),
+               None, 2)
+      if max(gpu_smem_bytes(bs, dp, item).values()) <= GPU_SMEM_BYTES:
+        return bs
+    return cls(16, 16, 16, 16, None, 1)
+
+
+# Preference order of the Triton tiles (forward/dq: block_q x block_k; dk/dv: block_q_bwd x
+# block_k_bwd); the first that fits shared memory is the default.
+_GPU_CANDIDATES = ((128, 128, 64, 64), (128, 64, 64, 64), (64, 64, 64, 64), (64, 64, 32, 64),
+                   (64, 32, 32, 32), (32, 32, 32, 32), (32, 32, 16, 32), (16, 16, 16, 16))
+
+
+def gpu_smem_bytes(bs: "BlockSizes", dp: int, itemsize: int) -> dict:
+  """Shared-memory estimate (bytes) of the three Triton kernels at these tiles.
+
+  Operand tiles loaded inside the pipelined loop count ``num_stages`` times, tiles loaded
+  once count once, and the float32 score / probability tiles count once each (a
+  conservative bound: Triton may keep some of them in registers).
+  """
+  st = max(1, bs.num_stages)
+  bq, bk, bqb, bkb = bs.block_q, bs.block_k, bs.block_q_bwd, bs.block_k_bwd
+  fwd = (bq * dp + 2 * bk * dp * st) * itemsize + bq * bk * 4 + bq * bk * itemsize
+  dq = (2 * bq * dp + 2 * bk * dp * st) * itemsize + 2 * bq * bk * 4
+  dkv = (2 * bkb * dp + 2 * bqb * dp * st) * itemsize + 2 * bqb * bkb * 4
+  return {"fwd": fwd, "bwd_dq": dq, "bwd_dkv": dkv}
 
 
 def _legality(bs: BlockSizes, impl: str, head_dim: int, itemsize: int) -> tuple[bool, str]:
@@ -79,11 +118,19 @@ def _legality(bs: BlockSizes, impl: str, head_dim: int, itemsize: int) -> tuple[
     return False, f"num_warps={bs.num_warps} must be one of 1, 2, 4, 8, 16"
   if not isinstance(bs.num_stages, int) or not 1 <= bs.num_stages <= 8:
     return False, f"num_stages={bs.num_stages} must be in [1, 8]"
-  dp = max(16, next_pow2(head_dim))
-  # Shared-memory estimate of one pipeline stage on GPU (q tile + k/v tiles + scores).
-  smem = (bs.block_q * dp + 2 * bs.block_k * dp) * itemsize * bs.num_stages + bs.block_q * bs.block_k * 4
-  if impl == "gpu" and smem > 227 * 1024:
-    return False, f"estimated shared memory {smem} B exceeds 227 KiB (H100 limit)"
+  if impl == "gpu":
+    dp = max(16, next_pow2(head_dim))
+    for kern, smem in gpu_smem_bytes(bs, dp, itemsize).items():
+      if smem > GPU_SMEM_BYTES:
+        return False, (f"estimated shared memory of the {kern} kernel {smem} B exceeds 227 KiB (H100/H200 "
+                       f"limit) at head_dim={head_dim}; use smaller blocks or "
+                       "BlockSizes.get_default(head_dim=..., dtype=...)")
+  if impl == "tpu":
+    for f, g in (("block_q", 32), ("block_q_bwd", 32), ("block_k", 128), ("block_k_bwd", 128)):
+      v = getattr(bs, f)
+      if v % g:
+        return False, (f"{f}={v} must be a multiple of {g} on TPU (Mosaic tiling: query rows a "
+                       "multiple of 32 for int8 mask tiles, key blocks a multiple of 128 lanes)")
   return True, ""
 
 
@@ -457,6 +504,286 @@ def _pallas_bwd(cfg: _Cfg, q, k, v, bias, mask, o, lse, do):
   return dq, dk, dv, dbias
 
 
+# ----------------------------------------------------------------------------- Pallas TPU
+# Layout [B, H, S, D]; grid (batch, heads, q blocks, kv blocks) with the last axis
+# "arbitrary" and the running max / sum / accumulator in VMEM scratch (the design of JAX's
+# own pallas/ops/tpu/flash_attention.py). Per-row statistics (lse, delta) are stored
+# lane-dense as [B, H, T, 128]; tiles are 2-D and every block's last two dims are multiples
+# of the Mosaic tiles or the full dims (head_dim is never padded).
+
+def _tpu_dims(cfg: _Cfg, head_dim: int):
+  bs = cfg.bs
+  bq = min(bs.block_q, max(32, next_pow2(cfg.q_len)))
+  bk = min(bs.block_k, max(128, next_pow2(cfg.kv_len)))
+  bqb = min(bs.block_q_bwd, max(32, next_pow2(cfg.q_len)))
+  bkb = min(bs.block_k_bwd, max(128, next_pow2(cfg.kv_len)))
+  tp = round_up(cfg.q_len, max(bq, bqb))
+  sp = round_up(cfg.kv_len, max(bk, bkb))
+  return bq, bk, bqb, bkb, tp, sp, head_dim
+
+
+def _tpu_scores(cfg, q, kb, bias_ref, mask_ref, i, j, bq, bk, kv_padded):
+  s = dot_nt(q, kb) * cfg.scale
+  if bias_ref is not None:
+    s = s + bias_ref[...].astype(jnp.float32)
+  keep = None
+  if cfg.causal:
+    qi = i * bq + lax.broadcasted_iota(jnp.int32, (bq, bk), 0)
+    kj = j * bk + lax.broadcasted_iota(jnp.int32, (bq, bk), 1)
+    keep = qi >= kj
+  if mask_ref is not None:
+    m = mask_ref[...] != 0
+    keep = m if keep is None else jnp.logical_and(keep, m)
+  if keep is not None:
+    s = jnp.where(keep, s, MASK_VALUE)
+  if kv_padded:
+    kj = j * bk + lax.broadcasted_iota(jnp.int32, (bq, bk), 1)
+    s = jnp.where(kj < cfg.kv_len, s, -jnp.inf)
+  return s, keep
+
+
+def _lanes(x, ref):
+  return jnp.broadcast_to(x, ref.shape)
+
+
+def _col0(v):
+  return v[:, :1]
+
+
+def _tpu_fwd_kernel(q_ref, k_ref, v_ref, *refs, cfg, bq, bk, nk, kv_padded):
+  from jax.experimental import pallas as pl
+  bias_ref, mask_ref, (o_ref, lse_ref, m_sc, l_sc, acc_sc) = _split_refs(refs, cfg)
+  i, j = pl.program_id(2), pl.program_id(3)
+
+  @pl.when(j == 0)
+  def _init():
+    m_sc[...] = jnp.full(m_sc.shape, -jnp.inf, jnp.float32)
+    l_sc[...] = jnp.zeros(l_sc.shape, jnp.float32)
+    acc_sc[...] = jnp.zeros(acc_sc.shape, jnp.float32)
+
+  def step():
+    vb = v_ref[...]
+    s, _ = _tpu_scores(cfg, q_ref[...], k_ref[...], bias_ref, mask_ref, i, j, bq, bk, kv_padded)
+    m_prev, l_prev = _col0(m_sc[...]), _col0(l_sc[...])
+    m_new = jnp.maximum(m_prev, jnp.max(s, axis=-1, keepdims=True))
+    corr = jnp.exp(m_prev - m_new)
+    p = jnp.exp(s - m_new)
+    l_sc[...] = _lanes(corr * l_prev + jnp.sum(p, axis=-1, keepdims=True), l_sc)
+    m_sc[...] = _lanes(m_new, m_sc)
+    acc_sc[...] = corr * acc_sc[...] + dot_nn(p.astype(vb.dtype), vb)
+
+  if cfg.causal:
+    pl.when(j * bk < (i + 1) * bq)(step)    # skip blocks above the diagonal
+  else:
+    step()
+
+  @pl.when(j == nk - 1)
+  def _done():
+    l = _col0(l_sc[...])
+    o_ref[...] = (acc_sc[...] / l).astype(o_ref.dtype)
+    lse_ref[...] = _lanes(_col0(m_sc[...]) + jnp.log(l), lse_ref)
+
+
+def _tpu_dkv_kernel(q_ref, k_ref, v_ref, *refs, cfg, bq, bk, nq, kv_padded):
+  """Grid (b, h, kv block j, q block i): dk/dv of key block j accumulate over i."""
+  from jax.experimental import pallas as pl
+  bias_ref, mask_ref, rest = _split_refs(refs, cfg)
+  do_ref, lse_ref, delta_ref, dk_ref, dv_ref = rest[:5]
+  ds_ref = rest[5] if cfg.has_bias else None
+  dk_sc, dv_sc = rest[-2:]
+  j, i = pl.program_id(2), pl.program_id(3)
+
+  @pl.when(i == 0)
+  def _init():
+    dk_sc[...] = jnp.zeros(dk_sc.shape, jnp.float32)
+    dv_sc[...] = jnp.zeros(dv_sc.shape, jnp.float32)
+
+  def step():
+    qb, kb, vb, dob = q_ref[...], k_ref[...], v_ref[...], do_ref[...]
+    s, keep = _tpu_scores(cfg, qb, kb, bias_ref, mask_ref, i, j, bq, bk, kv_padded)
+    p = jnp.exp(s - _col0(lse_ref[...]))
+    dv_sc[...] += dot_tn(p.astype(dob.dtype), dob)
+    ds = p * (dot_nt(dob, vb) - _col0(delta_ref[...]))
+    if keep is not None:
+      ds = jnp.where(keep, ds, 0.0)
+    if ds_ref is not None:
+      ds_ref[...] = ds.astype(ds_ref.dtype)
+    dk_sc[...] += dot_tn(ds.astype(qb.dtype), qb)
+
+  if cfg.causal and not cfg.has_bias:
+    pl.when((i + 1) * bq > j * bk)(step)
+  else:
+    step()
+
+  @pl.when(i == nq - 1)
+  def _done():
+    dk_ref[...] = (dk_sc[...] * cfg.scale).astype(dk_ref.dtype)
+    dv_ref[...] = dv_sc[...].astype(dv_ref.dtype)
+
+
+def _tpu_dq_kernel(q_ref, k_ref, v_ref, *refs, cfg, bq, bk, nk, kv_padded):
+  from jax.experimental import pallas as pl
+  bias_ref, mask_ref, (do_ref, lse_ref, delta_ref, dq_ref, dq_sc) = _split_refs(refs, cfg)
+  i, j = pl.program_id(2), pl.program_id(3)
+
+  @pl.when(j == 0)
+  def _init():
+    dq_sc[...] = jnp.zeros(dq_sc.shape, jnp.float32)
+
+  def step():
+    qb, kb, vb, dob = q_ref[...], k_ref[...], v_ref[...], do_ref[...]
+    s, keep = _tpu_scores(cfg, qb, kb, bias_ref, mask_ref, i, j, bq, bk, kv_padded)
+    p = jnp.exp(s - _col0(lse_ref[...]))
+    ds = p * (dot_nt(dob, vb) - _col0(delta_ref[...]))
+    if keep is not None:
+      ds = jnp.where(keep, ds, 0.0)
+    dq_sc[...] += dot_nn(ds.astype(kb.dtype), kb)
+
+  if cfg.causal:
+    pl.when(j * bk < (i + 1) * bq)(step)
+  else:
+    step()
+
+  @pl.when(j == nk - 1)
+  def _done():
+    dq_ref[...] = (dq_sc[...] * cfg.scale).astype(dq_ref.dtype)
+
+
+def _tpu_specs(bq, bk, dp, G):
+  """BlockSpec makers for grid (b, h, a, c): rows come from axis a (q) or c (kv)."""
+  from jax.experimental import pallas as pl
+  def rows(r, which, kv_head=False):
+    def idx(b, h, a, c):
+      return (b, h // G if kv_head else h, a if which == "a" else c, 0)
+    return pl.BlockSpec((None, None, r, dp), idx)
+  def stat(r, which):
+    return pl.BlockSpec((None, None, r, STAT_LANES_TPU),
+                        lambda b, h, a, c: (b, h, a if which == "a" else c, 0))
+  def bh(br, bc, b_real, h_real, qaxis):
+    def idx(b, h, a, c):
+      qi, kj = (a, c) if qaxis == "a" else (c, a)
+      return (b if b_real else 0, h if h_real else 0, qi, kj)
+    return pl.BlockSpec((None, None, br, bc), idx)
+  return rows, stat, bh
+
+
+def _attn_cost(cfg, B, N, T, S, D, item, passes):
+  frac = 0.5 if cfg.causal else 1.0
+  flops = int(passes * 2 * B * N * T * S * D * frac)
+  trans = int(B * N * T * S * frac)
+  return flops, trans, int(4 * B * N * (T + S) * D * item)
+
+
+def _tpu_fwd(cfg: _Cfg, q, k, v, bias, mask):
+  from jax.experimental import pallas as pl
+  from jax.experimental.pallas import tpu as pltpu
+  B, T, N, D = q.shape
+  bq, bk, _, _, tp, sp, dp = _tpu_dims(cfg, D)
+  q, k, v, bias, mask = _pad_all(cfg, q, k, v, bias, mask, tp, sp, dp)
+  G = cfg.groups
+  nq, nk = tp // bq, sp // bk
+  rows, stat, bh = _tpu_specs(bq, bk, dp, G)
+  in_specs = [rows(bq, "a"), rows(bk, "c", True), rows(bk, "c", True)]
+  args = [jnp.swapaxes(x, 1, 2) for x in (q, k, v)]
+  if bias is not None:
+    in_specs.append(bh(bq, bk, cfg.bias_b, cfg.bias_h, "a"))
+    args.append(bias)
+  if mask is not None:
+    in_specs.append(bh(bq, bk, cfg.mask_b, cfg.mask_h, "a"))
+    args.append(mask)
+  flops, trans, byts = _attn_cost(cfg, B, N, T, cfg.kv_len, D, q.dtype.itemsize, 2)
+  o, lse = pl.pallas_call(
+      functools.partial(_tpu_fwd_kernel, cfg=cfg, bq=bq, bk=bk, nk=nk, kv_padded=sp != cfg.kv_len),
+      grid=(B, N, nq, nk), in_specs=in_specs,
+      out_specs=[rows(bq, "a"), stat(bq, "a")],
+      out_shape=[jax.ShapeDtypeStruct((B, N, tp, dp), q.dtype),
+                 jax.ShapeDtypeStruct((B, N, tp, STAT_LANES_TPU), jnp.float32)],
+      scratch_shapes=[pltpu.VMEM((bq, STAT_LANES_TPU), jnp.float32),
+                      pltpu.VMEM((bq, STAT_LANES_TPU), jnp.float32),
+                      pltpu.VMEM((bq, dp), jnp.float32)],
+      compiler_params=compiler_params("tpu", ("parallel", "parallel", "parallel", "arbitrary")),
+      cost_estimate=cost_estimate(flops, trans, byts + nbytes(bias, mask)),
+      interpret=cfg.interpret_arg(), name="lepton_flash_attention_fwd",
+  )(*args)
+  return jnp.swapaxes(o, 1, 2)[:, :T, :, :D], lse
+
+
+def _tpu_bwd(cfg: _Cfg, q, k, v, bias, mask, o, lse, do):
+  from jax.experimental import pallas as pl
+  from jax.experimental.pallas import tpu as pltpu
+  B, T, N, D = q.shape
+  S, K = k.shape[1], k.shape[2]
+  G = cfg.groups
+  bq, bk, bqb, bkb, tp, sp, dp = _tpu_dims(cfg, D)
+  delta = jnp.einsum("btnd,btnd->bnt", o.astype(jnp.float32), do.astype(jnp.float32))
+  delta = jnp.broadcast_to(pad_axis(delta, 2, tp)[..., None], (B, N, tp, STAT_LANES_TPU))
+  lse = lse[:, :, :tp]
+  q, k, v, bias, mask = _pad_all(cfg, q, k, v, bias, mask, tp, sp, dp)
+  do = pad_axis(pad_axis(do, 1, tp), 3, dp)
+  kv_padded = sp != cfg.kv_len
+  qL, kL, vL, doL = (jnp.swapaxes(x, 1, 2) for x in (q, k, v, do))
+  item = q.dtype.itemsize
+  interp = cfg.interpret_arg()
+
+  # dk, dv per query head (summed over the group below); grid (b, h, kv block, q block).
+  nkb, nqb = sp // bkb, tp // bqb
+  rows, stat, bh = _tpu_specs(bqb, bkb, dp, G)
+  in_specs = [rows(bqb, "c"), rows(bkb, "a", True), rows(bkb, "a", True)]
+  args = [qL, kL, vL]
+  if bias is not None:
+    in_specs.append(bh(bqb, bkb, cfg.bias_b, cfg.bias_h, "c"))
+    args.append(bias)
+  if mask is not None:
+    in_specs.append(bh(bqb, bkb, cfg.mask_b, cfg.mask_h, "c"))
+    args.append(mask)
+  in_specs += [rows(bqb, "c"), stat(bqb, "c"), stat(bqb, "c")]
+  args += [doL, lse, delta]
+  out_specs = [rows(bkb, "a"), rows(bkb, "a")]
+  out_shape = [jax.ShapeDtypeStruct((B, N, sp, dp), k.dtype)] * 2
+  if bias is not None:
+    out_specs.append(bh(bqb, bkb, True, True, "c"))
+    out_shape.append(jax.ShapeDtypeStruct((B, N, tp, sp), jnp.float32))
+  flops, trans, byts = _attn_cost(cfg, B, N, T, S, D, item, 4)
+  outs = pl.pallas_call(
+      functools.partial(_tpu_dkv_kernel, cfg=cfg, bq=bqb, bk=bkb, nq=nqb, kv_padded=kv_padded),
+      grid=(B, N, nkb, nqb), in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
+      scratch_shapes=[pltpu.VMEM((bkb, dp), jnp.float32), pltpu.VMEM((bkb, dp), jnp.float32)],
+      compiler_params=compiler_params("tpu", ("parallel", "parallel", "parallel", "arbitrary")),
+      cost_estimate=cost_estimate(flops, trans, byts + nbytes(bias, mask)),
+      interpret=interp, name="lepton_flash_attention_bwd_dkv",
+  )(*args)
+  dk, dv = (jnp.swapaxes(x, 1, 2) for x in outs[:2])
+  dk = dk[:, :S, :, :D].reshape(B, S, K, G, D).sum(3).astype(k.dtype) if G > 1 else dk[:, :S, :, :D]
+  dv = dv[:, :S, :, :D].reshape(B, S, K, G, D).sum(3).astype(v.dtype) if G > 1 else dv[:, :S, :, :D]
+  dbias = outs[2][:, :, :T, :S] if bias is not None else None
+
+  # dq; grid (b, h, q block, kv block).
+  nq, nk = tp // bq, sp // bk
+  rows, stat, bh = _tpu_specs(bq, bk, dp, G)
+  in_specs = [rows(bq, "a"), rows(bk, "c", True), rows(bk, "c", True)]
+  args = [qL, kL, vL]
+  if bias is not None:
+    in_specs.append(bh(bq, bk, cfg.bias_b, cfg.bias_h, "a"))
+    args.append(bias)
+  if mask is not None:
+    in_specs.append(bh(bq, bk, cfg.mask_b, cfg.mask_h, "a"))
+    args.append(mask)
+  in_specs += [rows(bq, "a"), stat(bq, "a"), stat(bq, "a")]
+  args += [doL, lse, delta]
+  flops, trans, byts = _attn_cost(cfg, B, N, T, S, D, item, 3)
+  dq = pl.pallas_call(
+      functools.partial(_tpu_dq_kernel, cfg=cfg, bq=bq, bk=bk, nk=nk, kv_padded=kv_padded),
+      grid=(B, N, nq, nk), in_specs=in_specs, out_specs=rows(bq, "a"),
+      out_shape=jax.ShapeDtypeStruct((B, N, tp, dp), q.dtype),
+      scratch_shapes=[pltpu.VMEM((bq, dp), jnp.float32)],
+      compiler_params=compiler_params("tpu", ("parallel", "parallel", "parallel", "arbitrary")),
+      cost_estimate=cost_estimate(flops, trans, byts + nbytes(bias, mask)),
+      interpret=interp, name="lepton_flash_attention_bwd_dq",
+  )(*args)
+  dq = jnp.swapaxes(dq, 1, 2)[:, :T, :, :D]
+  return dq, dk, dv, dbias
+
+
 # ----------------------------------------------------------------------------- XLA (blockwise)
 
 def _xla_blocks(cfg: _Cfg):
@@ -632,6 +959,8 @@ def _xla_bwd(cfg: _Cfg, q, k, v, bias, mask, o, lse, do):
 def _fwd_impl(cfg, q, k, v, bias, mask):
   if cfg.impl == "xla":
     return _xla_fwd(cfg, q, k, v, bias, mask)
+  if cfg.impl == "tpu":
+    return _tpu_fwd(cfg, q, k, v, bias, mask)
   return _pallas_fwd(cfg, q, k, v, bias, mask)
 
 
@@ -649,6 +978,8 @@ def _attention_bwd(cfg, res, do):
   q, k, v, bias, mask, o, lse = res
   if cfg.impl == "xla":
     dq, dk, dv, dbias = _xla_bwd(cfg, q, k, v, bias, mask, o, lse, do)
+  elif cfg.impl == "tpu":
+    dq, dk, dv, dbias = _tpu_bwd(cfg, q, k, v, bias, mask, o, lse, do)
   else:
     dq, dk, dv, dbias = _pallas_bwd(cfg, q, k, v, bias, mask, o, lse, do)
   if dbias is not None:
@@ -789,7 +1120,8 @@ def flash_attention(q, k, v, *, bias=None, mask=None, is_causal: bool = False,
                                    resolved.backend)
     src = "autotune-cache"
     if block_sizes is None:
-      block_sizes = BlockSizes.get_default(q_len=T, kv_len=S, impl=resolved.impl)
+      block_sizes = BlockSizes.get_default(q_len=T, kv_len=S, impl=resolved.impl, head_dim=D,
+                                           dtype=q.dtype)
       src = "default"
   if not isinstance(block_sizes, BlockSizes):
     raise KernelError(f"{_API}: block_sizes must be a BlockSizes, got {type(block_sizes).__name__}")

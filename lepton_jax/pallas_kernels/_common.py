@@ -78,6 +78,34 @@ def compiler_params(impl: str, semantics: Sequence[str], num_warps=None, num_sta
   return gpu_params(num_warps, num_stages)
 
 
+# Per-row statistics (logsumexp, mean, rstd) are stored lane-dense on TPU: broadcast over a
+# trailing dimension of STAT_LANES_TPU lanes (as JAX's own TPU flash attention does), so that
+# no block is rank-1 and the last two block dims satisfy Mosaic's (8, 128) tiling.
+STAT_LANES_TPU = 128
+# Shared memory per block on H100 / H200 (sm_90): 227 KiB usable.
+GPU_SMEM_BYTES = 227 * 1024
+
+
+def stat_lanes(impl: str) -> int:
+  return STAT_LANES_TPU if impl == "tpu" else 1
+
+
+def sublanes(dtype) -> int:
+  """Row granularity of a TPU tile for ``dtype``: 8 (32-bit), 16 (16-bit), 32 (8-bit)."""
+  return 8 * max(1, 4 // jnp.dtype(dtype).itemsize)
+
+
+def cost_estimate(flops, transcendentals, bytes_accessed):
+  """``pl.CostEstimate`` so that ``cost_analysis`` never shows 0 FLOPs for a routed kernel."""
+  from jax.experimental import pallas as pl
+  return pl.CostEstimate(flops=int(flops), transcendentals=int(transcendentals),
+                         bytes_accessed=int(bytes_accessed))
+
+
+def nbytes(*arrays) -> int:
+  return int(sum(math.prod(a.shape) * jnp.dtype(a.dtype).itemsize for a in arrays if a is not None))
+
+
 def device_kind() -> str:
   try:
     return jax.devices()[0].device_kind

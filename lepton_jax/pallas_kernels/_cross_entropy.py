@@ -19,8 +19,8 @@ from lepton_jax._errors import KernelError
 from lepton_jax.pallas_kernels import _autotune
 from lepton_jax.pallas_kernels import _registry
 from lepton_jax.pallas_kernels._common import (
-    check_array, compiler_params, dot_nn, dot_nt, dot_tn, is_pow2, next_pow2, pad_axis, round_up,
-    shapes_dtypes)
+    cdiv, check_array, compiler_params, cost_estimate, dot_nn, dot_nt, dot_tn, is_pow2, nbytes,
+    next_pow2, pad_axis, round_up, shapes_dtypes, stat_lanes, sublanes)
 
 __all__ = [
     "CEBlockSizes", "softmax_cross_entropy", "softmax_cross_entropy_reference",
@@ -34,6 +34,8 @@ class CEBlockSizes:
 
   >>> CEBlockSizes.get_default().block_v
   512
+  >>> CEBlockSizes.get_default(rows=8192, vocab=32000, impl="tpu")
+  CEBlockSizes(block_rows=128, block_v=2048, num_warps=None)
   """
   block_rows: int = 16
   block_v: int = 512
@@ -41,8 +43,18 @@ class CEBlockSizes:
 
   @classmethod
   def get_default(cls, *, rows: int | None = None, vocab: int | None = None,
-                  impl: str = "gpu") -> "CEBlockSizes":
-    br, bv = (16, 512) if impl != "xla" else (16, 512)
+                  impl: str = "gpu", dtype=None) -> "CEBlockSizes":
+    """GPU: 16 x 512 tiles (registers). TPU: 128 x 2048 tiles (1 MiB float32 in VMEM), rows a
+    multiple of the dtype's sublane tile, vocabulary chunk a multiple of 128 lanes."""
+    if impl == "tpu":
+      sub = sublanes(dtype or jnp.float32)
+      br, bv = 128, 2048
+      if rows is not None:
+        br = max(sub, min(br, round_up(rows, sub)))
+      if vocab is not None:
+        bv = max(128, min(bv, round_up(vocab, 128)))
+      return cls(br, bv)
+    br, bv = 16, 512
     if rows is not None and br:
       br = max(16, min(br, next_pow2(rows)))
     if vocab is not None:
@@ -50,10 +62,17 @@ class CEBlockSizes:
     return cls(br, bv)
 
 
-def _legal(bs, impl):
+def _legal(bs, impl, dtype=None):
   if impl == "xla":
     if not isinstance(bs.block_v, int) or bs.block_v <= 0:
       return False, f"block_v={bs.block_v!r} must be a positive int"
+    return True, ""
+  if impl == "tpu":
+    sub = sublanes(dtype or jnp.float32)
+    if not isinstance(bs.block_rows, int) or bs.block_rows <= 0 or bs.block_rows % sub:
+      return False, f"block_rows={bs.block_rows} must be a positive multiple of {sub} on TPU"
+    if not isinstance(bs.block_v, int) or bs.block_v <= 0 or bs.block_v % 128:
+      return False, f"block_v={bs.block_v} must be a positive multiple of 128 on TPU"
     return True, ""
   if not is_pow2(bs.block_rows) or not 16 <= bs.block_rows <= 256:
     return False, f"block_rows={bs.block_rows} must be a power of two in [16, 256]"
@@ -105,117 +124,134 @@ def _mask_cols(cfg, s, j, bv, padded):
 
 
 # ----------------------------------------------------------------------------- plain CE kernels
+# Grid (row blocks, vocabulary chunks) over the unpadded logits: edge blocks are partial and
+# their out-of-range columns are masked by index, so no padded [N, V] copy is ever made.
+# TPU: the vocabulary axis is "arbitrary" and an online logsumexp lives in VMEM scratch.
+# GPU (Triton, whose grid is parallel only): every chunk writes its (max, sum-exp, label
+# logit) partials, combined in XLA ([V / block_v, N] floats).
 
-def _ce_fwd_kernel(x_ref, lab_ref, loss_ref, lse_ref, *, cfg, nv, padded):
+def _ce_tile(cfg, x_ref, lab_ref, j, bv):
+  s = x_ref[...].astype(jnp.float32)
+  col = j * bv + lax.broadcasted_iota(jnp.int32, s.shape, 1)
+  s = jnp.where(col < cfg.vocab, s, -jnp.inf)
+  return s, col == lab_ref[...]
+
+
+def _ce_fwd_tpu_kernel(x_ref, lab_ref, loss_ref, lse_ref, m_sc, l_sc, ll_sc, *, cfg, nv):
   from jax.experimental import pallas as pl
-  labels = lab_ref[...]
-  br = labels.shape[0]
-  bv = cfg.block_v
+  j = pl.program_id(1)
 
-  def body(j, carry):
-    m, l, ll = carry
-    s = x_ref[:, pl.ds(pl.multiple_of(j * bv, bv), bv)].astype(jnp.float32)
-    s = _mask_cols(cfg, s, j, bv, padded)
-    ll = ll + jnp.sum(jnp.where(_onehot(labels, j, bv), s, 0.0), axis=-1)
-    m_new = jnp.maximum(m, jnp.max(s, axis=-1))
-    l = l * jnp.exp(m - m_new) + jnp.sum(jnp.exp(s - m_new[:, None]), axis=-1)
-    return m_new, l, ll
+  @pl.when(j == 0)
+  def _init():
+    m_sc[...] = jnp.full(m_sc.shape, -jnp.inf, jnp.float32)
+    l_sc[...] = jnp.zeros(l_sc.shape, jnp.float32)
+    ll_sc[...] = jnp.zeros(ll_sc.shape, jnp.float32)
 
-  init = (jnp.full((br,), -jnp.inf, jnp.float32), jnp.zeros((br,), jnp.float32),
-          jnp.zeros((br,), jnp.float32))
-  m, l, ll = lax.fori_loop(0, nv, body, init)
-  lse = m + jnp.log(l)
-  lse_ref[...] = lse
-  loss_ref[...] = lse - ll
+  s, hit = _ce_tile(cfg, x_ref, lab_ref, j, cfg.block_v)
+  ll_sc[...] += jnp.sum(jnp.where(hit, s, 0.0), axis=-1, keepdims=True)
+  m_prev = m_sc[...]
+  m_new = jnp.maximum(m_prev, jnp.max(s, axis=-1, keepdims=True))
+  l_sc[...] = l_sc[...] * jnp.exp(m_prev - m_new) + jnp.sum(jnp.exp(s - m_new), axis=-1, keepdims=True)
+  m_sc[...] = m_new
+
+  @pl.when(j == nv - 1)
+  def _done():
+    lse = m_sc[...] + jnp.log(l_sc[...])
+    lse_ref[...] = jnp.broadcast_to(lse, lse_ref.shape)
+    loss_ref[...] = jnp.broadcast_to(lse - ll_sc[...], loss_ref.shape)
 
 
-def _ce_bwd_kernel(x_ref, lab_ref, lse_ref, g_ref, dx_ref, *, cfg, nv, padded):
+def _ce_fwd_part_kernel(x_ref, lab_ref, m_ref, l_ref, ll_ref, *, cfg):
   from jax.experimental import pallas as pl
-  labels = lab_ref[...]
+  s, hit = _ce_tile(cfg, x_ref, lab_ref, pl.program_id(1), cfg.block_v)
+  m = jnp.max(s, axis=-1, keepdims=True)
+  m_ref[...] = m
+  l_ref[...] = jnp.sum(jnp.exp(s - m), axis=-1, keepdims=True)
+  ll_ref[...] = jnp.sum(jnp.where(hit, s, 0.0), axis=-1, keepdims=True)
+
+
+def _ce_bwd_kernel(x_ref, lab_ref, lse_ref, g_ref, dx_ref, *, cfg):
+  from jax.experimental import pallas as pl
+  s, hit = _ce_tile(cfg, x_ref, lab_ref, pl.program_id(1), cfg.block_v)
   lse = lse_ref[...]
-  g = g_ref[...]
-  bv = cfg.block_v
-
-  def body(j, c):
-    cols = pl.ds(pl.multiple_of(j * bv, bv), bv)
-    s = x_ref[:, cols].astype(jnp.float32)
-    s = _mask_cols(cfg, s, j, bv, padded)
-    p = jnp.exp(s - lse[:, None]) - _onehot(labels, j, bv).astype(jnp.float32)
-    dx_ref[:, cols] = (p * g[:, None]).astype(dx_ref.dtype)
-    return c
-
-  lax.fori_loop(0, nv, body, 0)
+  if lse.shape[-1] != 1:
+    lse = lse[:, :1]
+  p = jnp.exp(s - lse) - hit.astype(jnp.float32)
+  dx_ref[...] = (p * g_ref[...]).astype(dx_ref.dtype)
 
 
-def _rows_prep(cfg, n):
-  return round_up(n, cfg.block_rows)
+def _ce_grid(cfg, n, v):
+  return cdiv(n, cfg.block_rows), cdiv(v, cfg.block_v)
 
 
 def _ce_pallas_fwd(cfg, logits, labels):
+  """Returns the loss [N] and the logsumexp as [N, L] (L = 128 lanes on TPU, 1 on GPU)."""
   from jax.experimental import pallas as pl
   n, v = logits.shape
   br, bv = cfg.block_rows, cfg.block_v
-  rp, vp = round_up(n, br), round_up(v, bv)
-  xp = pad_axis(pad_axis(logits, 0, rp), 1, vp)
-  lp = pad_axis(labels, 0, rp)
-  r1 = pl.BlockSpec((br,), lambda i: (i,))
-  loss, lse = pl.pallas_call(
-      functools.partial(_ce_fwd_kernel, cfg=cfg, nv=vp // bv, padded=vp != v), grid=(rp // br,),
-      in_specs=[pl.BlockSpec((br, vp), lambda i: (i, 0)), r1], out_specs=[r1, r1],
-      out_shape=[jax.ShapeDtypeStruct((rp,), jnp.float32)] * 2,
-      compiler_params=compiler_params(cfg.impl, ("parallel",), cfg.num_warps),
-      interpret=cfg.interpret_arg(), name="lepton_softmax_ce_fwd",
-  )(xp, lp)
-  return loss[:n], lse
+  nr, nv = _ce_grid(cfg, n, v)
+  lab = labels.reshape(n, 1)
+  x_spec = pl.BlockSpec((br, bv), lambda i, j: (i, j))
+  lab_spec = pl.BlockSpec((br, 1), lambda i, j: (i, 0))
+  cost = cost_estimate(4 * n * v, n * v, nbytes(logits, lab) + 8 * n)
+  if cfg.impl == "tpu":
+    from jax.experimental.pallas import tpu as pltpu
+    L = stat_lanes("tpu")
+    out = pl.BlockSpec((br, L), lambda i, j: (i, 0))
+    loss, lse = pl.pallas_call(
+        functools.partial(_ce_fwd_tpu_kernel, cfg=cfg, nv=nv), grid=(nr, nv),
+        in_specs=[x_spec, lab_spec], out_specs=[out, out],
+        out_shape=[jax.ShapeDtypeStruct((n, L), jnp.float32)] * 2,
+        scratch_shapes=[pltpu.VMEM((br, 1), jnp.float32)] * 3,
+        compiler_params=compiler_params("tpu", ("parallel", "arbitrary")),
+        cost_estimate=cost, interpret=cfg.interpret_arg(), name="lepton_softmax_ce_fwd",
+    )(logits, lab)
+    return loss[:, 0], lse
+  part = pl.BlockSpec((None, br, 1), lambda i, j: (j, i, 0))
+  m, l, ll = pl.pallas_call(
+      functools.partial(_ce_fwd_part_kernel, cfg=cfg), grid=(nr, nv),
+      in_specs=[x_spec, lab_spec], out_specs=[part] * 3,
+      out_shape=[jax.ShapeDtypeStruct((nv, n, 1), jnp.float32)] * 3,
+      compiler_params=compiler_params(cfg.impl, ("parallel", "parallel"), cfg.num_warps),
+      cost_estimate=cost, interpret=cfg.interpret_arg(), name="lepton_softmax_ce_fwd",
+  )(logits, lab)
+  mx = jnp.max(m, axis=0)
+  lse = mx + jnp.log(jnp.sum(l * jnp.exp(m - mx), axis=0))     # [N, 1]
+  return (lse - jnp.sum(ll, axis=0))[:, 0], lse
 
 
 def _ce_pallas_bwd(cfg, logits, labels, lse, g):
   from jax.experimental import pallas as pl
   n, v = logits.shape
   br, bv = cfg.block_rows, cfg.block_v
-  rp, vp = round_up(n, br), round_up(v, bv)
-  xp = pad_axis(pad_axis(logits, 0, rp), 1, vp)
-  r1 = pl.BlockSpec((br,), lambda i: (i,))
-  row = pl.BlockSpec((br, vp), lambda i: (i, 0))
-  dx = pl.pallas_call(
-      functools.partial(_ce_bwd_kernel, cfg=cfg, nv=vp // bv, padded=vp != v), grid=(rp // br,),
-      in_specs=[row, r1, r1, r1], out_specs=row,
-      out_shape=jax.ShapeDtypeStruct((rp, vp), logits.dtype),
-      compiler_params=compiler_params(cfg.impl, ("parallel",), cfg.num_warps),
+  nr, nv = _ce_grid(cfg, n, v)
+  L = lse.shape[-1]
+  x_spec = pl.BlockSpec((br, bv), lambda i, j: (i, j))
+  col = pl.BlockSpec((br, 1), lambda i, j: (i, 0))
+  sem = ("parallel", "parallel")
+  return pl.pallas_call(
+      functools.partial(_ce_bwd_kernel, cfg=cfg), grid=(nr, nv),
+      in_specs=[x_spec, col, pl.BlockSpec((br, L), lambda i, j: (i, 0)), col], out_specs=x_spec,
+      out_shape=jax.ShapeDtypeStruct((n, v), logits.dtype),
+      compiler_params=compiler_params(cfg.impl, sem, cfg.num_warps),
+      cost_estimate=cost_estimate(4 * n * v, n * v, 2 * nbytes(logits) + 4 * n * (L + 2)),
       interpret=cfg.interpret_arg(), name="lepton_softmax_ce_bwd",
-  )(xp, pad_axis(labels, 0, rp), lse, pad_axis(g.astype(jnp.float32), 0, rp))
-  return dx[:n, :v]
-
-
-def _ce_xla_fwd(cfg, logits, labels):
-  lf = logits.astype(jnp.float32)
-  lse = jax.nn.logsumexp(lf, axis=-1)   # a fused reduction: no [N, V] temporary
-  ll = jnp.take_along_axis(lf, labels[:, None], axis=-1)[:, 0]
-  return lse - ll, lse
-
-
-def _ce_xla_bwd(cfg, logits, labels, lse, g):
-  p = jnp.exp(logits.astype(jnp.float32) - lse[:, None])
-  p = p - jax.nn.one_hot(labels, logits.shape[1], dtype=jnp.float32)
-  return (p * g[:, None].astype(jnp.float32)).astype(logits.dtype)
+  )(logits, labels.reshape(n, 1), lse, g.astype(jnp.float32).reshape(n, 1))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _ce(cfg, logits, labels):
-  f = _ce_xla_fwd if cfg.impl == "xla" else _ce_pallas_fwd
-  return f(cfg, logits, labels)[0]
+  return _ce_pallas_fwd(cfg, logits, labels)[0]
 
 
 def _ce_fwd(cfg, logits, labels):
-  f = _ce_xla_fwd if cfg.impl == "xla" else _ce_pallas_fwd
-  loss, lse = f(cfg, logits, labels)
+  loss, lse = _ce_pallas_fwd(cfg, logits, labels)
   return loss, (logits, labels, lse)
 
 
 def _ce_bwd(cfg, res, g):
   logits, labels, lse = res
-  f = _ce_xla_bwd if cfg.impl == "xla" else _ce_pallas_bwd
-  return f(cfg, logits, labels, lse, g), None
+  return _ce_pallas_bwd(cfg, logits, labels, lse, g), None
 
 
 _ce.defvjp(_ce_fwd, _ce_bwd)
@@ -426,10 +462,11 @@ def _blocks(api, tune_fn, args, kwargs, block_sizes, resolved, rows, vocab):
     block_sizes = _autotune.lookup(tune_fn._lepton_tune_spec, args, kwargs, resolved.backend)
     src = "autotune-cache"
     if block_sizes is None:
-      block_sizes, src = CEBlockSizes.get_default(rows=rows, vocab=vocab, impl=resolved.impl), "default"
+      block_sizes, src = CEBlockSizes.get_default(rows=rows, vocab=vocab, impl=resolved.impl,
+                                                  dtype=args[0].dtype), "default"
   if not isinstance(block_sizes, CEBlockSizes):
     raise KernelError(f"{api}: block_sizes must be a CEBlockSizes, got {type(block_sizes).__name__}")
-  ok, reason = _legal(block_sizes, resolved.impl)
+  ok, reason = _legal(block_sizes, resolved.impl, args[0].dtype)
   if not ok:
     raise KernelError(f"{api}: illegal block_sizes for backend {resolved.backend!r}: {reason}")
   return block_sizes, src
@@ -465,6 +502,11 @@ def softmax_cross_entropy(logits, labels, *, backend: str = "auto",
   shapes, dtypes = shapes_dtypes(logits, labels)
   _registry.record(_registry.Dispatch(api, backend, resolved.backend, shapes, dtypes,
                                       dataclasses.asdict(bs), src))
+  if resolved.impl == "xla":
+    # The plain-jnp formulation: XLA fuses the logsumexp reduction (no [N, V] temporary in
+    # the forward) and its autodiff is what optax does, measured no slower than a custom
+    # chunked implementation on CPU (benchmarks/results/kernels_cpu.json).
+    return softmax_cross_entropy_reference(logits, labels)
   cfg = _Cfg(resolved.impl, "" if resolved.interpret is False else resolved.impl, v,
              bs.block_rows, bs.block_v, bs.num_warps)
   loss = _ce(cfg, logits.reshape(n, v), labels.reshape(n).astype(jnp.int32))

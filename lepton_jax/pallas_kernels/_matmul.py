@@ -14,7 +14,8 @@ from lepton_jax._errors import KernelError
 from lepton_jax.pallas_kernels import _autotune
 from lepton_jax.pallas_kernels import _registry
 from lepton_jax.pallas_kernels._common import (
-    check_array, compiler_params, dot_nn, is_pow2, next_pow2, pad_axis, round_up, shapes_dtypes)
+    cdiv, check_array, compiler_params, cost_estimate, dot_nn, is_pow2, next_pow2, pad_axis, round_up,
+    shapes_dtypes, sublanes)
 
 __all__ = ["MatmulBlockSizes", "matmul", "matmul_reference", "ACTIVATIONS"]
 
@@ -45,13 +46,28 @@ class MatmulBlockSizes:
   num_stages: int = 3
 
   @classmethod
-  def get_default(cls, *, m: int | None = None, n: int | None = None, k: int | None = None):
+  def get_default(cls, *, m: int | None = None, n: int | None = None, k: int | None = None,
+                  impl: str = "gpu", dtype=None):
+    """GPU (Triton): 64 x 64 tiles, k chunks of 32. TPU: 256 x 256 output tiles, k chunks of
+    512 (multiples of the (8|16, 128) Mosaic tiles; x/w/accumulator blocks <= 512 KiB)."""
+    if impl == "tpu":
+      sub = sublanes(dtype or jnp.float32)
+      def fit(b, s, g):
+        return b if s is None else max(g, min(b, round_up(s, g)))
+      return cls(fit(256, m, sub), fit(256, n, 128), fit(512, k, 128))
     def fit(b, s):
       return b if s is None else max(16, min(b, next_pow2(s)))
     return cls(fit(64, m), fit(64, n), fit(32, k))
 
 
-def _legal(bs, impl):
+def _legal(bs, impl, dtype=None):
+  if impl == "tpu":
+    sub = sublanes(dtype or jnp.float32)
+    for f, g in (("block_m", sub), ("block_n", 128), ("block_k", 128)):
+      v = getattr(bs, f)
+      if not isinstance(v, int) or v <= 0 or v % g:
+        return False, f"{f}={v} must be a positive multiple of {g} on TPU (Mosaic tiling)"
+    return True, ""
   for f in ("block_m", "block_n", "block_k"):
     v = getattr(bs, f)
     if not is_pow2(v) or not 16 <= v <= 512:
@@ -102,16 +118,82 @@ def _mm_kernel(x_ref, w_ref, *refs, cfg, nk, bk, save_z):
 
   acc = lax.fori_loop(0, nk, body, jnp.zeros((x_ref.shape[0], w_ref.shape[1]), jnp.float32))
   if b_ref is not None:
-    acc = acc + b_ref[...].astype(jnp.float32)[None, :]
+    acc = acc + b_ref[...].astype(jnp.float32)
   if z_ref is not None:
     z_ref[...] = acc.astype(z_ref.dtype)
   y_ref[...] = _act(cfg.activation, acc).astype(y_ref.dtype)
+
+
+def _mm_tpu_kernel(x_ref, w_ref, *refs, cfg, nk, save_z):
+  """Grid (m, n, k) with k "arbitrary": the float32 accumulator lives in VMEM scratch."""
+  from jax.experimental import pallas as pl
+  refs = list(refs)
+  b_ref = refs.pop(0) if cfg.has_bias else None
+  y_ref = refs.pop(0)
+  z_ref = refs.pop(0) if save_z else None
+  acc_ref = refs.pop(0)
+  kk = pl.program_id(2)
+
+  @pl.when(kk == 0)
+  def _init():
+    acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.float32)
+
+  acc_ref[...] += dot_nn(x_ref[...], w_ref[...])
+
+  @pl.when(kk == nk - 1)
+  def _epilogue():
+    acc = acc_ref[...]
+    if b_ref is not None:
+      acc = acc + b_ref[...].astype(jnp.float32)
+    if z_ref is not None:
+      z_ref[...] = acc.astype(z_ref.dtype)
+    y_ref[...] = _act(cfg.activation, acc).astype(y_ref.dtype)
+
+
+def _mm_cost(cfg, m, n, k, x, save_z):
+  trans = m * n if cfg.activation in ("gelu", "silu") else 0
+  item = jnp.dtype(x.dtype).itemsize
+  return cost_estimate(2 * m * n * k, trans, (m * k + k * n + m * n * (2 if save_z else 1)) * item)
+
+
+def _pallas_mm_tpu(cfg, x, w, bias, *, save_z):
+  from jax.experimental import pallas as pl
+  from jax.experimental.pallas import tpu as pltpu
+  m, k = x.shape
+  n = w.shape[1]
+  bs = cfg.bs
+  sub = sublanes(x.dtype)
+  bm = min(bs.block_m, round_up(m, sub))
+  bn = min(bs.block_n, round_up(n, 128))
+  bk = min(bs.block_k, round_up(k, 128))
+  if bk >= k:
+    bk = k            # one k block equal to the full dimension (legal whatever k is)
+  kp = round_up(k, bk)   # the reduction axis must not read past k: pad it (rare)
+  args = [pad_axis(x, 1, kp), pad_axis(w, 0, kp)]
+  in_specs = [pl.BlockSpec((bm, bk), lambda i, j, kk: (i, kk)),
+              pl.BlockSpec((bk, bn), lambda i, j, kk: (kk, j))]
+  if bias is not None:
+    args.append(bias.reshape(1, n))
+    in_specs.append(pl.BlockSpec((1, bn), lambda i, j, kk: (0, j)))
+  out_spec = pl.BlockSpec((bm, bn), lambda i, j, kk: (i, j))
+  out_shape = [jax.ShapeDtypeStruct((m, n), x.dtype)] * (2 if save_z else 1)
+  nk = kp // bk
+  return pl.pallas_call(
+      functools.partial(_mm_tpu_kernel, cfg=cfg, nk=nk, save_z=save_z),
+      grid=(cdiv(m, bm), cdiv(n, bn), nk), in_specs=in_specs, out_specs=[out_spec] * len(out_shape),
+      out_shape=out_shape, scratch_shapes=[pltpu.VMEM((bm, bn), jnp.float32)],
+      compiler_params=compiler_params("tpu", ("parallel", "parallel", "arbitrary")),
+      cost_estimate=_mm_cost(cfg, m, n, k, x, save_z),
+      interpret=cfg.interpret_arg(), name="lepton_matmul",
+  )(*args)
 
 
 def _pallas_mm(cfg, x, w, bias, *, activation, save_z):
   """[M, K] @ [K, N] (+ bias, activation) with padding to the tiles."""
   from jax.experimental import pallas as pl
   cfg = dataclasses.replace(cfg, activation=activation, has_bias=bias is not None)
+  if cfg.impl == "tpu":
+    return list(_pallas_mm_tpu(cfg, x, w, bias, save_z=save_z))
   m, k = x.shape
   n = w.shape[1]
   bs = cfg.bs
@@ -122,8 +204,8 @@ def _pallas_mm(cfg, x, w, bias, *, activation, save_z):
   args = [pad_axis(pad_axis(x, 0, mp), 1, kp), pad_axis(pad_axis(w, 0, kp), 1, np_)]
   in_specs = [pl.BlockSpec((bm, kp), lambda i, j: (i, 0)), pl.BlockSpec((kp, bn), lambda i, j: (0, j))]
   if bias is not None:
-    args.append(pad_axis(bias, 0, np_))
-    in_specs.append(pl.BlockSpec((bn,), lambda i, j: (j,)))
+    args.append(pad_axis(bias, 0, np_).reshape(1, np_))
+    in_specs.append(pl.BlockSpec((1, bn), lambda i, j: (0, j)))
   out_spec = pl.BlockSpec((bm, bn), lambda i, j: (i, j))
   out_shape = [jax.ShapeDtypeStruct((mp, np_), x.dtype)]
   if save_z:
@@ -133,6 +215,7 @@ def _pallas_mm(cfg, x, w, bias, *, activation, save_z):
       grid=(mp // bm, np_ // bn), in_specs=in_specs, out_specs=[out_spec] * len(out_shape),
       out_shape=out_shape,
       compiler_params=compiler_params(cfg.impl, ("parallel", "parallel"), bs.num_warps, bs.num_stages),
+      cost_estimate=_mm_cost(cfg, m, n, k, x, save_z),
       interpret=cfg.interpret_arg(), name="lepton_matmul",
   )(*args)
   return [o[:m, :n] for o in outs]
@@ -207,10 +290,11 @@ def matmul(x, w, *, bias=None, activation: str | None = None, backend: str = "au
                                    "bias": bias}, resolved.backend)
     src = "autotune-cache"
     if block_sizes is None:
-      block_sizes, src = MatmulBlockSizes.get_default(m=m, n=n, k=k), "default"
+      block_sizes, src = MatmulBlockSizes.get_default(m=m, n=n, k=k, impl=resolved.impl,
+                                                      dtype=x.dtype), "default"
   if not isinstance(block_sizes, MatmulBlockSizes):
     raise KernelError(f"{api}: block_sizes must be a MatmulBlockSizes, got {type(block_sizes).__name__}")
-  ok, reason = _legal(block_sizes, resolved.impl)
+  ok, reason = _legal(block_sizes, resolved.impl, x.dtype)
   if not ok and resolved.impl != "xla":
     raise KernelError(f"{api}: illegal block_sizes for backend {resolved.backend!r}: {reason}")
   shapes, dtypes = shapes_dtypes(x, w, bias)

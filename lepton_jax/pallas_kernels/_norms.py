@@ -11,8 +11,11 @@ import jax.numpy as jnp
 from lepton_jax._errors import KernelError
 from lepton_jax.pallas_kernels import _autotune
 from lepton_jax.pallas_kernels import _registry
+from jax import lax
+
 from lepton_jax.pallas_kernels._common import (
-    check_array, compiler_params, is_pow2, next_pow2, pad_axis, round_up, shapes_dtypes)
+    check_array, compiler_params, cost_estimate, is_pow2, nbytes, next_pow2, pad_axis, round_up,
+    shapes_dtypes, stat_lanes, sublanes)
 
 __all__ = ["NormBlockSizes", "rms_norm", "rms_norm_reference", "layer_norm", "layer_norm_reference"]
 
@@ -25,12 +28,25 @@ class NormBlockSizes:
 
   >>> NormBlockSizes.get_default(features=1024).block_rows
   16
+  >>> NormBlockSizes.get_default(features=4096, impl="tpu").block_rows
+  32
   """
   block_rows: int = 16
   num_warps: int | None = None
 
   @classmethod
-  def get_default(cls, *, features: int | None = None, rows: int | None = None) -> "NormBlockSizes":
+  def get_default(cls, *, features: int | None = None, rows: int | None = None,
+                  impl: str = "gpu", dtype=None) -> "NormBlockSizes":
+    """GPU: rows * padded features <= 16K elements (registers); TPU: a block of <= 512 KiB
+    float32 and at least one native tile of rows (8 for 32-bit, 16 for 16-bit dtypes)."""
+    if impl == "tpu":
+      dp = round_up(features or 1024, 128)
+      sub = sublanes(dtype or jnp.float32)
+      br = max(sub, min(256, (2 ** 17) // dp))
+      br = max(sub, 1 << (br.bit_length() - 1))
+      if rows is not None:
+        br = max(sub, min(br, next_pow2(rows)))
+      return cls(block_rows=br)
     dp = max(16, next_pow2(features or 1024))
     br = max(1, min(16, 16384 // dp))
     if rows is not None:
@@ -38,11 +54,16 @@ class NormBlockSizes:
     return cls(block_rows=max(1, br))
 
 
-def _legal(bs, impl, features):
+def _legal(bs, impl, features, rows=None, dtype=None):
   if not is_pow2(bs.block_rows):
     return False, f"block_rows={bs.block_rows} must be a power of two"
   if impl != "xla" and bs.block_rows * max(16, next_pow2(features)) > 2 ** 20:
     return False, f"block_rows * features = {bs.block_rows * next_pow2(features)} exceeds 2**20 elements"
+  if impl == "tpu":
+    sub = sublanes(dtype or jnp.float32)
+    if bs.block_rows % sub and (rows is None or bs.block_rows < rows):
+      return False, (f"block_rows={bs.block_rows} must be a multiple of {sub} on TPU (Mosaic tiling of "
+                     f"{jnp.dtype(dtype or jnp.float32).name}) unless it covers all {rows} rows")
   return True, ""
 
 
@@ -88,55 +109,62 @@ class _Cfg:
 
 
 def _stats(cfg, x):
+  """Per-row statistics as [rows, 1] columns (no rank-1 values: Mosaic TPU friendly)."""
   dp = x.shape[-1]
   d = cfg.features
   if cfg.kind == "rms":
-    rstd = jax.lax.rsqrt(jnp.sum(x * x, axis=-1) / d + cfg.eps)
+    rstd = jax.lax.rsqrt(jnp.sum(x * x, axis=-1, keepdims=True) / d + cfg.eps)
     return x, None, rstd
-  mean = jnp.sum(x, axis=-1) / d
-  xc = x - mean[:, None]
+  mean = jnp.sum(x, axis=-1, keepdims=True) / d
+  xc = x - mean
   if dp != d:
-    xc = jnp.where(jnp.arange(dp)[None, :] < d, xc, 0.0)
-  rstd = jax.lax.rsqrt(jnp.sum(xc * xc, axis=-1) / d + cfg.eps)
+    xc = jnp.where(lax.broadcasted_iota(jnp.int32, xc.shape, 1) < d, xc, 0.0)
+  rstd = jax.lax.rsqrt(jnp.sum(xc * xc, axis=-1, keepdims=True) / d + cfg.eps)
   return xc, mean, rstd
+
+
+def _col(ref):
+  """[rows, L] lane-broadcast statistic -> [rows, 1]."""
+  v = ref[...]
+  return v if v.shape[-1] == 1 else v[:, :1]
 
 
 def _fwd_kernel(x_ref, s_ref, b_ref, y_ref, mean_ref, rstd_ref, *, cfg):
   x = x_ref[...].astype(jnp.float32)
   xc, mean, rstd = _stats(cfg, x)
-  y = xc * rstd[:, None] * s_ref[...].astype(jnp.float32)[None, :]
+  y = xc * rstd * s_ref[...].astype(jnp.float32)
   if cfg.kind == "ln":
-    y = y + b_ref[...].astype(jnp.float32)[None, :]
-    mean_ref[...] = mean
+    y = y + b_ref[...].astype(jnp.float32)
   else:
-    mean_ref[...] = jnp.zeros_like(rstd)
+    mean = jnp.zeros_like(rstd)
   y_ref[...] = y.astype(y_ref.dtype)
-  rstd_ref[...] = rstd
+  mean_ref[...] = jnp.broadcast_to(mean, mean_ref.shape)
+  rstd_ref[...] = jnp.broadcast_to(rstd, rstd_ref.shape)
 
 
 def _bwd_kernel(x_ref, s_ref, dy_ref, mean_ref, rstd_ref, dx_ref, ds_ref, db_ref, *, cfg):
   x = x_ref[...].astype(jnp.float32)
   dy = dy_ref[...].astype(jnp.float32)
-  rstd = rstd_ref[...]
+  rstd = _col(rstd_ref)
   d = cfg.features
   dp = x.shape[-1]
   if cfg.kind == "ln":
-    xc = x - mean_ref[...][:, None]
+    xc = x - _col(mean_ref)
     if dp != d:
-      xc = jnp.where(jnp.arange(dp)[None, :] < d, xc, 0.0)
+      xc = jnp.where(lax.broadcasted_iota(jnp.int32, xc.shape, 1) < d, xc, 0.0)
   else:
     xc = x
-  xhat = xc * rstd[:, None]
-  g = dy * s_ref[...].astype(jnp.float32)[None, :]
-  c2 = jnp.sum(g * xhat, axis=-1) / d
+  xhat = xc * rstd
+  g = dy * s_ref[...].astype(jnp.float32)
+  c2 = jnp.sum(g * xhat, axis=-1, keepdims=True) / d
   if cfg.kind == "ln":
-    c1 = jnp.sum(g, axis=-1) / d
-    dx = rstd[:, None] * (g - c1[:, None] - xhat * c2[:, None])
+    c1 = jnp.sum(g, axis=-1, keepdims=True) / d
+    dx = rstd * (g - c1 - xhat * c2)
   else:
-    dx = rstd[:, None] * (g - xhat * c2[:, None])
+    dx = rstd * (g - xhat * c2)
   dx_ref[...] = dx.astype(dx_ref.dtype)
-  ds_ref[...] = jnp.sum(dy * xhat, axis=0)
-  db_ref[...] = jnp.sum(dy, axis=0)
+  ds_ref[...] = jnp.sum(dy * xhat, axis=0, keepdims=True)
+  db_ref[...] = jnp.sum(dy, axis=0, keepdims=True)
 
 
 def _prep(cfg, x2):
@@ -149,18 +177,21 @@ def _prep(cfg, x2):
 def _pallas_fwd(cfg, x2, scale, bias):
   from jax.experimental import pallas as pl
   dp, br, rp = _prep(cfg, x2)
+  L = stat_lanes(cfg.impl)
   xp = pad_axis(pad_axis(x2, 0, rp), 1, dp)
-  sp = pad_axis(scale, 0, dp)
-  bp = pad_axis(bias, 0, dp)
+  sp = pad_axis(scale, 0, dp).reshape(1, dp)
+  bp = pad_axis(bias, 0, dp).reshape(1, dp)
   row = pl.BlockSpec((br, dp), lambda i: (i, 0))
-  vec = pl.BlockSpec((dp,), lambda i: (0,))
-  r1 = pl.BlockSpec((br,), lambda i: (i,))
+  vec = pl.BlockSpec((1, dp), lambda i: (0, 0))
+  stat = pl.BlockSpec((br, L), lambda i: (i, 0))
+  n = rp * dp
   y, mean, rstd = pl.pallas_call(
       functools.partial(_fwd_kernel, cfg=cfg), grid=(rp // br,),
-      in_specs=[row, vec, vec], out_specs=[row, r1, r1],
-      out_shape=[jax.ShapeDtypeStruct((rp, dp), x2.dtype), jax.ShapeDtypeStruct((rp,), jnp.float32),
-                 jax.ShapeDtypeStruct((rp,), jnp.float32)],
+      in_specs=[row, vec, vec], out_specs=[row, stat, stat],
+      out_shape=[jax.ShapeDtypeStruct((rp, dp), x2.dtype), jax.ShapeDtypeStruct((rp, L), jnp.float32),
+                 jax.ShapeDtypeStruct((rp, L), jnp.float32)],
       compiler_params=compiler_params(cfg.impl, ("parallel",), cfg.num_warps),
+      cost_estimate=cost_estimate(8 * n, rp, 2 * nbytes(xp) + nbytes(sp, bp) + 2 * rp * L * 4),
       interpret=cfg.interpret_arg(), name=f"lepton_{cfg.kind}_norm_fwd",
   )(xp, sp, bp)
   return y[: x2.shape[0], : cfg.features], mean, rstd
@@ -169,24 +200,27 @@ def _pallas_fwd(cfg, x2, scale, bias):
 def _pallas_bwd(cfg, x2, scale, mean, rstd, dy):
   from jax.experimental import pallas as pl
   dp, br, rp = _prep(cfg, x2)
+  L = stat_lanes(cfg.impl)
   xp = pad_axis(pad_axis(x2, 0, rp), 1, dp)
   dyp = pad_axis(pad_axis(dy, 0, rp), 1, dp)
-  sp = pad_axis(scale, 0, dp)
+  sp = pad_axis(scale, 0, dp).reshape(1, dp)
   nr = rp // br
   row = pl.BlockSpec((br, dp), lambda i: (i, 0))
-  vec = pl.BlockSpec((dp,), lambda i: (0,))
-  r1 = pl.BlockSpec((br,), lambda i: (i,))
-  part = pl.BlockSpec((None, dp), lambda i: (i, 0))
+  vec = pl.BlockSpec((1, dp), lambda i: (0, 0))
+  stat = pl.BlockSpec((br, L), lambda i: (i, 0))
+  part = pl.BlockSpec((None, 1, dp), lambda i: (i, 0, 0))
   dx, ds, db = pl.pallas_call(
       functools.partial(_bwd_kernel, cfg=cfg), grid=(nr,),
-      in_specs=[row, vec, row, r1, r1], out_specs=[row, part, part],
-      out_shape=[jax.ShapeDtypeStruct((rp, dp), x2.dtype), jax.ShapeDtypeStruct((nr, dp), jnp.float32),
-                 jax.ShapeDtypeStruct((nr, dp), jnp.float32)],
+      in_specs=[row, vec, row, stat, stat], out_specs=[row, part, part],
+      out_shape=[jax.ShapeDtypeStruct((rp, dp), x2.dtype), jax.ShapeDtypeStruct((nr, 1, dp), jnp.float32),
+                 jax.ShapeDtypeStruct((nr, 1, dp), jnp.float32)],
       compiler_params=compiler_params(cfg.impl, ("parallel",), cfg.num_warps),
+      cost_estimate=cost_estimate(14 * rp * dp, 0,
+                                  3 * nbytes(xp) + nbytes(sp) + 2 * rp * L * 4 + 2 * nr * dp * 4),
       interpret=cfg.interpret_arg(), name=f"lepton_{cfg.kind}_norm_bwd",
   )(xp, sp, dyp, mean, rstd)
   d = cfg.features
-  return dx[: x2.shape[0], :d], ds.sum(0)[:d], db.sum(0)[:d]
+  return dx[: x2.shape[0], :d], ds.sum((0, 1))[:d], db.sum((0, 1))[:d]
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -232,10 +266,11 @@ def _run(kind, api, x, scale, bias, eps, backend, block_sizes, tune_fn):
     block_sizes = _autotune.lookup(tune_fn._lepton_tune_spec, (x,), {}, resolved.backend)
     src = "autotune-cache"
     if block_sizes is None:
-      block_sizes, src = NormBlockSizes.get_default(features=d, rows=rows), "default"
+      block_sizes, src = NormBlockSizes.get_default(features=d, rows=rows, impl=resolved.impl,
+                                                    dtype=x.dtype), "default"
   if not isinstance(block_sizes, NormBlockSizes):
     raise KernelError(f"{api}: block_sizes must be a NormBlockSizes, got {type(block_sizes).__name__}")
-  ok, reason = _legal(block_sizes, resolved.impl, d)
+  ok, reason = _legal(block_sizes, resolved.impl, d, rows, x.dtype)
   if not ok:
     raise KernelError(f"{api}: illegal block_sizes: {reason}")
   shapes, dtypes = shapes_dtypes(x, scale, bias)

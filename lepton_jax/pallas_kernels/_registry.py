@@ -3,8 +3,12 @@
 ``backend`` accepted by every kernel:
 
 * ``"auto"``: Pallas on GPU / TPU, the memory-efficient XLA implementation on CPU.
-* ``"pallas_gpu"``: the Triton-style Pallas GPU kernel (needs a GPU).
-* ``"pallas_tpu"``: the Mosaic Pallas TPU kernel (needs a TPU).
+* ``"pallas_gpu"``: the Pallas GPU kernel (Mosaic GPU on Hopper and newer where the kernel
+  has a Mosaic GPU implementation, Triton otherwise; see :func:`gpu_flavor`). Built on any
+  host, so a CPU machine can lower it: ``jax.jit(f).trace(*a).lower(lowering_platforms=("cuda",))``.
+* ``"pallas_tpu"``: the Mosaic Pallas TPU kernel. Built on any host; from a CPU machine lower it
+  under an abstract TPU mesh (:func:`abstract_tpu_mesh`) or with
+  ``jax.export.export(jax.jit(f), platforms=["tpu"])``.
 * ``"xla"``: the blockwise / chunked pure-XLA implementation (any device).
 * ``"interpret"``: the Pallas GPU kernel run with ``interpret=True`` (any device;
   how CPU tests check the kernels).
@@ -36,7 +40,7 @@ import jax
 from lepton_jax._errors import KernelError
 
 __all__ = [
-    "BACKENDS", "Backend", "Dispatch", "DispatchLog", "record_dispatches", "resolve_backend",
+    "BACKENDS", "GPU_FLAVORS", "abstract_tpu_mesh", "gpu_flavor", "Backend", "Dispatch", "DispatchLog", "record_dispatches", "resolve_backend",
 ]
 
 Backend = Literal["auto", "pallas_gpu", "pallas_tpu", "xla", "interpret", "interpret_tpu"]
@@ -95,17 +99,64 @@ def resolve_backend(backend: str, *, api: str = "pallas_kernels") -> Resolved:
     from jax.experimental.pallas import tpu as pltpu
     return Resolved("interpret_tpu", "tpu", pltpu.InterpretParams())
   if backend == "pallas_gpu":
-    if platform not in ("gpu", "cuda", "rocm"):
-      raise KernelError(
-          f"{api}: backend='pallas_gpu' needs a GPU but the default JAX backend is {platform!r}; "
-          "use backend='interpret' to run the GPU kernel in interpret mode, or backend='xla'")
+    # Built whatever the host: on a CPU machine the kernel can be lowered for "cuda"
+    # (cross-lowering); running it still needs a GPU.
     return Resolved("pallas_gpu", "gpu", False)
-  # pallas_tpu
-  if platform != "tpu":
-    raise KernelError(
-        f"{api}: backend='pallas_tpu' needs a TPU but the default JAX backend is {platform!r}; "
-        "use backend='interpret_tpu' to run the TPU kernel in the TPU interpreter, or backend='xla'")
+  # pallas_tpu (built whatever the host; lowering for TPU from a CPU host needs an abstract
+  # TPU device, see abstract_tpu_mesh).
   return Resolved("pallas_tpu", "tpu", False)
+
+
+GPU_FLAVORS = ("mosaic", "triton")
+_GPU_FLAVOR_ENV = "LEPTON_PALLAS_GPU"
+
+
+def gpu_flavor() -> str:
+  """The Pallas GPU backend for kernels that have both: ``"mosaic"`` or ``"triton"``.
+
+  ``LEPTON_PALLAS_GPU=mosaic|triton`` overrides. Otherwise Mosaic GPU for compute
+  capability >= 9.0 (Hopper, Blackwell) and Triton before (Mosaic GPU's wgmma/TMA
+  kernels need sm_90). On a host without a GPU (cross-lowering) the target is the
+  abstract mesh's device if it names a compute capability, else sm_90 -- the same
+  default Mosaic GPU itself assumes when no GPU is visible.
+
+  >>> gpu_flavor() in GPU_FLAVORS
+  True
+  """
+  import os
+  env = os.environ.get(_GPU_FLAVOR_ENV, "").strip().lower()
+  if env:
+    if env not in GPU_FLAVORS:
+      raise KernelError(f"{_GPU_FLAVOR_ENV}={env!r} is not valid; use one of {GPU_FLAVORS}")
+    return env
+  cc = None
+  dev = jax.sharding.get_abstract_mesh().abstract_device
+  if dev is None and _platform() in ("gpu", "cuda"):
+    dev = jax.devices()[0]
+  if dev is not None:
+    cc = getattr(dev, "compute_capability", None)
+  if cc is None:
+    return "mosaic"
+  try:
+    major = int(str(cc).split(".")[0])
+  except ValueError:   # ROCm "gfx..." names: Mosaic GPU does not support AMD
+    return "triton"
+  return "mosaic" if major >= 9 else "triton"
+
+
+def abstract_tpu_mesh(device_kind: str = "TPU v5p", num_cores: int | None = None):
+  """An abstract one-device TPU mesh: ``with jax.sharding.use_abstract_mesh(abstract_tpu_mesh()):``
+  makes Pallas TPU lowering on a CPU host target ``device_kind`` (its tiling and VMEM rules).
+
+  ``num_cores`` defaults to 2 for the megacore chips (v4, v5p) and 1 otherwise.
+
+  >>> abstract_tpu_mesh("TPU v5e").abstract_device.platform
+  'tpu'
+  """
+  if num_cores is None:
+    num_cores = 2 if device_kind in ("TPU v4", "TPU v5", "TPU v5p") else 1
+  dev = jax.sharding.AbstractDevice(device_kind=device_kind, num_cores=num_cores, platform="tpu")
+  return jax.sharding.AbstractMesh((1,), ("lepton_tpu",), abstract_device=dev)
 
 
 @dataclasses.dataclass(frozen=True)

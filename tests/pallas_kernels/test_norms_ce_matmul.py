@@ -105,7 +105,7 @@ def test_matmul(backend, activation):
 
 def test_matmul_tpu_kernel_no_bias_and_errors():
   x, w = _rand(0, (20, 16)), _rand(1, (16, 24))
-  check_fwd_bwd(lambda x, w: lpk.matmul(x, w, backend="interpret_tpu", block_sizes=MB),
+  check_fwd_bwd(lambda x, w: lpk.matmul(x, w, backend="interpret_tpu", block_sizes=lpk.MatmulBlockSizes(8, 128, 128)),
                 lambda x, w: lpk.matmul_reference(x, w), (x, w), (0, 1))
   with pytest.raises(KernelError, match="activation='tanh' is not supported"):
     lpk.matmul(x, w, activation="tanh")
