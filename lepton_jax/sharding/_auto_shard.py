@@ -16,15 +16,110 @@ from lepton_jax._errors import ShardingError
 from lepton_jax._nnx import is_graph_node, nnx_module
 from lepton_jax._utils import parse_bytes
 from lepton_jax.sharding import _cost_model as cm
+from lepton_jax.sharding._compiled import cached_lowered, compile_candidate, jaxpr_body
 from lepton_jax.sharding._dims import analyze_dims
 from lepton_jax.sharding._mesh import MeshInfo, resolve_mesh
-from lepton_jax.sharding._plan import LeafPlan, ShardingPlan, spec_to_pspec
-from lepton_jax.sharding._strategies import STRATEGIES, plan_placement
+from lepton_jax.sharding._plan import LeafPlan, ShardingPlan, spec_str, spec_to_pspec
+from lepton_jax.sharding._strategies import STRATEGIES, find_roles, plan_placement
 
 __all__ = ["auto_shard", "AutoShardFunction"]
 
 _API = "auto_shard"
+_COMM_WEIGHT = 0.5
+_COLL_SLACK = 1.1
+_ACT_MIN_BYTES = 1 << 20
+_ACT_TOP_K = 64
+_SELECTION_RULE = ("rule: compiled memory <= the best baseline's and collectives <= 1.1x that "
+                   "baseline's; no involuntary rematerialization if possible; then min memory + 0.5 x "
+                   "collective bytes")
+_BUDGET_RULE = ("rule: compiled memory and estimate within memory_budget; then min collective bytes, "
+                "then memory; if none fits, min compiled memory")
 
+
+def _baselines(mi) -> tuple:
+  """Named baselines compiled next to 'auto': tp only where a second axis can hold tensors."""
+  return ("dp", "fsdp") + (("tp",) if (mi.tensor_axes or len(mi.names) > 1) else ()) + ("replicate",)
+
+
+def _inter_index(an, k, j) -> int:
+  for n, it in enumerate(an.intermediates):
+    if it.eqn_index == k and it.out_index == j:
+      return n
+  raise KeyError((k, j))
+
+
+def _activation_constraints(an, core, mi) -> dict:
+  """``{(eqn, out): spec}``: the batch dim of large top-level intermediates over its data axes.
+
+  Large = at least 1 MiB (at most the 64 largest of those); only results that carry a batch
+  class that is sharded in ``core``; other dims are left to XLA (``None``). Programs without
+  such intermediates get no constraint (and no extra candidate to compile).
+  """
+  sharded = {c: core.class_axes[c] for c in core.batch_classes if core.class_axes.get(c)}
+  if not sharded:
+    return {}
+  found = []
+  for it in an.intermediates:
+    for d, c in enumerate(it.classes):
+      if c in sharded and it.shape[d] % mi.size(sharded[c]) == 0:
+        found.append((it.nbytes, it, d, sharded[c]))
+        break
+  if not found:
+    return {}
+  found.sort(key=lambda t: (-t[0], t[1].eqn_index, t[1].out_index))
+  big = [f for f in found if f[0] >= _ACT_MIN_BYTES][:_ACT_TOP_K]
+  out = {}
+  for nb, it, d, axes in big:
+    spec = [None] * len(it.shape)
+    spec[d] = tuple(axes)
+    out[(it.eqn_index, it.out_index)] = tuple(spec)
+  return out
+
+
+class _Candidate(typing.NamedTuple):
+  name: str
+  core: Any
+  constraints: dict
+  in_sh: tuple
+  out_sh: tuple
+  jitted: Any
+  lowered: Any
+  compiled: Any
+  figures: Any
+  baseline: bool
+  chosen: list = None   # [bool] set by _choose (a NamedTuple field must stay immutable)
+
+  def to_dict(self) -> dict:
+    return {"name": self.name, "baseline": self.baseline, "chosen": bool(self.chosen and self.chosen[0]),
+            "estimated_memory_bytes": int(self.core.memory["total"]),
+            "estimated_collective_bytes": int(self.core.collectives["total"]),
+            "activation_constraints": len(self.constraints),
+            "compiled": self.figures.to_dict(), "note": (self.chosen[1] if self.chosen else "")}
+
+
+def _choose(cands: list, budget, core_budget_ok) -> None:
+  """Marks one candidate chosen (see ``_SELECTION_RULE`` / ``_BUDGET_RULE``)."""
+  mem = lambda c: c.figures.memory
+  coll = lambda c: c.figures.collectives["total"]
+  order = {id(c): k for k, c in enumerate(cands)}
+  if budget is None:
+    bases = [c for c in cands if c.baseline] or cands
+    ref = min(bases, key=lambda c: (mem(c), coll(c), order[id(c)]))
+    ok = [c for c in cands if mem(c) <= mem(ref) and coll(c) <= _COLL_SLACK * coll(ref)]
+    clean = [c for c in ok if c.figures.remat_warnings == 0]
+    pool = clean or ok
+    best = min(pool, key=lambda c: (mem(c) + _COMM_WEIGHT * coll(c), order[id(c)]))
+    note = f"best baseline by compiled memory: {ref.name}"
+  else:
+    fit = [c for c in cands if mem(c) <= budget and core_budget_ok(c)]
+    if fit:
+      best = min(fit, key=lambda c: (coll(c), mem(c), order[id(c)]))
+      note = "fits memory_budget"
+    else:
+      best = min(cands, key=lambda c: (mem(c), coll(c), order[id(c)]))
+      note = "no candidate fits memory_budget when compiled: least memory"
+  for k, c in enumerate(cands):
+    cands[k] = c._replace(chosen=[c is best, note if c is best else ""])
 
 
 
@@ -53,6 +148,8 @@ class _Entry(typing.NamedTuple):
   dyn_tree: Any
   out_tree: Any
   nnx_info: Any       # (graphdef, arg count, graph-node arg indices) or None
+  lowered: Any = None   # the validated Lowered / Compiled of strategy="auto" (concrete mesh)
+  compiled: Any = None
 
 
 class AutoShardFunction:
@@ -205,8 +302,18 @@ class AutoShardFunction:
     an = analyze_dims(traced.closed_jaxpr)
     act = int(ljx.peak_live_bytes(traced.closed_jaxpr))
     budget = self.memory_budget
+    roles_info = find_roles(an, in_info, out_info)
     core = plan_placement(an, mi, in_info, out_info, self.strategy, budget, donated_leaves,
-                          act, api=_API)
+                          act, api=_API, roles_info=roles_info)
+    mesh = self.mesh
+    donate = sorted(donated_leaves)
+    cands = None
+    if self.strategy == "auto" and not mi.abstract:
+      cands = self._validate(traced, an, in_info, out_info, donated_leaves, act, roles_info, core)
+      chosen = next(c for c in cands if c.chosen[0])
+      core, constraints = chosen.core, chosen.constraints
+    else:
+      constraints = {}
     in_plans, out_plans = [], []
     for (p, shape, dtype, nb), spec, why, role in zip(in_info, core.in_specs, core.in_reasons,
                                                       core.in_roles):
@@ -216,13 +323,19 @@ class AutoShardFunction:
       out_plans.append(LeafPlan(p, shape, dtype, role, spec, why, nb, cm.per_device_bytes(nb, spec, mi)))
     params = [l for l in in_plans if l.role == "param"]
     param_bytes = sum(l.bytes for l in params)
-    in_dev = sum(l.per_device_bytes for l in in_plans)
-    aliased = {a for a in an.out_alias if a is not None}
-    out_dev = sum(l.per_device_bytes for j, l in enumerate(out_plans) if an.out_alias[j] is None)
-    # donated inputs are reused for outputs of the same size
-    don = sum(in_plans[k].per_device_bytes for k in donated_leaves if k not in aliased)
-    out_dev = max(0, out_dev - don)
-    total = in_dev + out_dev + int(core.memory["activation"])
+    search = core.search
+    compiled_fig = None
+    cand_dicts = ()
+    if cands is not None:
+      chosen = next(c for c in cands if c.chosen[0])
+      compiled_fig = chosen.figures.to_dict()
+      cand_dicts = tuple(c.to_dict() for c in cands)
+      search = (f"{core.search}; compiled check of {len(cands)} candidates kept '{chosen.name}' "
+                f"({_SELECTION_RULE if budget is None else _BUDGET_RULE})")
+    act_desc = tuple((an.intermediates[_inter_index(an, k, j)].primitive,
+                      list(an.intermediates[_inter_index(an, k, j)].shape), spec_str(
+                          tuple(() if e is None else e for e in spec)))
+                     for (k, j), spec in sorted(constraints.items()))
     plan = ShardingPlan(
         strategy=self.strategy, mesh=mi.describe(),
         data_axes=tuple(a for a in mi.names if not any(a in v for c, v in core.class_axes.items()
@@ -233,19 +346,76 @@ class AutoShardFunction:
         param_bytes=int(param_bytes),
         param_bytes_per_device=int(sum(l.per_device_bytes for l in params)),
         replicated_param_bytes=int(sum(l.bytes for l in params if l.replicated)),
-        input_bytes_per_device=int(in_dev), output_bytes_per_device=int(out_dev),
+        input_bytes_per_device=int(core.memory["inputs"]),
+        output_bytes_per_device=int(core.memory["outputs"]),
         activation_bytes_per_device=int(core.memory["activation"]),
-        memory_bytes_per_device=int(total), memory_budget=budget,
-        collective_bytes=core.collectives, search=core.search,
+        memory_bytes_per_device=int(core.memory["total"]), memory_budget=budget,
+        collective_bytes=core.collectives, search=search,
         planning_seconds=time.perf_counter() - t0,
-        plan_hash=ShardingPlan.compute_hash(self.strategy, mi.describe(), in_plans, out_plans))
-    mesh = self.mesh
+        plan_hash=ShardingPlan.compute_hash(self.strategy, mi.describe(), in_plans, out_plans),
+        role_basis=core.role_basis, activation_constraints=act_desc, compiled=compiled_fig,
+        candidates=cand_dicts)
+    if cands is not None:
+      chosen = next(c for c in cands if c.chosen[0])
+      return _Entry(plan, chosen.in_sh, chosen.out_sh, chosen.jitted, dyn_tree, out_tree, nnx_info,
+                    chosen.lowered, chosen.compiled)
     in_sh = tuple(NamedSharding(mesh, spec_to_pspec(l.spec)) for l in in_plans)
     out_sh = tuple(NamedSharding(mesh, spec_to_pspec(l.spec)) for l in out_plans)
     jitted = None
     if not mi.abstract:
-      jitted = self._make_jit(flat, in_sh, out_sh, out_tree, sorted(donated_leaves))
-    return _Entry(plan, in_sh, out_sh, jitted, dyn_tree, out_tree, nnx_info)
+      jitted = self._make_jit(jaxpr_body(traced.closed_jaxpr, {}, mesh, mi.explicit), in_sh, out_sh,
+                              out_tree, donate)
+    return _Entry(plan, in_sh, out_sh, jitted, dyn_tree, out_tree, nnx_info, None, None)
+
+  def _validate(self, traced, an, in_info, out_info, donated, act, roles_info, auto_core) -> list:
+    """Compiles the cost model's best candidates and the named baselines; marks the one kept."""
+    mi = self._mi
+    mesh = self.mesh
+    budget = self.memory_budget
+    names = []
+    cores = []
+
+    def add(name, core):
+      sig = (tuple(core.in_specs), tuple(core.out_specs))
+      if any(sig == (tuple(c.in_specs), tuple(c.out_specs)) for c in cores):
+        names[[(tuple(c.in_specs), tuple(c.out_specs)) for c in cores].index(sig)] += f"={name}"
+        return
+      names.append(name)
+      cores.append(core)
+
+    add("auto", auto_core)
+    model = [("auto/no-tp", dict(use_tp=False)), ("auto/memory", dict(comm_weight=0.0))]
+    if not mi.tensor_axes:
+      model = model[1:]
+    for name, kw in model:
+      add(name, plan_placement(an, mi, in_info, out_info, "auto", budget, donated, act, api=_API,
+                               roles_info=roles_info, **kw))
+    n_model = len(cores)
+    for b in _baselines(mi):
+      try:
+        add(b, plan_placement(an, mi, in_info, out_info, b, None, donated, act, api=_API,
+                              roles_info=roles_info))
+      except ShardingError:
+        continue   # e.g. "dp" with a batch no data axis divides: not a valid baseline here
+    variants = [(n, c, {}) for n, c in zip(names, cores)]
+    # Activation constraints on the cost model's best candidate (by its own score).
+    best_model = min(range(n_model), key=lambda k: (cores[k].score(), k))
+    cons = _activation_constraints(an, cores[best_model], mi)
+    if cons:
+      variants.append((names[best_model] + "+act", cores[best_model], cons))
+    out = []
+    for name, core, cons in variants:
+      in_sh = tuple(NamedSharding(mesh, spec_to_pspec(sp)) for sp in core.in_specs)
+      out_sh = tuple(NamedSharding(mesh, spec_to_pspec(sp)) for sp in core.out_specs)
+      jitted = self._make_jit(jaxpr_body(traced.closed_jaxpr, cons, mesh, mi.explicit), in_sh, out_sh,
+                              None, sorted(donated))
+      abstract = [jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s, weak_type=getattr(a, "weak_type", False))
+                  for a, s in zip(traced.in_avals, in_sh)]
+      lowered, compiled, figs = compile_candidate(jitted, abstract, mesh)
+      is_base = any(part in _baselines(mi) for part in name.split("="))
+      out.append(_Candidate(name, core, cons, in_sh, out_sh, jitted, lowered, compiled, figs, is_base))
+    _choose(out, budget, core_budget_ok=lambda c: budget is None or c.core.memory["total"] <= budget)
+    return out
 
   def _make_jit(self, flat, in_sh, out_sh, out_tree, donate):
     mi = self._mi
@@ -300,7 +470,14 @@ class AutoShardFunction:
     entry, leaves = self._entry(args, kwargs)
     paths = [l.path for l in entry.plan.inputs]
     placed = self._place(leaves, entry.in_shardings, paths)
-    outs = entry.jitted(*placed)
+    outs = None
+    if entry.compiled is not None and not any(isinstance(x, jax.core.Tracer) for x in placed):
+      try:   # the executable validated while planning: no second compilation
+        outs = entry.compiled(*placed)
+      except TypeError:   # argument types differ from the planned ones (e.g. weak types)
+        outs = None
+    if outs is None:
+      outs = entry.jitted(*placed)
     result = jax.tree_util.tree_unflatten(entry.out_tree, outs)
     if entry.nnx_info is not None:
       nnx = nnx_module()
@@ -346,7 +523,9 @@ class AutoShardFunction:
       else:
         shape, dtype = _leaf_desc(x)
         abstract.append(jax.ShapeDtypeStruct(shape, dtype, sharding=s))
-    return entry.jitted.lower(*abstract)
+    if entry.lowered is not None:
+      return entry.lowered
+    return cached_lowered(entry.jitted, abstract, self.mesh)
 
   def clear_cache(self) -> None:
     """Forgets cached plans and compiled functions."""

@@ -16,11 +16,10 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from jax._src import core as jax_core
-
 from lepton_jax import jaxpr as ljx
+from lepton_jax.jaxpr import _compat
 
-__all__ = ["DimAnalysis", "DotRecord", "ReduceRecord", "analyze_dims"]
+__all__ = ["DimAnalysis", "DotRecord", "Intermediate", "ReduceRecord", "analyze_dims"]
 
 _REDUCE_PRIMS = {"reduce_sum", "reduce_max", "reduce_min", "reduce_prod", "reduce_and",
                  "reduce_or", "argmax", "argmin", "reduce_xor"}
@@ -87,10 +86,23 @@ class DimAnalysis:
   reduces: list               # ReduceRecord
   free_classes: frozenset     # classes that are a free or batch dim of some dot / conv batch
   weight_uses: dict           # input-leaf index -> number of dot/conv operands that are views of it
+  intermediates: list = dataclasses.field(default_factory=list)
+  # ``Intermediate`` per top-level equation result (candidates for activation sharding constraints)
+
+
+@dataclasses.dataclass(frozen=True)
+class Intermediate:
+  """A result of a top-level equation: where it is (equation index, output position), its classes."""
+  eqn_index: int
+  out_index: int
+  shape: tuple
+  nbytes: int
+  classes: tuple
+  primitive: str
 
 
 def _is_var(x) -> bool:
-  return isinstance(x, jax_core.Var) and not isinstance(x, jax_core.DropVar)
+  return _compat.is_var(x)
 
 
 def _shape(x) -> tuple:
@@ -359,5 +371,10 @@ def analyze_dims(closed_jaxpr) -> DimAnalysis:
   for v in jaxpr.outvars:
     out_classes.append(b.cls(v) if _is_var(v) else tuple())
     out_alias.append(b.root_of.get(v) if _is_var(v) and v in jaxpr.invars else None)
+  inter = []
+  for k, eqn in enumerate(jaxpr.eqns):
+    for j, o in enumerate(eqn.outvars):
+      if _is_var(o) and _shape(o):
+        inter.append(Intermediate(k, j, _shape(o), int(ljx.aval_bytes(o)), b.cls(o), eqn.primitive.name))
   return DimAnalysis(in_classes, out_classes, out_alias, class_size, dots, reduces,
-                     frozenset(free), weight_uses)
+                     frozenset(free), weight_uses, inter)

@@ -97,6 +97,15 @@ class ShardingPlan:
     search: how the plan was found.
     planning_seconds: wall time of tracing + planning.
     plan_hash: hex digest of the placement (the same on every process).
+    role_basis: how parameters and batch were told apart (data flow or shapes).
+    activation_constraints: ``[primitive, shape, partition spec]`` of each top-level
+      intermediate given a ``with_sharding_constraint`` (batch dimension over the data axes).
+    compiled: XLA's figures for the chosen placement (``memory_bytes`` = argument + output +
+      temp - alias bytes per device, ``collective_bytes`` from the optimized HLO,
+      ``remat_warnings``), or ``None`` when nothing was compiled (abstract mesh, baselines).
+    candidates: for ``strategy="auto"`` on a concrete mesh, every compiled candidate (cost-model
+      plans, the named baselines, activation-constraint variants): its name, the model's
+      estimate, XLA's figures, and whether it was chosen.
   """
   strategy: str
   mesh: list
@@ -117,6 +126,10 @@ class ShardingPlan:
   search: str
   planning_seconds: float
   plan_hash: str
+  role_basis: str = ""
+  activation_constraints: tuple = ()
+  compiled: dict | None = None
+  candidates: tuple = ()
 
   @staticmethod
   def compute_hash(strategy, mesh, inputs, outputs) -> str:
@@ -144,7 +157,10 @@ class ShardingPlan:
         "memory_budget": None if self.memory_budget is None else int(self.memory_budget),
         "collective_bytes": {k: int(v) for k, v in self.collective_bytes.items()},
         "search": self.search, "planning_seconds": float(self.planning_seconds),
-        "plan_hash": self.plan_hash,
+        "plan_hash": self.plan_hash, "role_basis": self.role_basis,
+        "activation_constraints": [list(a) for a in self.activation_constraints],
+        "compiled": None if self.compiled is None else dict(self.compiled),
+        "candidates": [dict(c) for c in self.candidates],
     }
 
   def __str__(self) -> str:
@@ -171,5 +187,28 @@ class ShardingPlan:
         + ("" if self.memory_budget is None else f" (budget {format_bytes(self.memory_budget)})"))
     lines.append("estimated collectives per call: " + ", ".join(
         f"{k} {format_bytes(v)}" for k, v in self.collective_bytes.items()))
+    if self.activation_constraints:
+      lines.append(f"activation sharding constraints on {len(self.activation_constraints)} intermediates: "
+                   + "; ".join(f"{p} {'x'.join(map(str, sh))} {sp}"
+                               for p, sh, sp in self.activation_constraints[:4])
+                   + (" ..." if len(self.activation_constraints) > 4 else ""))
+    if self.role_basis:
+      lines.append(f"roles from {self.role_basis}")
+    if self.compiled is not None:
+      c = self.compiled
+      lines.append(f"compiled (XLA, per device): memory {format_bytes(c['memory_bytes'])} (argument "
+                   f"{format_bytes(c['argument_bytes'])} + output {format_bytes(c['output_bytes'])} + temp "
+                   f"{format_bytes(c['temp_bytes'])} - alias {format_bytes(c['alias_bytes'])}), collectives "
+                   f"{format_bytes(c['collective_bytes']['total'])} in {c['collective_bytes']['count']} ops, "
+                   f"involuntary rematerializations {c['remat_warnings']}")
+    if self.candidates:
+      lines.append("candidates (model estimate | XLA compiled, per device):")
+      for c in self.candidates:
+        cm_ = c["compiled"]
+        lines.append(
+            f"  {'*' if c['chosen'] else ' '} {c['name']:<18} est mem {format_bytes(c['estimated_memory_bytes']):>10}"
+            f" coll {format_bytes(c['estimated_collective_bytes']):>10} | mem {format_bytes(cm_['memory_bytes']):>10}"
+            f" (temp {format_bytes(cm_['temp_bytes'])}) coll {format_bytes(cm_['collective_bytes']['total']):>10}"
+            f" remat {cm_['remat_warnings']}" + (f"  [{c['note']}]" if c.get("note") else ""))
     lines.append(f"planning time {self.planning_seconds:.3f} s")
     return "\n".join(lines)

@@ -52,9 +52,16 @@ class PlanCore:
   search: str
   collectives: dict
   memory: dict
+  role_basis: str = ""
+
+  def score(self, comm_weight: float = _COMM_WEIGHT) -> float:
+    """The cost model's figure of merit: estimated per-device bytes + w x collective bytes."""
+    return self.memory["total"] + comm_weight * self.collectives["total"]
 
 
-def _find_batch_classes(an, in_info) -> frozenset:
+def _shape_batch_classes(an) -> frozenset:
+  """Fallback (no data flow to go by): batch = a leading input dim that is never a non-leading
+  dim of an input, that a matmul/conv keeps free, and that no weight-like first matmul contracts."""
   lead, nonlead = set(), set()
   for cl in an.in_classes:
     if cl:
@@ -75,20 +82,72 @@ def _find_batch_classes(an, in_info) -> frozenset:
                    if c in an.free_classes and an.class_size.get(c, 0) > 1)
 
 
-def _roles(an, in_info, batch_classes) -> list:
-  bsizes = {an.class_size[c] for c in batch_classes}
+def _state_leaves(an, in_info, out_info) -> set:
+  """Input leaves that the function *updates*: an output (not a pass-through view) has the same
+  shape and the same logical dimensions. In a train step ``(params, opt_state, x, y) ->
+  (new_params, new_opt_state, loss)`` these are the parameters and optimizer moments (an
+  optax update is elementwise in them); for ``jax.grad(loss)(params, x)`` the gradients match
+  the parameters. Data never comes back with its own dimensions in such functions."""
+  outs = {}
+  for j, (path, shape, dtype, nb) in enumerate(out_info):
+    outs.setdefault((tuple(shape), tuple(an.out_classes[j])), []).append(j)
+  state = set()
+  for i, (path, shape, dtype, nb) in enumerate(in_info):
+    if shape and math.prod(shape) > 1 and (tuple(shape), tuple(an.in_classes[i])) in outs:
+      state.add(i)
+  return state
+
+
+def find_roles(an, in_info, out_info) -> tuple:
+  """``(roles, batch_classes, basis)``: roles from data flow, not shapes.
+
+  1. *State* leaves (see :func:`_state_leaves`) are parameters / optimizer state.
+  2. *Data seeds* are the other leaves: integer arrays (tokens, labels) and float arrays whose
+     leading dimension a matmul/conv keeps free (inputs, regression targets).
+  3. The batch classes are the seeds' leading logical dimensions (minus any that is a non-leading
+     dimension of another seed, e.g. the positions of ``tokens[B, T]``); the union-find of
+     :mod:`._dims` carries that label to every intermediate and output that has the dimension.
+  4. Leaves that are neither are parameters too (frozen tables, constants): "dp" replicates them.
+
+  When nothing is updated, or the non-updated leaves give no batch dimension (a forward-only
+  ``f(w, x)``), the shape rule of :func:`_shape_batch_classes` decides instead.
+  """
+  state = _state_leaves(an, in_info, out_info)
+  nonscalar = [i for i, x in enumerate(in_info) if x[1] and math.prod(x[1]) > 1]
+  seeds = []
+  for i in nonscalar:
+    if i in state:
+      continue
+    cl = an.in_classes[i]
+    kind = np.dtype(in_info[i][2]).kind
+    if an.class_size.get(cl[0], 0) > 1 and (kind in "iub" or cl[0] in an.free_classes):
+      seeds.append(i)
+  nonlead = {c for i in seeds for c in an.in_classes[i][1:]}
+  batch = frozenset(an.in_classes[i][0] for i in seeds) - nonlead
+  state_dims = {c for i in state for c in an.in_classes[i]}
+  batch = frozenset(c for c in batch if c not in state_dims)
+  if state and batch:
+    basis = (f"data flow: {len(state)} updated leaves are parameters/state, batch = leading dims "
+             "of the other inputs")
+  else:
+    state = set()
+    batch = _shape_batch_classes(an)
+    basis = "shapes: no updated leaves give a batch dimension (forward-only function)"
+  bsizes = {an.class_size[c] for c in batch}
   roles = []
-  for (path, shape, dtype, nb), cl in zip(in_info, an.in_classes):
+  for i, ((path, shape, dtype, nb), cl) in enumerate(zip(in_info, an.in_classes)):
     if not shape or math.prod(shape) <= 1:
       roles.append("scalar")
-    elif cl[0] in batch_classes:
+    elif i in state:
+      roles.append("param")
+    elif cl[0] in batch:
       roles.append("batch")
     elif (np.dtype(dtype).kind in "iub" and shape[0] in bsizes
           and not any(c in an.free_classes for c in cl[1:])):
       roles.append("batch")  # integer labels / masks with the batch size up front
     else:
       roles.append("param")
-  return roles
+  return roles, batch, basis
 
 
 def _tp_candidates(an, mi, roles, batch_classes, nbytes, in_info, force: bool):
@@ -223,14 +282,20 @@ def _solve_budget(groups, fixed_mem: float, budget: int):
 
 
 def plan_placement(an, mi, in_info, out_info, strategy: str, budget, donated: set,
-                   activation_bytes, api: str = "auto_shard") -> PlanCore:
-  """Chooses specs for every input/output leaf. See the module docstring."""
-  batch_classes = _find_batch_classes(an, in_info)
-  roles = _roles(an, in_info, batch_classes)
+                   activation_bytes, api: str = "auto_shard", *, use_tp: bool = True,
+                   comm_weight: float = _COMM_WEIGHT, roles_info=None) -> PlanCore:
+  """Chooses specs for every input/output leaf. See the module docstring.
+
+  ``use_tp=False`` / ``comm_weight`` give the other ``"auto"`` candidates (no tensor
+  parallelism; memory-only when ``comm_weight=0``). ``roles_info``: a precomputed
+  :func:`find_roles` result.
+  """
+  roles, batch_classes, basis = roles_info or find_roles(an, in_info, out_info)
+  roles = list(roles)
   nbytes = [x[3] for x in in_info]
   class_axes: dict = {}
   tp_desc: tuple = ()
-  if strategy in ("auto", "tp") and (mi.tensor_axes or strategy == "tp"):
+  if strategy in ("auto", "tp") and use_tp and (mi.tensor_axes or strategy == "tp"):
     class_axes, tp_desc, _ = _tp_candidates(an, mi, roles, batch_classes, nbytes, in_info, force=strategy == "tp")
   tp_axes = tuple(sorted({a for v in class_axes.values() for a in v}, key=mi.names.index))
   if strategy == "replicate":
@@ -316,13 +381,13 @@ def plan_placement(an, mi, in_info, out_info, strategy: str, budget, donated: se
     act = activation_bytes / bshard
   fixed += act
 
-  search = "per-group argmin of memory + 0.5 x collective bytes"
+  search = f"per-group argmin of memory + {comm_weight:g} x collective bytes"
   if strategy != "auto":
     search = f"named baseline '{strategy}'"
     choice = [0 if strategy in ("dp", "replicate", "tp") or len(s) == 1 else
               min(range(len(s)), key=lambda k: (s[k][0], k)) for s in group_opts]
   elif budget is None:
-    choice = [min(range(len(s)), key=lambda k: (s[k][0] + _COMM_WEIGHT * s[k][1], k))
+    choice = [min(range(len(s)), key=lambda k: (s[k][0] + comm_weight * s[k][1], k))
               for s in group_opts]
   else:
     min_mem = fixed + sum(min(o[0] for o in s) for s in group_opts)
@@ -401,5 +466,12 @@ def plan_placement(an, mi, in_info, out_info, strategy: str, budget, donated: se
       out_reasons.append(f"replicated: strategy='{strategy}'"); out_roles.append("output")
 
   coll = cm.estimate_collectives(an, mi, class_axes, batch_classes, in_specs, roles, nbytes)
+  in_dev = sum(cm.per_device_bytes(nbytes[i], in_specs[i], mi) for i in range(len(in_info)))
+  aliased = {a for a in an.out_alias if a is not None}
+  out_dev = sum(cm.per_device_bytes(out_info[j][3], out_specs[j], mi) for j in range(len(out_info))
+                if an.out_alias[j] is None)
+  don = sum(cm.per_device_bytes(nbytes[k], in_specs[k], mi) for k in donated if k not in aliased)
+  out_dev = max(0, out_dev - don)
+  memory = {"activation": act, "inputs": in_dev, "outputs": out_dev, "total": in_dev + out_dev + act}
   return PlanCore(in_specs, reasons, roles, out_specs, out_reasons, out_roles, class_axes,
-                  batch_classes, tp_desc, search, coll, {"activation": act})
+                  batch_classes, tp_desc, search, coll, memory, basis)
