@@ -23,3 +23,4 @@ from lepton_jax.compression._mixed_precision import mixed_precision as mixed_pre
 from lepton_jax.compression._mixed_precision import DynamicLossScale as DynamicLossScale
 from lepton_jax.compression._quantize import quantize as quantize
 from lepton_jax.compression._prune import prune as prune
+from lepton_jax._caches import clear_caches as clear_caches

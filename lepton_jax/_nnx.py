@@ -10,7 +10,9 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["nnx_module", "is_graph_node"]
+import jax
+
+__all__ = ["nnx_module", "is_graph_node", "leaf_owners"]
 
 
 def nnx_module():
@@ -35,3 +37,14 @@ def is_graph_node(x: Any) -> bool:
     return bool(nnx.graph.is_graph_node(x)) and not isinstance(x, nnx.Variable)
   except Exception:  # pragma: no cover - defensive: odd third-party objects
     return False
+
+
+def leaf_owners(args, kwargs) -> list:
+  """The owning argument (position or keyword) of each leaf of ``(args, kwargs)``, flattened with
+  NNX graph nodes as leaves (the order ``jax.tree_util.tree_flatten((args, kwargs))`` gives)."""
+  owners: list = []
+  for i, a in enumerate(args):
+    owners += [i] * len(jax.tree_util.tree_leaves(a, is_leaf=is_graph_node))
+  for k in sorted(kwargs):  # dict leaves flatten in sorted key order
+    owners += [k] * len(jax.tree_util.tree_leaves(kwargs[k], is_leaf=is_graph_node))
+  return owners

@@ -76,3 +76,8 @@ def is_literal(x) -> bool:
 
 def is_jaxpr(x) -> bool:
   return isinstance(x, (Jaxpr, ClosedJaxpr))
+
+
+# The current trace (for "is this tracer still alive" checks in _trace).
+trace_ctx = core.trace_ctx
+EvalTrace = core.EvalTrace

@@ -33,7 +33,7 @@ import math
 from typing import Any
 
 import numpy as np
-from jax._src import core as jax_core
+from lepton_jax.jaxpr import _compat as jax_core
 
 from lepton_jax.jaxpr._trace import trace
 from lepton_jax.jaxpr._walk import aval_bytes, as_closed, sub_jaxprs

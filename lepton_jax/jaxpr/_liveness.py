@@ -15,7 +15,7 @@ import dataclasses
 from typing import Any, Callable, Sequence
 
 import jax
-from jax._src import core as jax_core
+from lepton_jax.jaxpr import _compat as jax_core
 
 from lepton_jax.jaxpr._cost import jaxpr_cost
 from lepton_jax.jaxpr._trace import validate_args

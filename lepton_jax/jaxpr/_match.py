@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable, Mapping
 
-from jax._src import core as jax_core
+from lepton_jax.jaxpr import _compat as jax_core
 
 from lepton_jax.jaxpr._walk import as_closed
 

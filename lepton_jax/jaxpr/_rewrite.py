@@ -8,12 +8,12 @@ from typing import Any, Callable, Sequence
 import jax
 import jax.extend.core
 import numpy as np
-from jax._src import core as jax_core
-from jax._src import source_info_util
+from lepton_jax.jaxpr import _compat as jax_core
+from lepton_jax.jaxpr._compat import source_info_util
 
 from lepton_jax.jaxpr._match import Match, Rule, find_matches
 from lepton_jax.jaxpr._trace import trace
-from lepton_jax.jaxpr._walk import as_closed
+from lepton_jax.jaxpr._registry import as_closed, sub_jaxprs
 
 __all__ = ["eval_jaxpr_with_rewrites", "rewrite", "select_matches"]
 
@@ -67,7 +67,6 @@ def _has_rule_match(closed, rules) -> bool:
   j = as_closed(closed).jaxpr
   if any(find_matches(j, r.pattern) for r in rules):
     return True
-  from lepton_jax.jaxpr._walk import sub_jaxprs
   return any(_has_rule_match(s.closed_jaxpr, rules) for e in j.eqns for s in sub_jaxprs(e))
 
 

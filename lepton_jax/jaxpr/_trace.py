@@ -7,7 +7,7 @@ from typing import Any, Callable
 
 import jax
 import numpy as np
-from jax._src import core as jax_core
+from lepton_jax.jaxpr import _compat as jax_core
 
 __all__ = ["Traced", "trace", "validate_args"]
 

@@ -18,6 +18,9 @@ import jax
 import numpy as np
 from lepton_jax.jaxpr._eval import eval_jaxpr
 
+from lepton_jax import _nnx
+from lepton_jax import jaxpr as ljx
+from lepton_jax._utils import format_bytes
 from lepton_jax._nnx import is_graph_node as _is_graph_node
 from lepton_jax.transforms import _buckets
 from lepton_jax.jaxpr._driver import Rewrite, count_eqns
@@ -95,7 +98,6 @@ class ExplainReport:
     }
 
   def __str__(self) -> str:
-    from lepton_jax._utils import format_bytes
     lines = [f"adaptive_jit explain: {self.function}",
              f"  passes: {', '.join(self.passes) or '(none)'}"]
     if self.bucket:
@@ -157,7 +159,7 @@ class AdaptiveJitted:
     self._hits = 0
     self._calls = 0
     self._bucket_fallbacks = 0
-    self._bucket_cache = _buckets.BucketCache()
+    self._bucket_ctx = self._new_bucket_ctx()
 
   def _make_jits(self):
     # Slow path (NNX objects, buckets): flat leaves + a hashable _Static description.
@@ -204,7 +206,7 @@ class AdaptiveJitted:
     # Which leaves come from donated arguments.
     donate_mask = []
     if self._donate_argnums:
-      owner = _leaf_owners(dyn_args, dyn_kwargs)
+      owner = _nnx.leaf_owners(dyn_args, dyn_kwargs)
       don = {i if i >= 0 else nargs + i for i in self._donate_argnums}
       donate_mask = [owner[i] in don for i, x in enumerate(flat) if i not in set(node_pos)]
     else:
@@ -315,7 +317,8 @@ class AdaptiveJitted:
     """Bucketing (padding) + splitting. Returns (static, donated, kept, nodes, state, post)."""
     post = None
     if self._buckets is not None:
-      args, kwargs, post = _buckets.maybe_pad(self, args, kwargs)
+      args, kwargs, post, fell_back = _buckets.maybe_pad(self._bucket_ctx, args, kwargs)
+      self._bucket_fallbacks += fell_back
     static, leaves, nodes, state = self._split(args, kwargs)
     donated = [x for x, d in zip(leaves, static.donate_mask) if d]
     kept = [x for x, d in zip(leaves, static.donate_mask) if not d]
@@ -359,7 +362,7 @@ class AdaptiveJitted:
     [2.0, 2.0, 2.0]
     """
     if self._buckets is not None:
-      args, kwargs, _ = _buckets.maybe_pad(self, args, kwargs)
+      args, kwargs, _, _ = _buckets.maybe_pad(self._bucket_ctx, args, kwargs)
     try:
       return self._fast.lower(*args, **kwargs)
     except TypeError:
@@ -385,10 +388,9 @@ class AdaptiveJitted:
     >>> [r.pattern for r in f.explain(jnp.ones(3)).rewrites]
     ['mul_by_one']
     """
-    from lepton_jax import jaxpr as ljx
     bucket_info = None
     if self._buckets is not None:
-      bucket_info = _buckets.describe(self, args, kwargs)
+      bucket_info = _buckets.describe(self._bucket_ctx, args, kwargs)
     static, donated, kept, _, state, _ = self._prepare(args, kwargs)
     leaves = _interleave(static.donate_mask, _abstract(donated), _abstract(kept))
     closed, _, _ = self._trace(static, leaves, _abstract(state) if state is not None else None)
@@ -425,7 +427,20 @@ class AdaptiveJitted:
     """Drops compiled executables and statistics."""
     self._make_jits()
     self._compiles = self._hits = self._calls = self._bucket_fallbacks = 0
-    self._bucket_cache = _buckets.BucketCache()
+    self._bucket_ctx = self._new_bucket_ctx()
+
+  def _new_bucket_ctx(self):
+    if self._buckets is None:
+      return None
+    return _buckets.BucketContext(self.__name__, self._buckets, self._static_argnums,
+                                  _buckets.BucketCache(), self._trace_abstract)
+
+  def _trace_abstract(self, args, kwargs):
+    """``(static, closed_jaxpr, out_tree)`` of the function on (abstract) ``args``."""
+    static, leaves, _, state = self._split(args, kwargs)
+    state_abs = _abstract(state) if state is not None else None
+    closed, out_tree, _ = self._trace(static, leaves, state_abs)
+    return static, closed, out_tree
 
 
 def _abstract(tree):
@@ -440,15 +455,6 @@ def _abstract(tree):
 def _interleave(mask, donated, kept):
   d, k = iter(donated), iter(kept)
   return [next(d) if m else next(k) for m in mask]
-
-
-def _leaf_owners(dyn_args, dyn_kwargs) -> list:
-  owners = []
-  for i, a in enumerate(dyn_args):
-    owners += [i] * len(jax.tree_util.tree_leaves(a, is_leaf=_is_graph_node))
-  for k, v in dyn_kwargs.items():
-    owners += [k] * len(jax.tree_util.tree_leaves(v, is_leaf=_is_graph_node))
-  return owners
 
 
 def _contains_graph_node(tree) -> bool:

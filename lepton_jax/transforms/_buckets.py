@@ -25,7 +25,8 @@ from typing import Any
 
 import jax
 import numpy as np
-from jax._src import core
+from lepton_jax import _nnx
+from lepton_jax.jaxpr import _compat as core
 
 __all__ = ["BucketSpec", "BucketCache", "maybe_pad", "describe", "bucket_size",
            "position_flow", "UnsafeBucketing"]
@@ -332,17 +333,35 @@ def _same_jaxpr(j1: core.Jaxpr, j2: core.Jaxpr, L, P, c1, c2) -> bool:
 
 
 # ------------------------------------------------------------------------------------
-# Glue used by AdaptiveJitted
+# The decision, fed by the wrapper (no access to its internals)
 # ------------------------------------------------------------------------------------
 
-def _bucket_leaves(jitted, args):
-  spec: BucketSpec = jitted._buckets  # pylint: disable=protected-access
+@dataclasses.dataclass(frozen=True)
+class BucketContext:
+  """What the bucketing decision needs from the jit wrapper, passed in explicitly.
+
+  Attributes:
+    name: the wrapped function's name (for messages).
+    spec: the parsed ``buckets=`` spec.
+    static_argnums: the wrapper's static positional arguments.
+    cache: decisions and traces (owned by the wrapper, cleared with its cache).
+    trace: ``trace(args, kwargs) -> (static, closed_jaxpr, out_tree)`` on abstract arguments;
+      ``static`` has ``static_pos``, ``static_kw`` and ``node_pos`` (positions of NNX objects).
+  """
+  name: str
+  spec: BucketSpec
+  static_argnums: tuple
+  cache: BucketCache
+  trace: Any
+
+def _bucket_leaves(jitted: BucketContext, args):
+  spec = jitted.spec
   if spec.argnum >= len(args):
-    raise TypeError(f"adaptive_jit({jitted.__name__}): buckets['argnum']={spec.argnum} but only "
+    raise TypeError(f"adaptive_jit({jitted.name}): buckets['argnum']={spec.argnum} but only "
                     f"{len(args)} positional arguments were given; pass the bucketed argument "
                     "positionally")
-  if spec.argnum in jitted._static_argnums:  # pylint: disable=protected-access
-    raise ValueError(f"adaptive_jit({jitted.__name__}): buckets['argnum']={spec.argnum} is a "
+  if spec.argnum in jitted.static_argnums:
+    raise ValueError(f"adaptive_jit({jitted.name}): buckets['argnum']={spec.argnum} is a "
                      "static argument; bucket a dynamic array argument")
   leaves = jax.tree_util.tree_leaves(args[spec.argnum])
   lengths = set()
@@ -350,11 +369,11 @@ def _bucket_leaves(jitted, args):
     shape = np.shape(x)
     ax = spec.axis if spec.axis >= 0 else len(shape) + spec.axis
     if not 0 <= ax < len(shape):
-      raise ValueError(f"adaptive_jit({jitted.__name__}): buckets['axis']={spec.axis} is out of "
+      raise ValueError(f"adaptive_jit({jitted.name}): buckets['axis']={spec.axis} is out of "
                        f"range for argument {spec.argnum} with shape {shape}")
     lengths.add(shape[ax])
   if len(lengths) != 1:
-    raise ValueError(f"adaptive_jit({jitted.__name__}): all arrays of argument {spec.argnum} must "
+    raise ValueError(f"adaptive_jit({jitted.name}): all arrays of argument {spec.argnum} must "
                      f"have the same size along buckets['axis']={spec.axis}, got {sorted(lengths)}")
   return leaves, lengths.pop()
 
@@ -426,15 +445,15 @@ def _signature_key(args, kwargs):
   return (treedef, tuple(key))
 
 
-def _decide(jitted, args, kwargs, L, P):
+def _decide(jitted: BucketContext, args, kwargs, L, P):
   """Returns (ok, reason, out_tags) for padding argument argnum from L to P."""
-  spec: BucketSpec = jitted._buckets  # pylint: disable=protected-access
+  spec = jitted.spec
   try:
     key = (_signature_key(args, kwargs), L, P)
     hash(key)
   except TypeError:
     key = None
-  cache = jitted._bucket_cache.decisions  # pylint: disable=protected-access
+  cache = jitted.cache.decisions
   if key is not None and key in cache:
     return cache[key]
   try:
@@ -447,15 +466,12 @@ def _decide(jitted, args, kwargs, L, P):
       tkey = None
       if a is args_p and key is not None:
         tkey = _signature_key(tuple(a), kwargs)
-        if tkey in jitted._bucket_cache.traces:  # pylint: disable=protected-access
-          traces.append(jitted._bucket_cache.traces[tkey])  # pylint: disable=protected-access
+        if tkey in jitted.cache.traces:
+          traces.append(jitted.cache.traces[tkey])
           continue
-      static, leaves, nodes, state = jitted._split(tuple(a), kwargs)  # pylint: disable=protected-access
-      state_abs = _abstract(state) if state is not None else None
-      closed, out_tree, _ = jitted._trace(static, leaves, state_abs)  # pylint: disable=protected-access
-      traces.append((static, closed, out_tree))
+      traces.append(jitted.trace(tuple(a), kwargs))
       if tkey is not None:
-        jitted._bucket_cache.traces[tkey] = traces[-1]  # pylint: disable=protected-access
+        jitted.cache.traces[tkey] = traces[-1]
     (st_l, cl_l, tree_l), (st_p, cl_p, tree_p) = traces
     if tree_l != tree_p or not _same_jaxpr(cl_l.jaxpr, cl_p.jaxpr, L, P, cl_l.consts, cl_p.consts):
       raise UnsafeBucketing("the computation depends on the length itself (the jaxprs at the "
@@ -464,13 +480,11 @@ def _decide(jitted, args, kwargs, L, P):
     dyn_args = list(args_p)
     for j, _ in st_p.static_pos:
       dyn_args[j] = None
-    from lepton_jax._nnx import is_graph_node as _is_graph_node
     flat, _ = jax.tree_util.tree_flatten((tuple(dyn_args), {k: v for k, v in kwargs.items()
                                                             if k not in dict(st_p.static_kw)}),
-                                         is_leaf=_is_graph_node)
-    from lepton_jax.transforms._adaptive_jit import _leaf_owners
-    owners = _leaf_owners(dyn_args, {k: v for k, v in kwargs.items()
-                                     if k not in dict(st_p.static_kw)})
+                                         is_leaf=_nnx.is_graph_node)
+    owners = _nnx.leaf_owners(dyn_args, {k: v for k, v in kwargs.items()
+                                         if k not in dict(st_p.static_kw)})
     in_tags = []
     for i, x in enumerate(flat):
       if i in st_p.node_pos:
@@ -495,26 +509,29 @@ def _decide(jitted, args, kwargs, L, P):
   if key is not None:
     cache[key] = result
     if not result[0]:
-      warnings.warn(f"adaptive_jit({jitted.__name__}): not bucketing argument {spec.argnum} axis "
+      warnings.warn(f"adaptive_jit({jitted.name}): not bucketing argument {spec.argnum} axis "
                     f"{spec.axis} ({L} -> {P}) because padding could change the results: "
                     f"{result[1]}. Running at the exact shape.", RuntimeWarning, stacklevel=4)
   return result
 
 
-def maybe_pad(jitted, args, kwargs):
-  """Pads the bucketed argument if safe. Returns ``(args, kwargs, post_fn | None)``."""
-  spec: BucketSpec = jitted._buckets  # pylint: disable=protected-access
+def maybe_pad(jitted: BucketContext, args, kwargs):
+  """Pads the bucketed argument if safe.
+
+  Returns ``(args, kwargs, post_fn | None, fell_back)``: ``fell_back`` is True when padding was
+  refused (the call runs at the exact shape).
+  """
+  spec = jitted.spec
   all_leaves = jax.tree_util.tree_leaves((args, kwargs))
   if any(isinstance(x, core.Tracer) for x in all_leaves):
-    return args, kwargs, None   # under an outer transformation: exact shapes
+    return args, kwargs, None, False   # under an outer transformation: exact shapes
   _, L = _bucket_leaves(jitted, args)
   P = bucket_size(spec, L)
   if P == L:
-    return args, kwargs, None
+    return args, kwargs, None, False
   ok, _, out_tags = _decide(jitted, args, kwargs, L, P)
   if not ok:
-    jitted._bucket_fallbacks += 1  # pylint: disable=protected-access
-    return args, kwargs, None
+    return args, kwargs, None, True
   new_args = list(args)
   new_args[spec.argnum] = _pad_tree(args[spec.argnum], spec.axis, P)
 
@@ -524,12 +541,12 @@ def maybe_pad(jitted, args, kwargs):
               for x, t in zip(leaves, out_tags)]
     return jax.tree_util.tree_unflatten(treedef, sliced)
 
-  return tuple(new_args), kwargs, post
+  return tuple(new_args), kwargs, post, False
 
 
-def describe(jitted, args, kwargs) -> dict | None:
+def describe(jitted: BucketContext, args, kwargs) -> dict | None:
   """Bucket info for ``explain`` (``None`` when no padding applies)."""
-  spec: BucketSpec = jitted._buckets  # pylint: disable=protected-access
+  spec = jitted.spec
   if any(isinstance(x, core.Tracer) for x in jax.tree_util.tree_leaves((args, kwargs))):
     return None
   _, L = _bucket_leaves(jitted, args)
