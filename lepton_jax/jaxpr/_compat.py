@@ -81,3 +81,17 @@ def is_jaxpr(x) -> bool:
 # The current trace (for "is this tracer still alive" checks in _trace).
 trace_ctx = core.trace_ctx
 EvalTrace = core.EvalTrace
+
+
+# Mosaic GPU interpret mode, for lepton_jax.pallas_kernels (not public in jax 0.10).
+def mosaic_gpu_interpret_params():
+  """``InterpretGPUParams()`` for Mosaic GPU interpret mode, or None if this JAX lacks it."""
+  from jax.experimental.pallas import mosaic_gpu as _plgpu
+  public = getattr(_plgpu, "InterpretParams", None)
+  if public is not None:
+    return public()
+  try:
+    from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
+  except ImportError:
+    return None
+  return InterpretGPUParams()

@@ -29,13 +29,11 @@ once on CPU; compare loops against an unrolled program.
 from __future__ import annotations
 
 import dataclasses
-import math
-from typing import Any
 
-import numpy as np
 from lepton_jax.jaxpr import _compat as jax_core
 
 from lepton_jax.jaxpr._trace import trace
+from lepton_jax.jaxpr._registry import local_flops
 from lepton_jax.jaxpr._walk import aval_bytes, as_closed, sub_jaxprs
 
 __all__ = ["Cost", "eqn_cost", "jaxpr_cost", "cost", "eqn_local_cost"]
@@ -91,144 +89,11 @@ class Cost:
     return d
 
 
-def _size(aval) -> int:
-  shape = getattr(aval, "shape", ())
-  return int(math.prod(int(d) for d in shape)) if shape is not None else 0
-
-
-# flops per output element, transcendentals per output element.
-_ELEMENTWISE_1 = frozenset("""
-add sub mul div rem max min neg abs sign floor ceil round nextafter_ is_finite
-eq ne lt le gt ge and or not xor select_n clamp convert_element_type square
-shift_left shift_right_logical shift_right_arithmetic population_count clz
-add_any real imag conj complex reduce_precision copysign
-""".split())
-_TRANSCENDENTAL = frozenset("""
-exp log log1p expm1 tanh sin cos tan sqrt rsqrt cbrt pow atan2 erf atan
-""".split())
-# (flops, transcendentals) per output element for primitives XLA expands.
-_EXPANDED = {
-    "logistic": (3, 1), "exp2": (1, 1), "erf_inv": (37, 2), "lgamma": (52, 4),
-    "digamma": (60, 4), "sinh": (10, 3), "cosh": (10, 3), "asin": (5, 2), "acos": (6, 2),
-    "asinh": (6, 2), "acosh": (6, 2), "atanh": (5, 2), "erfc": (10, 2), "nextafter": (23, 0),
-    "igamma": (100, 10), "igammac": (100, 10), "bessel_i0e": (20, 1), "bessel_i1e": (20, 1),
-    "random_gamma_grad": (100, 10), "polygamma": (100, 10), "zeta": (100, 10),
-    "regularized_incomplete_beta": (200, 20),
-}
-_REDUCE = {"reduce_sum": 1, "reduce_max": 1, "reduce_min": 1, "reduce_prod": 1, "reduce_and": 1,
-           "reduce_or": 1, "reduce_xor": 1, "argmax": 9, "argmin": 9, "reduce_and_": 1}
-_CUMULATIVE = frozenset({"cumsum", "cumprod", "cummax", "cummin", "cumlogsumexp"})
-_FREE = frozenset("""
-reshape broadcast_in_dim transpose slice dynamic_slice dynamic_update_slice gather concatenate pad
-squeeze expand_dims rev iota copy copy_p device_put bitcast_convert_type stop_gradient
-optimization_barrier split sharding_constraint mesh_cast reshard name pvary psum_invariant
-random_seed random_wrap random_unwrap random_fold_in threefry2x32_ axis_index
-""".split())
-
-
-def _integer_pow_flops(y: int) -> int:
-  a = abs(int(y))
-  if a == 0:
-    return 0
-  mults = a.bit_length() - 1 + bin(a).count("1") - 1
-  return mults + (1 if y < 0 else 0)
-
-
-def _conv_flops(eqn) -> int:
-  lhs, rhs = eqn.invars[0].aval, eqn.invars[1].aval
-  out = eqn.outvars[0].aval
-  p = eqn.params
-  dn = p["dimension_numbers"]
-  lhs_spec, rhs_spec, out_spec = dn.lhs_spec, dn.rhs_spec, dn.out_spec
-  batch = lhs.shape[lhs_spec[0]]
-  in_feat = lhs.shape[lhs_spec[1]]
-  out_feat = out.shape[out_spec[1]]
-  nsp = len(lhs_spec) - 2
-  strides = p.get("window_strides") or (1,) * nsp
-  padding = p.get("padding") or ((0, 0),) * nsp
-  lhs_dil = p.get("lhs_dilation") or (1,) * nsp
-  rhs_dil = p.get("rhs_dilation") or (1,) * nsp
-  valid = []
-  for d in range(nsp):
-    n_in = int(lhs.shape[lhs_spec[2 + d]])
-    n_k = int(rhs.shape[rhs_spec[2 + d]])
-    n_out = int(out.shape[out_spec[2 + d]])
-    pad_lo = int(padding[d][0])
-    k = np.arange(n_k)[:, None]
-    o = np.arange(n_out)[None, :]
-    und = o * int(strides[d]) - pad_lo + k * int(rhs_dil[d])
-    bd = int(lhs_dil[d])
-    if bd > 1:
-      idx = np.trunc(und / bd).astype(np.int64)  # C++ truncating division, as XLA
-      ok = (idx * bd == und)
-    else:
-      idx = und
-      ok = np.ones_like(und, dtype=bool)
-    ok &= (idx >= 0) & (idx < n_in)
-    valid.append(int(ok.sum()))
-  fgc = int(p.get("feature_group_count", 1) or 1)
-  bgc = int(p.get("batch_group_count", 1) or 1)
-  fma = (in_feat // fgc) * out_feat * (batch // bgc) * math.prod(valid)
-  return 2 * int(fma)
-
-
-def _dot_flops(eqn) -> int:
-  lhs = eqn.invars[0].aval
-  (lc, _), _ = eqn.params["dimension_numbers"]
-  k = math.prod(int(lhs.shape[i]) for i in lc)
-  return 2 * _size(eqn.outvars[0].aval) * k
-
-
 def eqn_local_cost(eqn) -> Cost:
   """Cost of ``eqn`` itself, not counting any nested sub-jaxprs."""
-  name = eqn.primitive.name
   br = sum(aval_bytes(v) for v in eqn.invars)
   bw = sum(aval_bytes(v) for v in eqn.outvars)
-  out_n = sum(_size(v.aval) for v in eqn.outvars)
-  flops = trans = 0
-  if name == "dot_general":
-    flops = _dot_flops(eqn)
-  elif name == "conv_general_dilated":
-    flops = _conv_flops(eqn)
-  elif name in _ELEMENTWISE_1:
-    flops = out_n
-  elif name in _TRANSCENDENTAL:
-    trans = out_n
-  elif name in _EXPANDED:
-    f, t = _EXPANDED[name]
-    flops, trans = f * out_n, t * out_n
-  elif name == "integer_pow":
-    flops = _integer_pow_flops(eqn.params["y"]) * out_n
-  elif name in _REDUCE:
-    in_n = _size(eqn.invars[0].aval)
-    flops = _REDUCE[name] * max(0, in_n - _size(eqn.outvars[0].aval))
-  elif name in _CUMULATIVE:
-    aval = eqn.invars[0].aval
-    n = int(aval.shape[eqn.params["axis"]]) if aval.shape else 1
-    rows = _size(aval) // max(n, 1)
-    flops = rows * n * (n - 1) // 2
-    if name == "cumlogsumexp":
-      trans = 2 * _size(aval)
-  elif name.startswith("reduce_window"):
-    wd = eqn.params.get("window_dimensions", ())
-    flops = _size(eqn.outvars[0].aval) * max(0, math.prod(wd) - 1)
-  elif name == "select_and_scatter_add" or name == "select_and_gather_add":
-    wd = eqn.params.get("window_dimensions", ())
-    flops = _size(eqn.invars[0].aval) * max(1, math.prod(wd))
-  elif name.startswith("scatter"):
-    if name != "scatter":  # scatter-add/mul/min/max apply the combiner per update
-      flops = _size(eqn.invars[2].aval) if len(eqn.invars) > 2 else 0
-  elif name == "sort":
-    aval = eqn.invars[0].aval
-    n = int(aval.shape[eqn.params.get("dimension", -1)]) if aval.shape else 1
-    flops = _size(aval) * max(1, math.ceil(math.log2(max(n, 2))))
-  elif name in ("psum", "pmax", "pmin", "psum_scatter", "all_reduce"):
-    flops = out_n
-  elif name == "pallas_call":
-    ce = eqn.params.get("cost_estimate")
-    if ce is not None:
-      flops = int(getattr(ce, "flops", 0) or 0)
-      trans = int(getattr(ce, "transcendentals", 0) or 0)
+  flops, trans = local_flops(eqn)
   return Cost(int(flops), int(trans), int(br), int(bw))
 
 

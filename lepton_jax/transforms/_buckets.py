@@ -27,6 +27,7 @@ import jax
 import numpy as np
 from lepton_jax import _nnx
 from lepton_jax.jaxpr import _compat as core
+from lepton_jax.jaxpr._registry import primitive_info, subjaxpr_params
 
 __all__ = ["BucketSpec", "BucketCache", "maybe_pad", "describe", "bucket_size",
            "position_flow", "UnsafeBucketing"]
@@ -106,23 +107,6 @@ class BucketCache:
 # Position-wise dependency analysis
 # ------------------------------------------------------------------------------------
 
-_ELEMENTWISE = frozenset("""
-add sub mul div rem pow max min neg sign floor ceil round is_finite exp exp2 log log1p expm1
-tanh logistic sin cos tan asin acos atan atan2 sinh cosh asinh acosh atanh sqrt rsqrt cbrt abs
-integer_pow erf erfc erf_inv lgamma digamma igamma select_n convert_element_type and or not xor
-eq ne lt le gt ge shift_left shift_right_logical shift_right_arithmetic nextafter clamp square
-copy copy_p real imag conj complex population_count clz reduce_precision add_any
-stop_gradient bitcast_convert_type
-""".split())
-_REDUCE = frozenset(["reduce_sum", "reduce_max", "reduce_min", "reduce_prod", "reduce_and",
-                     "reduce_or", "reduce_xor", "argmax", "argmin"])
-_CUMULATIVE = frozenset(["cumsum", "cumprod", "cummax", "cummin", "cumlogsumexp"])
-_CALLS = {"jit": "jaxpr", "pjit": "jaxpr", "closed_call": "call_jaxpr", "core_call": "call_jaxpr",
-          "custom_jvp_call": "call_jaxpr", "custom_vjp_call": "call_jaxpr",
-          "custom_vjp_call_jaxpr": "fun_jaxpr", "checkpoint": "jaxpr", "remat": "jaxpr",
-          "remat2": "jaxpr"}
-
-
 def _tag_of(a, tags):
   return None if isinstance(a, core.Literal) else tags.get(a)
 
@@ -147,7 +131,8 @@ def _eqn_flow(eqn: core.JaxprEqn, ins: list[int | None]) -> list[int | None]:
   tagged = [(i, t) for i, t in enumerate(ins) if t is not None]
   d = tagged[0][1]
   where = f"'{name}'"
-  if name in _ELEMENTWISE:
+  kind = primitive_info(name).kind
+  if kind == "elementwise":
     if any(t != d for _, t in tagged):
       raise UnsafeBucketing(f"{where} combines the padded axis at different positions")
     out = eqn.outvars[0].aval
@@ -159,8 +144,8 @@ def _eqn_flow(eqn: core.JaxprEqn, ins: list[int | None]) -> list[int | None]:
     return [bd[d]]
   if name == "transpose":
     return [tuple(p["permutation"]).index(d)]
-  if name in _REDUCE:
-    axes = tuple(p["axes"])
+  if kind == "reduction":
+    axes = tuple(p.get("axes", p.get("dimensions", ())))
     if d in axes:
       raise UnsafeBucketing(f"{where} reduces over the padded axis")
     return [d - sum(1 for a in axes if a < d)] * len(eqn.outvars)
@@ -213,12 +198,13 @@ def _eqn_flow(eqn: core.JaxprEqn, ins: list[int | None]) -> list[int | None]:
     if (lo, hi, interior) != (0, 0, 0) or tagged[0][0] != 0:
       raise UnsafeBucketing(f"{where} pads along the padded axis")
     return [d]
-  if name in _CUMULATIVE:
+  if kind == "cumulative":
     if p["axis"] == d:
       raise UnsafeBucketing(f"{where} accumulates along the padded axis")
     return [d]
-  if name in _CALLS and _CALLS[name] in p:
-    sub = p[_CALLS[name]]
+  subs = subjaxpr_params(eqn) if kind == "call" else []
+  if len(subs) == 1:
+    sub = subs[0][2]
     sub_jaxpr = sub.jaxpr if isinstance(sub, core.ClosedJaxpr) else sub
     if len(sub_jaxpr.invars) != len(ins):
       raise UnsafeBucketing(f"{where}: unexpected sub-jaxpr arity")

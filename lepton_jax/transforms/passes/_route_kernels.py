@@ -30,7 +30,6 @@ original sub-graph and warns.
 from __future__ import annotations
 
 import dataclasses
-import math
 import warnings
 from typing import Any
 
