@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import logging
 import math
 import os
+import threading
 from typing import Callable, Iterator
 
 import numpy as np
@@ -27,6 +29,7 @@ __all__ = ["Dataset", "load_dataset", "Prefetcher", "IMAGENET_MEAN", "IMAGENET_S
 
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32) * 255.0
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32) * 255.0
+_log = logging.getLogger("experiments.imagenet")
 _IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".JPEG", ".JPG", ".PNG")
 
 
@@ -46,6 +49,7 @@ class Dataset:
     train_batch: ``step -> (images, labels)``, deterministic in ``(seed, step)``.
     eval_batches: ``() -> iterator of (images, labels, mask)``.
     close: releases worker threads.
+    skipped: ``() -> list of image files that could not be decoded`` (skipped with a warning).
   """
   name: str
   description: str
@@ -58,6 +62,7 @@ class Dataset:
   train_batch: Callable[[int], tuple[np.ndarray, np.ndarray]]
   eval_batches: Callable[[], Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]]
   close: Callable[[], None] = lambda: None
+  skipped: Callable[[], list] = lambda: []
 
 
 def _epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:
@@ -251,21 +256,51 @@ def _image_folder(data_dir: str, *, image_size: int, batch_size: int, eval_batch
   steps_per_epoch = n // batch_size
   pool = concurrent.futures.ThreadPoolExecutor(max(1, num_workers), thread_name_prefix="decode")
   local = batch_size // process_count
+  bad: dict[str, str] = {}  # unreadable file -> reason (this data set's own record)
+  bad_lock = threading.Lock()
+
+  def attempt(decode, path):
+    """``decode(path)``, or ``None`` (with one warning per file) if the file cannot be decoded."""
+    try:
+      return decode(path)
+    except (OSError, ValueError, SyntaxError) as e:  # truncated / corrupt / not an image
+      with bad_lock:
+        new = path not in bad
+        bad[path] = f"{type(e).__name__}: {e}"
+      if new:
+        _log.warning("experiments.imagenet: skipping unreadable image %s (%s: %s)", path,
+                     type(e).__name__, e)
+      return None
+
+  def train_example(i, step):
+    # A file that cannot be decoded is replaced by the next file in the listing (deterministic).
+    for k in range(n):
+      j = (int(i) + k) % n
+      rng = np.random.default_rng([seed, step, j] + ([k] if k else []))
+      x = attempt(lambda p: decode_train(p, image_size, rng), train_files[j])
+      if x is not None:
+        return x, train_labels[j]
+    raise ValueError(f"experiments.imagenet: none of the {n} training images in {data_dir!r} can be "
+                     "decoded")
 
   def train_batch(step):
     idx = _batch_indices(seed, step, n, batch_size, steps_per_epoch)
     idx = idx[process_index * local:(process_index + 1) * local]
-    rngs = [np.random.default_rng([seed, step, int(i)]) for i in idx]
-    images = list(pool.map(lambda a: decode_train(train_files[a[0]], image_size, a[1]),
-                           zip(idx, rngs)))
-    return np.stack(images), train_labels[idx]
+    out = list(pool.map(lambda i: train_example(i, step), idx))
+    return np.stack([x for x, _ in out]), np.array([y for _, y in out], np.int32)
 
   def eval_batches():
     for a, b in _eval_chunks(len(val_files), eval_batch_size):
-      images = list(pool.map(lambda p: decode_eval(p, image_size), val_files[a:b]))
+      images = list(pool.map(lambda p: attempt(lambda q: decode_eval(q, image_size), p), val_files[a:b]))
       mask = np.zeros(eval_batch_size, np.float32)
-      mask[:b - a] = 1
+      mask[:b - a] = [x is not None for x in images]  # unreadable held-out images are not counted
+      zero = np.zeros((image_size, image_size, 3), np.float32)
+      images = [zero if x is None else x for x in images]
       yield _pad(np.stack(images), eval_batch_size), _pad(val_labels[a:b], eval_batch_size), mask
+
+  def skipped():
+    with bad_lock:
+      return sorted(bad)
 
   return Dataset(
       name="imagefolder",
@@ -273,7 +308,8 @@ def _image_folder(data_dir: str, *, image_size: int, batch_size: int, eval_batch
                    f"{len(classes)} classes, {image_size}px, {num_workers} decode threads"),
       num_classes=len(classes), image_size=image_size, train_size=n, eval_size=len(val_files),
       batch_size=batch_size, steps_per_epoch=steps_per_epoch, train_batch=train_batch,
-      eval_batches=eval_batches, close=lambda: pool.shutdown(wait=False, cancel_futures=True))
+      eval_batches=eval_batches, close=lambda: pool.shutdown(wait=False, cancel_futures=True),
+      skipped=skipped)
 
 
 def load_dataset(*, data_dir: str, fake_data: bool, image_size: int, batch_size: int,

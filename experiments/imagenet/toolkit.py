@@ -24,9 +24,11 @@ checkpoint.tiered  ``lj.checkpoint.TieredCheckpointManager``       ``orbax.check
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
+import warnings
 from typing import Any, Callable
 
 import jax
@@ -196,6 +198,18 @@ def compile_eval(eval_fn: Callable, choices: dict[str, Choice], *, mesh, state_s
                  out_shardings=replicated)
 
 
+@contextlib.contextmanager
+def _warnings_to_log():
+  """Turns warnings raised inside (checkpoint fallbacks, lock take-overs) into log lines."""
+  with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    try:
+      yield
+    finally:
+      for w in caught:
+        _log.warning("%s: %s", w.category.__name__, w.message)
+
+
 class CheckpointManager:
   """Tiered lepton_jax checkpoints, or one plain Orbax ``CheckpointManager`` (``tiered=False``).
 
@@ -225,10 +239,11 @@ class CheckpointManager:
       self._mgr = None
     elif self.tiered:
       keep_p = int(ckpt_config.keep_persistent) or None
-      self._mgr = choice.impl(os.path.join(root, "local"), os.path.join(root, "persistent"),
-                              local_every=self.local_every, persistent_every=self.persistent_every,
-                              keep_local=int(ckpt_config.keep_local), keep_persistent=keep_p,
-                              async_save=bool(ckpt_config.async_save))
+      with _warnings_to_log():  # e.g. the lock of a crashed earlier process being taken over
+        self._mgr = choice.impl(os.path.join(root, "local"), os.path.join(root, "persistent"),
+                                local_every=self.local_every, persistent_every=self.persistent_every,
+                                keep_local=int(ckpt_config.keep_local), keep_persistent=keep_p,
+                                async_save=bool(ckpt_config.async_save))
       self.directory = root
     else:
       self.directory = os.path.join(root, "persistent")
@@ -257,6 +272,31 @@ class CheckpointManager:
     if not self.tiered:
       self._mgr.reload()
     return self._mgr.latest_step()
+
+  def restore_newest(self, target):
+    """The newest checkpoint whose data verifies, restored onto ``target``; ``None`` if there is none.
+
+    With tiered checkpoints a damaged newest step is skipped (logged) in favour of the next newest
+    valid one, in either tier.
+    """
+    if not self.enabled:
+      return None
+    if not self.tiered:
+      self._mgr.reload()
+      latest = self._mgr.latest_step()
+      return None if latest is None else self._mgr.restore(latest, args=ocp.args.StandardRestore(target))
+    if not self._mgr.all_steps():
+      return None
+    with _warnings_to_log():
+      try:
+        return self._mgr.restore(None, target=target)
+      except ValueError as e:
+        if "no valid checkpoint" not in str(e):
+          raise
+        raise ValueError(
+            f"experiments.imagenet: every checkpoint in {self.directory} failed verification, so the "
+            "run cannot resume. Move that directory away to start this run over (details below)."
+            f"\n{e}") from None
 
   def restore(self, step: int, target):
     if self.tiered:

@@ -142,6 +142,61 @@ def _truncate_metrics(workdir: str, step: int) -> None:
   os.replace(tmp, path)
 
 
+#: Config fields that do not change what a run computes: they may differ when a run is resumed.
+RESUMABLE_FIELDS = ("debug_kill_at_step", "progress_bar", "plot", "num_workers", "prefetch", "max_steps",
+                    "checkpoint.async_save")
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+  out = {}
+  for k, v in d.items():
+    if isinstance(v, dict):
+      out.update(_flat(v, f"{prefix}{k}."))
+    else:
+      out[f"{prefix}{k}"] = list(v) if isinstance(v, tuple) else v
+  return out
+
+
+def claim_workdir(config: ml_collections.ConfigDict, workdir: str) -> bool:
+  """Makes ``workdir`` this run's: writes ``config.json`` or checks it; returns whether it existed.
+
+  A workdir belongs to one run. If it holds a ``config.json`` whose content differs from
+  ``config`` in any field but :data:`RESUMABLE_FIELDS`, the run is refused (the message names
+  the fields); nothing in the workdir is touched. A workdir with metrics or checkpoints but no
+  ``config.json`` is refused too.
+
+  Raises:
+    ValueError: the workdir belongs to another run.
+  """
+  path = os.path.join(workdir, "config.json")
+  mine = json.loads(config.to_json_best_effort())
+  if os.path.exists(path):
+    with open(path) as f:
+      theirs = json.load(f)
+    a, b = _flat(theirs), _flat(mine)
+    diff = [k for k in sorted(set(a) | set(b)) if a.get(k, "<absent>") != b.get(k, "<absent>")
+            and k not in RESUMABLE_FIELDS]
+    if diff:
+      shown = "; ".join(f"{k}: {a.get(k, '<absent>')!r} in the workdir, {b.get(k, '<absent>')!r} now"
+                        for k in diff[:8]) + (f"; and {len(diff) - 8} more" if len(diff) > 8 else "")
+      raise ValueError(
+          f"experiments.imagenet: --workdir={workdir} belongs to another run (its config.json "
+          f"differs: {shown}). A workdir holds one run; rerunning with the same config resumes it. "
+          "Use a new --workdir for this config (nothing in the existing one was changed).")
+    return True
+  leftovers = [n for n in ("metrics.jsonl", "checkpoints") if os.path.exists(os.path.join(workdir, n))]
+  if leftovers:
+    raise ValueError(f"experiments.imagenet: --workdir={workdir} holds {', '.join(leftovers)} but no "
+                     "config.json, so it cannot be told whether they belong to this config; use a new "
+                     "--workdir (nothing in the existing one was changed)")
+  if jax.process_index() == 0:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+      f.write(config.to_json_best_effort(indent=2))
+    os.replace(tmp, path)
+  return False
+
+
 def plot_metrics(records: list[dict[str, Any]], path: str, title: str = "") -> None:
   """Writes a PNG with the loss and accuracy curves (matplotlib, Agg back end)."""
   import matplotlib
@@ -239,6 +294,22 @@ def _evaluate(eval_fn, state, dataset, place):
           "top5": float(totals["top5"]) / n, "examples": int(n)}
 
 
+def _checkpoint_on_interrupt(ckpt, state, workdir: str) -> None:
+  """Ctrl-C: saves the state of the last finished step (both tiers) so the rerun resumes there."""
+  if not ckpt.enabled:
+    logging.warning("Interrupted; checkpoints are off (config.checkpoint.enabled=False), nothing saved.")
+    return
+  try:
+    step = int(jax.device_get(state["step"]))
+    ckpt.save(step, state, force=True)
+    ckpt.wait()
+    logging.warning("Interrupted: saved a checkpoint at step %d in %s. Rerun the same command "
+                    "(same --workdir=%s and config) to resume from it.", step, ckpt.directory, workdir)
+  except Exception as e:  # noqa: BLE001 - e.g. interrupted while the step held the donated state
+    logging.warning("Interrupted; could not save the current step (%s: %s). Rerunning the same command "
+                    "resumes from the newest checkpoint in %s.", type(e).__name__, e, ckpt.directory)
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Trains and evaluates; resumes automatically from the newest complete checkpoint.
 
@@ -253,6 +324,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   _quiet_third_party_logs()
   workdir = os.path.abspath(workdir)
   os.makedirs(workdir, exist_ok=True)
+  claim_workdir(config, workdir)  # before anything is written: another run's workdir is refused
   mesh = toolkit.make_mesh()
   n_dev = mesh.devices.size
   if config.batch_size % n_dev or config.eval_batch_size % n_dev:
@@ -306,25 +378,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   # ---- Resume -----------------------------------------------------------------------------
   ckpt = toolkit.CheckpointManager(workdir, config.checkpoint, ckpt_choice)
-  latest = ckpt.latest_step()
+  target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+  restored = ckpt.restore_newest(target)  # the newest checkpoint that verifies, or None
   resumed_from = None
-  if latest is not None:
-    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
-    try:
-      state = ckpt.restore(latest, target)
-    except Exception as e:  # a checkpoint of another model / config
-      raise ValueError(
-          f"experiments.imagenet: could not restore the checkpoint at step {latest} in "
-          f"{ckpt.directory!r} into this config's model ({config.model}); it was written by a "
-          f"different config. Use another --workdir or delete that directory. ({e})") from e
-    resumed_from = latest
-    _truncate_metrics(workdir, latest)
+  if restored is not None:
+    state = restored
+    resumed_from = int(jax.device_get(state["step"]))
+    _truncate_metrics(workdir, resumed_from)  # records after it are recomputed identically
   elif jax.process_index() == 0 and os.path.exists(os.path.join(workdir, "metrics.jsonl")):
-    _truncate_metrics(workdir, -1)  # no checkpoint: start over, drop stale records
+    _truncate_metrics(workdir, -1)  # this run (same config) crashed before its first checkpoint
   start_step = int(jax.device_get(state["step"]))
-  if jax.process_index() == 0:
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config.to_json_best_effort(indent=2))
 
   devices = jax.devices()
   rows = [
@@ -397,11 +460,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                   f"top-5 {ev['top5']:.2%}  loss {ev['loss']:.4f}")
         window_start = time.perf_counter()
       if save_now:
-        ckpt.save(s, state, force=True)
+        ckpt.save(s, state, force=s == total_steps)  # intervals honoured; the final step is durable
         if s == config.debug_kill_at_step:  # testing: a hard crash, possibly mid-save
           os.kill(os.getpid(), signal.SIGKILL)
       final_step = s
       bar.update(1)
+  except KeyboardInterrupt:
+    _checkpoint_on_interrupt(ckpt, state, workdir)
+    raise
   finally:
     bar.close()
     prefetch.close()
@@ -420,14 +486,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     plot_metrics(records, path, title=f"{config.model} on {name}")
     logging.info("Wrote loss / accuracy curves to %s", path)
   metrics_path = os.path.join(workdir, "metrics.jsonl")
+  # Throughput of this session: logged windows after the first (which includes compilation).
+  windows = [r["images_per_sec"] for r in records if r["split"] == "train" and r["step"] > start_step]
+  img_s = float(np.median(windows[1:] if len(windows) > 1 else windows)) if windows else None
+  speed = (f"; {img_s:,.1f} images/s (median of {max(len(windows) - 1, len(windows))} logged windows"
+           f"{', first excluded' if len(windows) > 1 else ', includes compilation'})"
+           if img_s is not None else "")
+  skipped = dataset.skipped() if hasattr(dataset, "skipped") else []
+  if skipped:
+    logging.warning("Skipped %d unreadable image file(s), e.g. %s", len(skipped), ", ".join(skipped[:3]))
   if last_eval is None:  # config.evaluate=False
-    logging.info("Done in %.1f s at step %d (config.evaluate=False: no held-out evaluation). "
-                 "Metrics: %s", time.time() - t_start, final_step, metrics_path)
+    logging.info("Done in %.1f s at step %d (config.evaluate=False: no held-out evaluation)%s. "
+                 "Metrics: %s", time.time() - t_start, final_step, speed, metrics_path)
     return {"step": final_step, "eval_loss": None, "eval_top1": None, "eval_top5": None,
-            "resumed_from": resumed_from, "seconds": time.time() - t_start}
-  logging.info("Done in %.1f s: held-out top-1 %.2f%%, top-5 %.2f%% at step %d (%d examples). "
+            "resumed_from": resumed_from, "seconds": time.time() - t_start, "images_per_sec": img_s,
+            "skipped_images": len(skipped)}
+  logging.info("Done in %.1f s: held-out top-1 %.2f%%, top-5 %.2f%% at step %d (%d examples)%s. "
                "Metrics: %s", time.time() - t_start, 100 * last_eval["top1"],
-               100 * last_eval["top5"], last_eval["step"], last_eval["examples"], metrics_path)
+               100 * last_eval["top5"], last_eval["step"], last_eval["examples"], speed, metrics_path)
   return {"step": last_eval["step"], "eval_loss": last_eval["loss"], "eval_top1": last_eval["top1"],
           "eval_top5": last_eval["top5"], "resumed_from": resumed_from,
-          "seconds": time.time() - t_start}
+          "seconds": time.time() - t_start, "images_per_sec": img_s, "skipped_images": len(skipped)}

@@ -218,6 +218,9 @@ def test_kill_9_mid_run_resumes_exactly(tmp_path, caplog, reference_run):
   assert "starting from step 0" in proc.stderr
   killed = train.read_metrics(str(crash_dir))
   assert max(r["step"] for r in killed) == 20  # it really stopped mid-run
+  # The persistent interval (20) is honoured: step 10 went to the local tier only.
+  persistent = crash_dir / "checkpoints" / "persistent"
+  assert "10" not in os.listdir(persistent) and "10" in os.listdir(crash_dir / "checkpoints" / "local")
   assert all(r["split"] == "train" for r in killed)
 
   caplog.set_level("INFO")
@@ -303,3 +306,78 @@ def test_every_config_file_loads_and_names_a_known_model(name):
   c = importlib.import_module(f"experiments.configs.{name}").get_config()
   assert c.model in models.MODEL_SPECS and c.batch_size > 0 and c.num_epochs > 0
   assert set(c.transforms.keys()) >= {"auto_shard", "adaptive_jit", "remat_budget", "pallas_kernels"}
+
+
+# ---------------------------------------------------------------------------------------------
+# Issue 18: a workdir belongs to one run; resume from the newest valid checkpoint; bad images
+# ---------------------------------------------------------------------------------------------
+
+def test_workdir_of_another_run_is_refused_untouched(reference_run):
+  workdir, _ = reference_run
+  before = {n: (workdir / n).read_bytes() for n in ("config.json", "metrics.jsonl")}
+  config = test_config.get_config()
+  config.num_epochs = 3
+  with pytest.raises(ValueError, match=r"belongs to another run .*num_epochs: 2 in the workdir, 3 now"):
+    train.train_and_evaluate(config, str(workdir))
+  assert {n: (workdir / n).read_bytes() for n in before} == before
+
+
+def test_workdir_without_config_json_is_refused(tmp_path):
+  (tmp_path / "metrics.jsonl").write_text('{"step": 1, "split": "train"}\n')
+  with pytest.raises(ValueError, match="holds metrics.jsonl but no config.json"):
+    train.train_and_evaluate(test_config.get_config(), str(tmp_path))
+  assert (tmp_path / "metrics.jsonl").read_text() == '{"step": 1, "split": "train"}\n'
+
+
+def test_resumes_from_the_newest_valid_checkpoint_when_the_newest_is_corrupt(reference_run, tmp_path, caplog):
+  import shutil
+  ref_dir, ref_out = reference_run
+  workdir = tmp_path / "wd"
+  shutil.copytree(ref_dir, workdir)
+  for tier in ("local", "persistent"):  # the final step 44 is damaged in both tiers
+    step_dir = workdir / "checkpoints" / tier / "44"
+    f = max((p for p in (step_dir / "state").rglob("*") if p.is_file() and p.parent.name == "d"),
+            key=lambda p: p.stat().st_size)
+    b = bytearray(f.read_bytes())
+    b[len(b) // 2] ^= 0x01
+    f.write_bytes(bytes(b))
+  caplog.set_level("INFO")
+  out = train.train_and_evaluate(test_config.get_config(), str(workdir))
+  assert out["resumed_from"] == 40 and "CheckpointCorruptionWarning" in caplog.text
+  assert out["eval_top1"] == ref_out["eval_top1"]
+  assert _deterministic(train.read_metrics(str(workdir))) == _deterministic(train.read_metrics(str(ref_dir)))
+
+
+def test_unreadable_jpeg_is_skipped_with_a_warning(tmp_path, caplog):
+  root = _write_jpeg_folder(str(tmp_path / "imgs"))
+  bad = os.path.join(root, "train", "n00000001", "img_2.JPEG")
+  with open(bad, "rb") as f:
+    data = f.read()
+  with open(bad, "wb") as f:
+    f.write(data[: len(data) // 2])  # truncated
+  bad_val = os.path.join(root, "val", "n00000000", "img_0.JPEG")
+  with open(bad_val, "wb") as f:
+    f.write(b"not a jpeg")
+  caplog.set_level("WARNING")
+  ds = input_pipeline.load_dataset(data_dir=root, fake_data=False, image_size=16, batch_size=8,
+                                   eval_batch_size=8, seed=1, num_workers=2)
+  try:
+    for step in range(ds.steps_per_epoch * 2):
+      x, y = ds.train_batch(step)
+      assert x.shape == (8, 16, 16, 3) and np.isfinite(x).all() and y.shape == (8,)
+    assert sum(int(m.sum()) for _, _, m in ds.eval_batches()) == 5  # 6 held-out, 1 unreadable
+    assert ds.skipped() == sorted([bad, bad_val])
+    assert bad in caplog.text and bad_val in caplog.text
+  finally:
+    ds.close()
+
+
+def test_command_line_errors_are_short():
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  proc = subprocess.run([sys.executable, "-m", "experiments.imagenet", "--config.num_epoch=1",
+                         "--workdir=/nonexistent/never"], cwd=REPO, env=env, capture_output=True,
+                        text=True, timeout=120)
+  assert proc.returncode == 2
+  lines = proc.stderr.strip().splitlines()
+  assert len(lines) <= 4 and "Traceback" not in proc.stderr, proc.stderr
+  assert "did you mean --config.num_epochs" in proc.stderr
