@@ -226,8 +226,9 @@ def lm1b_init(seed, vocab=128, d=32, heads=4, ff=64, layers=2, max_len=16):
     p["blocks"].append({
         "ln1": {"scale": jnp.ones((d,)), "bias": jnp.zeros((d,))},
         "ln2": {"scale": jnp.ones((d,)), "bias": jnp.zeros((d,))},
-        "attn": {w: {"kernel": _normal(rng, (d, heads, hd), d ** -0.5), "bias": jnp.zeros((heads, hd))}
-                 for w in ("query", "key", "value")}
+        # no key bias: it shifts every score of a query row equally, so its gradient is 0 in exact
+        # arithmetic and Adam would turn float noise into +-lr updates (incomparable across shardings)
+        "attn": {w: {"kernel": _normal(rng, (d, heads, hd), d ** -0.5)} for w in ("query", "key", "value")}
         | {"out": {"kernel": _normal(rng, (heads, hd, d), d ** -0.5), "bias": jnp.zeros((d,))}},
         "mlp": {"w1": _normal(rng, (d, ff), d ** -0.5), "b1": jnp.zeros((ff,)),
                 "w2": _normal(rng, (ff, d), ff ** -0.5), "b2": jnp.zeros((d,))}})
@@ -242,7 +243,7 @@ def lm1b_apply(p, tokens):
   for blk in p["blocks"]:
     h = _layer_norm(x, blk["ln1"]["scale"], blk["ln1"]["bias"])
     a = blk["attn"]
-    q, k, v = (jnp.einsum("btd,dnh->btnh", h, a[w]["kernel"]) + a[w]["bias"] for w in ("query", "key", "value"))
+    q, k, v = (jnp.einsum("btd,dnh->btnh", h, a[w]["kernel"]) for w in ("query", "key", "value"))
     s = jnp.einsum("bqnh,bknh->bnqk", q, k) / np.sqrt(q.shape[-1])
     s = jnp.where(causal, s, -1e9)
     o = jnp.einsum("bnqk,bknh->bqnh", jax.nn.softmax(s, -1), v)
