@@ -20,7 +20,7 @@ class DefUse:
   """Producers and users of each variable of ``jaxpr`` (one level; sub-jaxprs are separate).
 
   >>> import jax, jax.numpy as jnp
-  >>> j = jax.make_jaxpr(lambda x: jnp.sin(x) * jnp.sin(x))(1.0).jaxpr
+  >>> j = jax.make_jaxpr(lambda x: (lambda s: s * s)(jnp.sin(x)))(1.0).jaxpr
   >>> du = DefUse(j)
   >>> du.producer(j.outvars[0]), du.users(j.eqns[0].outvars[0])
   (1, [1, 1])

@@ -23,7 +23,7 @@ import numpy as np
 from lepton_jax.jaxpr import _compat as jc
 from lepton_jax.jaxpr._registry import subjaxpr_params
 
-__all__ = ["Rewrite", "LevelFn", "rewrite_nested", "map_subjaxprs", "location", "substitute",
+__all__ = ["Rewrite", "LevelFn", "LevelBuilder", "rewrite_nested", "map_subjaxprs", "location", "substitute",
            "inline_closed", "inline_calls", "trace_eqns", "known_consts", "consts_to_literals",
            "count_eqns"]
 
@@ -80,6 +80,70 @@ def substitute(atom, env: dict):
   while isinstance(atom, jc.Var) and atom in env:
     atom = env[atom]
   return atom
+
+
+class LevelBuilder:
+  """Rebuilds one jaxpr level while a pass walks it: the substitution map, the new equations
+  and new constants, and the final rebuild (the loop every substituting pass shares).
+
+  >>> import jax
+  >>> cj = jax.make_jaxpr(lambda x: x * 1.0)(2.0)
+  >>> b = LevelBuilder(cj)
+  >>> for eqn in cj.jaxpr.eqns:
+  ...   eqn = b.read(eqn)
+  ...   b.alias(eqn.outvars[0], eqn.invars[0])   # drop the multiply
+  >>> len(b.build().jaxpr.eqns)
+  0
+  """
+
+  def __init__(self, closed):
+    self.closed = closed
+    self.env: dict = {}
+    self.eqns: list = []
+    self.constvars: list = []
+    self.consts: list = []
+    self.changed = False
+
+  def atom(self, a):
+    """The current replacement of atom ``a``."""
+    return substitute(a, self.env)
+
+  def read(self, eqn):
+    """``eqn`` with its inputs substituted."""
+    invars = [substitute(a, self.env) for a in eqn.invars]
+    if any(a is not b for a, b in zip(invars, eqn.invars)):
+      self.changed = True
+      return eqn.replace(invars=invars)
+    return eqn
+
+  def alias(self, var, atom) -> None:
+    """Later reads of ``var`` see ``atom`` (the equation defining ``var`` is dropped)."""
+    if not isinstance(var, jc.DropVar):
+      self.env[var] = atom
+    self.changed = True
+
+  def emit(self, eqn, *, changed: bool = False) -> None:
+    self.eqns.append(eqn)
+    self.changed |= changed
+
+  def add_const(self, value, aval):
+    """A new constvar holding ``value`` (top-level jaxprs only)."""
+    v = jc.Var(aval)
+    self.constvars.append(v)
+    self.consts.append(value)
+    self.changed = True
+    return v
+
+  def build(self):
+    """The rebuilt ``ClosedJaxpr`` (the original object when nothing changed)."""
+    if not self.changed:
+      return self.closed
+    jaxpr = self.closed.jaxpr
+    outvars = [substitute(a, self.env) for a in jaxpr.outvars]
+    return jc.ClosedJaxpr(
+        jaxpr.replace(constvars=list(jaxpr.constvars) + self.constvars, eqns=self.eqns,
+                      outvars=outvars),
+        list(self.closed.consts) + self.consts)
 
 
 def count_eqns(jaxpr) -> int:

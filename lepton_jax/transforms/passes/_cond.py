@@ -12,8 +12,8 @@ import numpy as np
 
 from lepton_jax.jaxpr import _compat as core
 
-from lepton_jax.jaxpr._driver import (known_consts, Rewrite, inline_closed, location, rewrite_nested,
-                                      substitute)
+from lepton_jax.jaxpr._driver import (known_consts, LevelBuilder, Rewrite, inline_closed, location,
+                                      rewrite_nested)
 
 __all__ = ["cond"]
 
@@ -21,15 +21,10 @@ __all__ = ["cond"]
 def _cond_jaxpr(closed: core.ClosedJaxpr, path: str, records: list[Rewrite]) -> core.ClosedJaxpr:
   jaxpr = closed.jaxpr
   known = known_consts(closed)
-  env: dict = {}
-  new_eqns = []
-  changed = False
+  b = LevelBuilder(closed)
   for i, eqn in enumerate(jaxpr.eqns):
     here = f"{path}{i}"
-    invars = [substitute(a, env) for a in eqn.invars]
-    if any(a is not b for a, b in zip(invars, eqn.invars)):
-      eqn = eqn.replace(invars=invars)
-      changed = True
+    eqn = b.read(eqn)
     if eqn.primitive.name == "cond":
       idx = eqn.invars[0]
       val = (np.asarray(idx.val) if isinstance(idx, core.Literal) else known.get(idx))
@@ -44,18 +39,14 @@ def _cond_jaxpr(closed: core.ClosedJaxpr, path: str, records: list[Rewrite]) -> 
               jaxpr.replace(invars=[], outvars=outs, eqns=sub_eqns), closed.consts)
           sub_closed = _cond_jaxpr(sub_closed, f"{here}/branches[{k}]/", records)
           for v, o in zip(eqn.outvars, sub_closed.jaxpr.outvars):
-            if not isinstance(v, core.DropVar):
-              env[v] = o
-          new_eqns.extend(sub_closed.jaxpr.eqns)
+            b.alias(v, o)
+          for e in sub_closed.jaxpr.eqns:
+            b.emit(e)
           records.append(Rewrite("cond", "static_predicate", location(here, eqn),
                                  len(branches) - 1))
-          changed = True
           continue
-    new_eqns.append(eqn)
-  if not changed:
-    return closed
-  outvars = [substitute(a, env) for a in jaxpr.outvars]
-  return core.ClosedJaxpr(jaxpr.replace(eqns=new_eqns, outvars=outvars), closed.consts)
+    b.emit(eqn)
+  return b.build()
 
 
 def cond(closed: core.ClosedJaxpr, **_) -> tuple[core.ClosedJaxpr, list[Rewrite]]:

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from lepton_jax.jaxpr import _compat as core
-from lepton_jax.jaxpr._driver import Rewrite, location, rewrite_nested, substitute
+from lepton_jax.jaxpr._driver import LevelBuilder, Rewrite, location, rewrite_nested, substitute
 from lepton_jax.jaxpr._registry import primitive_info
 
 __all__ = ["cse"]
@@ -56,16 +56,12 @@ def _atom_key(a, env):
 
 def _cse_jaxpr(closed: core.ClosedJaxpr, path: str, records: list[Rewrite]) -> core.ClosedJaxpr:
   jaxpr = closed.jaxpr
-  env: dict = {}        # Var -> replacement atom
+  b = LevelBuilder(closed)
+  env = b.env           # Var -> replacement atom
   seen: dict = {}       # key -> outvars
-  new_eqns = []
-  changed = False
   for i, eqn in enumerate(jaxpr.eqns):
     here = f"{path}{i}"
-    invars = [substitute(a, env) for a in eqn.invars]
-    if any(a is not b for a, b in zip(invars, eqn.invars)):
-      eqn = eqn.replace(invars=invars)
-      changed = True
+    eqn = b.read(eqn)
     key = None
     info = primitive_info(eqn)
     if not eqn.effects and info.cse_safe and not any(
@@ -83,17 +79,13 @@ def _cse_jaxpr(closed: core.ClosedJaxpr, path: str, records: list[Rewrite]) -> c
     if key is not None and key in seen:
       prev = seen[key]
       for v, p in zip(eqn.outvars, prev):
-        env[v] = p
+        b.alias(v, p)
       records.append(Rewrite("cse", f"duplicate_{eqn.primitive.name}", location(here, eqn), 1))
-      changed = True
       continue
     if key is not None:
       seen[key] = eqn.outvars
-    new_eqns.append(eqn)
-  if not changed:
-    return closed
-  outvars = [substitute(a, env) for a in jaxpr.outvars]
-  return core.ClosedJaxpr(jaxpr.replace(eqns=new_eqns, outvars=outvars), closed.consts)
+    b.emit(eqn)
+  return b.build()
 
 
 def cse(closed: core.ClosedJaxpr, **_) -> tuple[core.ClosedJaxpr, list[Rewrite]]:

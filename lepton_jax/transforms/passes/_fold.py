@@ -13,7 +13,8 @@ import numpy as np
 import jax
 from lepton_jax.jaxpr import _compat as core
 
-from lepton_jax.jaxpr._driver import known_consts, Rewrite, location, rewrite_nested, substitute
+from lepton_jax.jaxpr._driver import known_consts, LevelBuilder, Rewrite, location, rewrite_nested
+from lepton_jax.jaxpr._eval import bind_eqn
 from lepton_jax.jaxpr._registry import primitive_info
 
 __all__ = ["fold"]
@@ -30,14 +31,10 @@ def _fold_jaxpr(closed: core.ClosedJaxpr, path: str, records: list[Rewrite],
   top = path == ""   # nested jaxprs only get scalar literals (see below)
   jaxpr = closed.jaxpr
   known = known_consts(closed)
-  env: dict = {}
-  new_consts: list = []
-  new_constvars: list = []
-  new_eqns = []
-  changed = False
+  b = LevelBuilder(closed)
 
   def value_of(a):
-    a = substitute(a, env)
+    a = b.atom(a)
     if isinstance(a, core.Literal):
       try:
         return np.asarray(a.val)
@@ -47,10 +44,7 @@ def _fold_jaxpr(closed: core.ClosedJaxpr, path: str, records: list[Rewrite],
 
   for i, eqn in enumerate(jaxpr.eqns):
     here = f"{path}{i}"
-    invars = [substitute(a, env) for a in eqn.invars]
-    if any(a is not b for a, b in zip(invars, eqn.invars)):
-      eqn = eqn.replace(invars=invars)
-      changed = True
+    eqn = b.read(eqn)
     vals = [value_of(a) for a in eqn.invars]
     foldable = (
         all(v is not None for v in vals)
@@ -68,13 +62,7 @@ def _fold_jaxpr(closed: core.ClosedJaxpr, path: str, records: list[Rewrite],
     if foldable:
       try:
         with jax.ensure_compile_time_eval():
-          params = eqn.primitive.get_bind_params(eqn.params)
-          if isinstance(params, tuple):  # older JAX: (subfuns, params)
-            subfuns, bind_params = params
-          else:
-            subfuns, bind_params = [], params
-          outs = eqn.primitive.bind(*subfuns, *[jax.numpy.asarray(v) for v in vals], **bind_params)
-        outs = outs if eqn.primitive.multiple_results else [outs]
+          outs = bind_eqn(eqn, [jax.numpy.asarray(v) for v in vals])
         outs = [np.asarray(o) for o in outs]
       except Exception:  # an op we cannot evaluate eagerly: keep it
         outs = None
@@ -84,24 +72,15 @@ def _fold_jaxpr(closed: core.ClosedJaxpr, path: str, records: list[Rewrite],
           if isinstance(v, core.DropVar):
             continue
           if o.ndim == 0:
-            env[v] = _literal(o, v.aval)
+            b.alias(v, _literal(o, v.aval))
           else:
-            cv = core.Var(v.aval)
-            new_constvars.append(cv)
-            new_consts.append(o)
+            cv = b.add_const(o, v.aval)
             known[cv] = o
-            env[v] = cv
+            b.alias(v, cv)
         records.append(Rewrite("fold", f"constant_{eqn.primitive.name}", location(here, eqn), 1))
-        changed = True
         continue
-    new_eqns.append(eqn)
-  if not changed:
-    return closed
-  outvars = [substitute(a, env) for a in jaxpr.outvars]
-  constvars = list(jaxpr.constvars) + new_constvars
-  consts = list(closed.consts) + new_consts
-  return core.ClosedJaxpr(jaxpr.replace(constvars=constvars, eqns=new_eqns, outvars=outvars),
-                          consts)
+    b.emit(eqn)
+  return b.build()
 
 
 def _is_numpy_dtype(dt) -> bool:

@@ -22,7 +22,7 @@ import numpy as np
 import jax
 from lepton_jax.jaxpr import _compat as core
 
-from lepton_jax.jaxpr._driver import (known_consts, Rewrite, location, rewrite_nested, substitute,
+from lepton_jax.jaxpr._driver import (known_consts, LevelBuilder, Rewrite, location, rewrite_nested,
                                       trace_eqns)
 
 
@@ -71,18 +71,12 @@ def _simplify_jaxpr(closed: core.ClosedJaxpr, path: str, records: list[Rewrite],
   top = path == ""
   jaxpr = closed.jaxpr
   known = known_consts(closed)
-  env: dict = {}
+  lb = LevelBuilder(closed)
   producer: dict = {}
-  new_eqns = []
-  new_constvars, new_consts = [], []
-  changed = False
 
   for i, eqn in enumerate(jaxpr.eqns):
     here = f"{path}{i}"
-    invars = [substitute(a, env) for a in eqn.invars]
-    if any(a is not b for a, b in zip(invars, eqn.invars)):
-      eqn = eqn.replace(invars=invars)
-      changed = True
+    eqn = lb.read(eqn)
     name = eqn.primitive.name
     out = eqn.outvars[0] if len(eqn.outvars) == 1 else None
     alias = None     # an existing atom equal to the single output
@@ -104,9 +98,7 @@ def _simplify_jaxpr(closed: core.ClosedJaxpr, path: str, records: list[Rewrite],
               alias, pattern = core.Literal(zeros, oa), "mul_by_zero"
               break
             if top and zeros.size <= (1 << 16):
-              cv = core.Var(oa)
-              new_constvars.append(cv)
-              new_consts.append(zeros)
+              cv = lb.add_const(zeros, oa)
               known[cv] = zeros
               alias, pattern = cv, "mul_by_zero"
               break
@@ -207,25 +199,18 @@ def _simplify_jaxpr(closed: core.ClosedJaxpr, path: str, records: list[Rewrite],
       for e in extra_eqns:
         for v in e.outvars:
           producer[v] = e
-      new_eqns.extend(extra_eqns)
-      env[out] = alias
+      for e in extra_eqns:
+        lb.emit(e)
+      lb.alias(out, alias)
       records.append(Rewrite("simplify", pattern, location(here, eqn), 1))
-      changed = True
       continue
     if replacement is not None:
       records.append(Rewrite("simplify", pattern, location(here, eqn), 1))
-      changed = True
       eqn = replacement
     for v in eqn.outvars:
       producer[v] = eqn
-    new_eqns.append(eqn)
-  if not changed:
-    return closed
-  outvars = [substitute(a, env) for a in jaxpr.outvars]
-  return core.ClosedJaxpr(
-      jaxpr.replace(constvars=list(jaxpr.constvars) + new_constvars, eqns=new_eqns,
-                    outvars=outvars),
-      list(closed.consts) + new_consts)
+    lb.emit(eqn, changed=replacement is not None)
+  return lb.build()
 
 
 def _prod(producer, a):
