@@ -1,21 +1,24 @@
-"""Benchmark: TieredCheckpointManager vs plain Orbax async save, plus a kill -9 fault run.
+"""Benchmark: TieredCheckpointManager vs plain Orbax async save, plus an optional kill -9 fault run.
 
-Measures, in the same run and on the same state (a pytree of float32 arrays):
+Measures, in the same run, on the same state (a pytree of float32 arrays, sharded over all
+devices), for each state size:
 
-* blocking time of ``save`` (how long the training step is held up),
-* time until the save is committed (``wait``), as throughput in GiB/s,
+* blocking time of ``save`` (how long the training step is held up), also per GiB,
+* time until the save is committed (``save`` + ``wait``), as throughput in GiB/s,
 * restore time (ours verifies every array's digest),
 
-for plain ``orbax.checkpoint.CheckpointManager`` (``StandardSave``, async) and
-for ``TieredCheckpointManager`` with one tier and with both tiers due, as
-medians over ``--repeats`` saves; ratios are ours / plain Orbax. ``--faults N``
-additionally runs N save-loop children killed with SIGKILL at random moments and
-checks every restore (see ``tests/checkpoint/_fault_child.py``).
+for plain ``orbax.checkpoint.CheckpointManager`` (``StandardSave``, async) and for
+``TieredCheckpointManager`` with one tier and with both tiers due at every save. Repeats are
+interleaved (saver order rotates every round) so that a slow moment of a shared machine hits
+every saver alike; the tables show medians and ratios ours / plain Orbax. One warm-up save per
+saver (Orbax set-up, digest compilation) is not counted. ``--faults N`` additionally runs N
+save-loop children killed with SIGKILL at random moments and checks every restore (see
+``tests/checkpoint/_fault_child.py``).
 
 Usage::
 
-  python -m benchmarks.checkpoint --small            # CPU: 64 MiB state, 20 kills
-  python -m benchmarks.checkpoint --size=1GiB --faults=100
+  python -m benchmarks.checkpoint --small                       # CPU: 64 MiB + 1 GiB, < 3 min
+  python -m benchmarks.checkpoint --sizes=64MiB,256MiB,1GiB --repeats=5 --faults=100
 """
 
 from __future__ import annotations
@@ -32,28 +35,29 @@ import tempfile
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
 from lepton_jax._utils import format_bytes, parse_bytes
 from lepton_jax.checkpoint import TieredCheckpointManager
+from lepton_jax.checkpoint import _checksum
 
 _ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
 def make_state(total_bytes: int, n_arrays: int = 8, seed: int = 0) -> dict:
+  """``n_arrays`` float32 matrices (1024 columns) summing to about ``total_bytes``, row-sharded."""
   per = max(total_bytes // n_arrays // 4, 1024)
   cols = 1024
-  rows = max(per // cols, 1)
-  mesh = jax.make_mesh((len(jax.devices()),), ("x",))
-  rows = -(-rows // len(jax.devices())) * len(jax.devices())
+  n_dev = len(jax.devices())
+  rows = -(-max(per // cols, 1) // n_dev) * n_dev
+  mesh = jax.make_mesh((n_dev,), ("x",))
   sharding = jax.NamedSharding(mesh, jax.P("x"))
-  key = jax.random.key(seed)
+  rng = np.random.default_rng(seed)
   state = {}
   for i in range(n_arrays):
-    state[f"layer{i}"] = {"kernel": jax.device_put(jax.random.normal(jax.random.fold_in(key, i), (rows, cols)),
-                                                   sharding)}
+    host = rng.standard_normal((rows, cols), dtype=np.float32)
+    state[f"layer{i}"] = {"kernel": jax.device_put(host, sharding)}
   jax.block_until_ready(state)
   return state
 
@@ -62,52 +66,86 @@ def _nbytes(tree) -> int:
   return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
 
 
-def _bench_plain(state, root, repeats):
-  mngr = ocp.CheckpointManager(root, options=ocp.CheckpointManagerOptions(max_to_keep=2))
-  block, total, restore = [], [], []
-  for s in range(repeats + 1):
-    t0 = time.perf_counter()
-    mngr.save(s, args=ocp.args.StandardSave(state))
-    t1 = time.perf_counter()
-    mngr.wait_until_finished()
-    t2 = time.perf_counter()
-    if s:  # first save includes one-time setup
-      block.append(t1 - t0)
-      total.append(t2 - t0)
-  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
-  for _ in range(max(repeats // 2, 1)):
-    t0 = time.perf_counter()
-    r = mngr.restore(repeats, args=ocp.args.StandardRestore(abstract))
-    jax.block_until_ready(r)
-    restore.append(time.perf_counter() - t0)
-  mngr.close()
-  return block, total, restore
+class _Plain:
+  name = "orbax_async"
+
+  def __init__(self, root):
+    self.m = ocp.CheckpointManager(root, options=ocp.CheckpointManagerOptions(max_to_keep=2))
+
+  def save(self, step, state):
+    self.m.save(step, args=ocp.args.StandardSave(state))
+
+  def wait(self):
+    self.m.wait_until_finished()
+
+  def restore(self, step, abstract):
+    return self.m.restore(step, args=ocp.args.StandardRestore(abstract))
+
+  def close(self):
+    self.m.close()
 
 
-def _bench_ours(state, root, repeats, both_tiers):
-  local, persistent = root / "local", root / "persistent"
-  if both_tiers:
-    mngr = TieredCheckpointManager(local, persistent, local_every=1, persistent_every=1, keep_persistent=2)
-  else:
-    mngr = TieredCheckpointManager(None, persistent, local_every=1, persistent_every=1, keep_persistent=2)
-  block, total, restore = [], [], []
-  for s in range(repeats + 1):
-    t0 = time.perf_counter()
-    mngr.save(s, state)
-    t1 = time.perf_counter()
-    mngr.wait()
-    t2 = time.perf_counter()
-    if s:
-      block.append(t1 - t0)
-      total.append(t2 - t0)
+class _Ours:
+
+  def __init__(self, root, both_tiers):
+    self.name = "tiered_2_tiers" if both_tiers else "tiered_1_tier"
+    local = root / "local" if both_tiers else None
+    self.m = TieredCheckpointManager(local, root / "persistent", local_every=1, persistent_every=1,
+                                     keep_local=2, keep_persistent=2)
+
+  def save(self, step, state):
+    self.m.save(step, state)
+
+  def wait(self):
+    self.m.wait()
+
+  def restore(self, step, abstract):
+    return self.m.restore(step, target=abstract)
+
+  def close(self):
+    self.m.close()
+
+
+def bench_size(size: int, root: pathlib.Path, repeats: int, restore_repeats: int) -> dict:
+  state = make_state(size)
+  nbytes = _nbytes(state)
+  gib = nbytes / 2**30
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
-  for _ in range(max(repeats // 2, 1)):
-    t0 = time.perf_counter()
-    r = mngr.restore(target=abstract)
-    jax.block_until_ready(r)
-    restore.append(time.perf_counter() - t0)
-  mngr.close()
-  return block, total, restore
+  savers = [_Plain(root / "plain"), _Ours(root / "ours1", False), _Ours(root / "ours2", True)]
+  times = {s.name: {"block": [], "commit": [], "restore": []} for s in savers}
+  step = 0
+  for r in range(repeats + 1):  # round 0 is the warm-up
+    order = savers[r % 3:] + savers[:r % 3]
+    step += 1
+    for s in order:
+      t0 = time.perf_counter()
+      s.save(step, state)
+      t1 = time.perf_counter()
+      s.wait()
+      t2 = time.perf_counter()
+      if r:
+        times[s.name]["block"].append(t1 - t0)
+        times[s.name]["commit"].append(t2 - t0)
+  for r in range(restore_repeats):
+    order = savers[r % 3:] + savers[:r % 3]
+    for s in order:
+      t0 = time.perf_counter()
+      jax.block_until_ready(s.restore(step, abstract))
+      times[s.name]["restore"].append(time.perf_counter() - t0)
+  for s in savers:
+    s.close()
+  shutil.rmtree(root, ignore_errors=True)
+  base = {k: statistics.median(times["orbax_async"][k]) for k in ("block", "commit", "restore")}
+  out = {"state_bytes": nbytes, "repeats": repeats, "restore_repeats": restore_repeats, "savers": {}}
+  for name, t in times.items():
+    b, c, rs = (statistics.median(t[k]) for k in ("block", "commit", "restore"))
+    out["savers"][name] = {
+        "blocking_s": b, "blocking_s_per_gib": b / gib, "commit_s": c, "throughput_gib_s": gib / c,
+        "restore_s": rs, "blocking_ratio_vs_orbax": b / base["block"],
+        "commit_ratio_vs_orbax": c / base["commit"], "restore_ratio_vs_orbax": rs / base["restore"],
+        "blocking_all_s": t["block"], "commit_all_s": t["commit"], "restore_all_s": t["restore"]}
+  del state
+  return out
 
 
 def run_faults(n: int, root: pathlib.Path) -> dict:
@@ -128,68 +166,61 @@ def run_faults(n: int, root: pathlib.Path) -> dict:
 
 def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  ap.add_argument("--small", action="store_true", help="CPU-sized run (64 MiB, 3 repeats, 20 kills)")
-  ap.add_argument("--size", default="1GiB", help="state size, e.g. 256MiB, 4GiB")
-  ap.add_argument("--repeats", type=int, default=5)
-  ap.add_argument("--faults", type=int, default=None, help="kill -9 runs (default 100, 20 with --small)")
+  ap.add_argument("--small", action="store_true",
+                  help="CPU-sized run: 64 MiB (5 repeats) and 1 GiB (2 repeats), no kill -9 runs")
+  ap.add_argument("--sizes", default="64MiB,256MiB,1GiB", help="comma-separated state sizes")
+  ap.add_argument("--repeats", type=int, default=5, help="counted saves per saver and size")
+  ap.add_argument("--faults", type=int, default=0, help="kill -9 runs (0: none)")
   ap.add_argument("--dir", default=None, help="where to write checkpoints (default: a temp dir)")
   ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/checkpoint_<device>.json)")
   args = ap.parse_args(argv)
-  size = parse_bytes("64MiB" if args.small else args.size, name="--size", api="benchmarks.checkpoint")
-  repeats = 3 if args.small else args.repeats
-  faults = args.faults if args.faults is not None else (20 if args.small else 100)
-
+  if args.small:
+    plan = [(parse_bytes("64MiB"), 5, 3), (parse_bytes("1GiB"), 2, 1)]
+  else:
+    plan = [(parse_bytes(s, name="--sizes", api="benchmarks.checkpoint"), args.repeats,
+             max(args.repeats // 2, 1)) for s in args.sizes.split(",")]
   root = pathlib.Path(args.dir or tempfile.mkdtemp(prefix="lj_ckpt_bench_"))
-  state = make_state(size)
-  nbytes = _nbytes(state)
-  gib = nbytes / 2**30
-  rows = {}
-  rows["orbax_async"] = _bench_plain(state, root / "plain", repeats)
-  rows["tiered_1_tier"] = _bench_ours(state, root / "ours1", repeats, both_tiers=False)
-  rows["tiered_2_tiers"] = _bench_ours(state, root / "ours2", repeats, both_tiers=True)
-  base_block = statistics.median(rows["orbax_async"][0])
-  base_total = statistics.median(rows["orbax_async"][1])
-  base_restore = statistics.median(rows["orbax_async"][2])
-  results = {}
-  print(f"state: {format_bytes(nbytes)} in {len(jax.tree.leaves(state))} arrays over "
-        f"{len(jax.devices())} {jax.devices()[0].device_kind} device(s); medians of {repeats}")
-  print(f"{'saver':<16}{'blocking s':>12}{'x orbax':>9}{'commit s':>11}{'GiB/s':>8}{'x orbax':>9}"
-        f"{'restore s':>11}{'x orbax':>9}")
-  for name, (block, total, restore) in rows.items():
-    b, t, r = statistics.median(block), statistics.median(total), statistics.median(restore)
-    results[name] = {
-        "blocking_s": b, "commit_s": t, "restore_s": r, "throughput_gib_s": gib / t,
-        "blocking_s_per_gib": b / gib,
-        "blocking_ratio_vs_orbax": b / base_block, "commit_ratio_vs_orbax": t / base_total,
-        "restore_ratio_vs_orbax": r / base_restore,
-        "blocking_all_s": block, "commit_all_s": total, "restore_all_s": restore,
-    }
-    print(f"{name:<16}{b:>12.4f}{b / base_block:>9.2f}{t:>11.4f}{gib / t:>8.2f}{t / base_total:>9.2f}"
-          f"{r:>11.4f}{r / base_restore:>9.2f}")
+  t_start = time.perf_counter()
+  dev = jax.devices()[0]
+  print(f"{len(jax.devices())} x {dev.device_kind} ({dev.platform}), jax {jax.__version__}; "
+        f"checkpoints in {root}; medians of interleaved repeats (warm-up save excluded)")
+  print(f"{'state':>9} {'saver':<15}{'block s':>9}{'s/GiB':>8}{'x orbax':>8}{'commit s':>10}{'GiB/s':>7}"
+        f"{'x orbax':>8}{'restore s':>10}{'x orbax':>8}")
+  sizes = []
+  for size, repeats, restore_repeats in plan:
+    res = bench_size(size, root / f"s{size}", repeats, restore_repeats)
+    sizes.append(res)
+    for name, r in res["savers"].items():
+      print(f"{format_bytes(res['state_bytes']):>9} {name:<15}{r['blocking_s']:>9.4f}"
+            f"{r['blocking_s_per_gib']:>8.3f}{r['blocking_ratio_vs_orbax']:>8.2f}{r['commit_s']:>10.3f}"
+            f"{r['throughput_gib_s']:>7.2f}{r['commit_ratio_vs_orbax']:>8.2f}{r['restore_s']:>10.3f}"
+            f"{r['restore_ratio_vs_orbax']:>8.2f}")
   fault = None
-  if faults:
-    fault = run_faults(faults, root / "faults")
+  if args.faults:
+    fault = run_faults(args.faults, root / "faults")
     print(f"fault run: {fault['runs']} kill -9 runs, every restore exact and newest complete "
           f"(steps reached {max(fault['restored_steps'])}), {fault['wall_s']:.1f} s")
   out = {
       "benchmark": "checkpoint",
+      "command": "python -m benchmarks.checkpoint " + " ".join(sys.argv[1:] if argv is None else argv),
       "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
       "jax_version": jax.__version__,
-      "orbax_version": ocp.__version__ if hasattr(ocp, "__version__") else None,
-      "device": jax.devices()[0].device_kind,
-      "platform": jax.devices()[0].platform,
+      "orbax_version": getattr(ocp, "__version__", None),
+      "device": dev.device_kind,
+      "platform": dev.platform,
       "n_devices": len(jax.devices()),
-      "state_bytes": nbytes,
-      "repeats": repeats,
-      "baseline": "orbax.checkpoint.CheckpointManager async StandardSave (same state, same run)",
-      "results": results,
+      "cpu_count": os.cpu_count(),
+      "baseline": "orbax.checkpoint.CheckpointManager async StandardSave (same state, same run, interleaved)",
+      "digest_host_max_bytes": _checksum.HOST_DIGEST_MAX_BYTES,
+      "sizes": sizes,
       "faults": fault,
+      "wall_s": time.perf_counter() - t_start,
   }
-  kind = jax.devices()[0].device_kind.lower().replace(" ", "_").replace("/", "_")
+  kind = dev.device_kind.lower().replace(" ", "_").replace("/", "_")
   path = pathlib.Path(args.out) if args.out else _ROOT / "benchmarks" / "results" / f"checkpoint_{kind}.json"
   path.parent.mkdir(parents=True, exist_ok=True)
   path.write_text(json.dumps(out, indent=2))
-  print(f"wrote {path}")
+  print(f"wrote {path} ({out['wall_s']:.0f} s)")
   if args.dir is None:
     shutil.rmtree(root, ignore_errors=True)
   return out

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import dataclasses
 import json
@@ -22,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
+from orbax.checkpoint._src.handlers import json_checkpoint_handler
 
 from lepton_jax.checkpoint import _checksum
 
@@ -254,6 +256,61 @@ def _as_device_words(h: np.ndarray) -> jax.Array:
   if h.dtype == np.complex128:
     return jnp.asarray(h.view(np.uint32).reshape(h.shape + (2, 2)))
   return jnp.asarray(h)
+
+
+class _LazyManifest:
+  """The manifest of one save; digests are finished (once, shared by the tiers) at write time."""
+
+  def __init__(self, job: "_SaveJob"):
+    self.job = job
+    self._lock = threading.Lock()
+    self._value = None
+
+  def resolve(self) -> dict:
+    with self._lock:
+      if self._value is None:
+        job = self.job
+        digests = iter(_finish_digests(job.host, job.pending_digests))
+        entries = [dict(e, digest=next(digests) if e["stored"] else None) for e in job.split.entries]
+        body = {"format": _FORMAT, "step": job.step, "arrays": entries,
+                "metadata_types": job.split.meta_types,
+                "metadata_crc32": _checksum.crc32_text(_canonical_json(job.meta))}
+        self._value = {"body": body, "crc32": _checksum.crc32_text(_canonical_json(body))}
+      return self._value
+
+
+@dataclasses.dataclass
+class _ManifestSave(ocp.args.CheckpointArgs):
+  """Save args of the manifest item (registered per checkpointer, not globally)."""
+
+  item: _LazyManifest
+
+
+class _ManifestHandler(json_checkpoint_handler.JsonCheckpointHandler):
+  """JsonCheckpointHandler whose item is resolved while Orbax writes the arrays.
+
+  The digests are finished on a worker thread concurrently with the array writes, so they add
+  nothing to the commit time when the write is the slower of the two.
+  """
+
+  async def _save_fn(self, x, directory):
+    if isinstance(x, _LazyManifest):
+      x = await asyncio.to_thread(x.resolve)
+    await super()._save_fn(x, directory)
+
+  @classmethod
+  def typestr(cls) -> str:
+    # On disk it is an ordinary JSON item: plain Orbax restores it with JsonCheckpointHandler.
+    return json_checkpoint_handler.JsonCheckpointHandler.typestr()
+
+
+def _make_checkpointer() -> ocp.AsyncCheckpointer:
+  registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
+  registry.add(STATE_ITEM, ocp.args.StandardSave, ocp.StandardCheckpointHandler())
+  json_handler = ocp.JsonCheckpointHandler()
+  registry.add(METADATA_ITEM, ocp.args.JsonSave, json_handler)
+  registry.add(MANIFEST_ITEM, _ManifestSave, _ManifestHandler())
+  return ocp.AsyncCheckpointer(ocp.CompositeCheckpointHandler(handler_registry=registry))
 
 
 # ----------------------------------------------------------------------------
@@ -640,7 +697,8 @@ class TieredCheckpointManager:
     self._fs_lock = threading.RLock()  # renames/deletes vs. verification of the same step
     self._pending: concurrent.futures.Future | None = None
     self._persistent_owed = False
-    self._checkpointer = ocp.Checkpointer(ocp.CompositeCheckpointHandler())
+    for t in self._tiers:
+      t.checkpointer = _make_checkpointer()
     self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="lepton-ckpt")
     for t in self._tiers:
       t.recover()
@@ -726,34 +784,37 @@ class TieredCheckpointManager:
     return True
 
   def _run_save(self, job: _SaveJob) -> None:
-    digests = _finish_digests(job.host, job.pending_digests)
-    entries, k = [], 0
-    for e in job.split.entries:
-      if e["stored"]:
-        e = dict(e, digest=digests[k])
-        k += 1
-      else:
-        e = dict(e, digest=None)
-      entries.append(e)
-    body = {"format": _FORMAT, "step": job.step, "arrays": entries,
-            "metadata_types": job.split.meta_types,
-            "metadata_crc32": _checksum.crc32_text(_canonical_json(job.meta))}
-    manifest = {"body": body, "crc32": _checksum.crc32_text(_canonical_json(body))}
-    items = {METADATA_ITEM: ocp.args.JsonSave(job.meta), MANIFEST_ITEM: ocp.args.JsonSave(manifest)}
+    items = {METADATA_ITEM: ocp.args.JsonSave(job.meta), MANIFEST_ITEM: _ManifestSave(_LazyManifest(job))}
     if job.host:
       items[STATE_ITEM] = ocp.args.StandardSave(_nest(list(zip(job.split.array_paths, job.host))))
     args = ocp.args.Composite(**items)
     errors = []
     committed = []
-    for t in job.tiers:  # every due tier is attempted, whatever happened to the one before
+
+    # The tiers are written concurrently (Orbax's async checkpointers); each commits or fails on
+    # its own, and a failure of one never keeps the other from being written.
+    started = []
+    for t in job.tiers:
       try:
-        self._write(t, job.step, args)
-        committed.append(t)
+        started.append((t, self._start_write(t, job.step, args), None))
       except Exception as e:  # noqa: BLE001 - re-raised below, after the other tiers
-        t.saved_this_session.discard(job.step)
-        errors.append((t, e))
-        if t.name == "persistent":
-          self._persistent_owed = True  # the next save writes the durable tier again
+        started.append((t, None, e))
+    results = []
+    for t, handle, err in started:
+      if err is None:
+        try:
+          self._finish_write(t, job.step, *handle)
+        except Exception as e:  # noqa: BLE001
+          err = e
+      results.append(err)
+    for t, e in zip(job.tiers, results):
+      if e is None:
+        committed.append(t)
+        continue
+      t.saved_this_session.discard(job.step)
+      errors.append((t, e))
+      if t.name == "persistent":
+        self._persistent_owed = True  # the next save writes the durable tier again
     if any(t.name == "persistent" for t in committed):
       self._persistent_owed = False
     if committed:
@@ -770,17 +831,21 @@ class TieredCheckpointManager:
                            for o in job.tiers if o is not t))
       raise e
 
-  def _write(self, t: _Tier, step: int, args) -> None:
+  def _start_write(self, t: _Tier, step: int, args):
     final = t.directory / str(step)
     exists = final.exists()
     dest = t.aside(step, _NEW_TAG) if exists else final
     with warnings.catch_warnings():
       warnings.simplefilter("ignore")  # Orbax's informational warnings (e.g. about host arrays)
-      self._checkpointer.save(dest, args=args)
+      t.checkpointer.save(dest, args=args)
+    return dest, exists
+
+  def _finish_write(self, t: _Tier, step: int, dest: epath.Path, exists: bool) -> None:
+    t.checkpointer.wait_until_finished()
     if exists:  # atomic re-save: the old complete copy is retired only after the new one is complete
       with self._fs_lock:
         self._swap_in(t, step, dest)
-    self._record_verdict(t, step, final, True, "")
+    self._record_verdict(t, step, t.directory / str(step), True, "")
 
   def _swap_in(self, t: _Tier, step: int, new: epath.Path) -> None:
     final = t.directory / str(step)
@@ -860,6 +925,8 @@ class TieredCheckpointManager:
     finally:
       self._closed = True
       self._executor.shutdown(wait=True)
+      for t in self._tiers:
+        t.checkpointer.close()
       self._finalizer()
 
   # -- verification --------------------------------------------------------------

@@ -439,18 +439,18 @@ def test_errors_that_are_not_corruption_are_raised_as_themselves(tmp_path, monke
 
 def test_sync_save_attempts_the_durable_tier_when_the_local_tier_fails(tmp_path):
   with _mk(tmp_path, local_every=1, persistent_every=1, async_save=False) as mngr:
-    real = mngr._write
+    real = mngr._start_write
 
     def failing_local(t, step, args):
       if t.name == "local":
         raise OSError(28, "No space left on device")
       return real(t, step, args)
-    mngr._write = failing_local
+    mngr._start_write = failing_local
     with pytest.raises(OSError, match="No space left") as info:
       mngr.save(1, {"w": jnp.ones(4)})
     assert "persistent tier committed it" in "".join(getattr(info.value, "__notes__", []))
     assert (tmp_path / "persistent" / "1").is_dir() and not (tmp_path / "local" / "1").exists()
-    mngr._write = real
+    mngr._start_write = real
     assert mngr.latest_step() == 1
 
 
@@ -477,12 +477,12 @@ def test_durable_tier_catches_up_after_a_crash_between_tiers(tmp_path):
 
 def test_failed_persistent_write_is_retried_on_the_next_save(tmp_path):
   with _mk(tmp_path, local_every=1, persistent_every=4) as mngr:
-    real = mngr._write
-    mngr._write = lambda t, s, a: (_ for _ in ()).throw(OSError(5, "EIO")) if t.name == "persistent" else real(t, s, a)
+    real = mngr._start_write
+    mngr._start_write = lambda t, s, a: (_ for _ in ()).throw(OSError(5, "EIO")) if t.name == "persistent" else real(t, s, a)
     mngr.save(4, {"w": jnp.ones(2)})
     with pytest.raises(OSError, match="EIO"):
       mngr.wait()
-    mngr._write = real
+    mngr._start_write = real
     mngr.save(5, {"w": jnp.ones(2)})  # not due in the persistent tier, but it is owed one
     mngr.wait()
   assert sorted(n for n in os.listdir(tmp_path / "persistent") if n.isdigit()) == ["5"]
