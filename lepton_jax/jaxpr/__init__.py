@@ -41,3 +41,10 @@ from lepton_jax.jaxpr._summary import Summary as Summary
 from lepton_jax.jaxpr._summary import summarize as summarize
 from lepton_jax.jaxpr._liveness import GradMemory as GradMemory
 from lepton_jax.jaxpr._liveness import grad_memory as grad_memory
+from lepton_jax.jaxpr._rewrite import rewrite_jaxpr as rewrite_jaxpr
+from lepton_jax.jaxpr._registry import PrimitiveInfo as PrimitiveInfo
+from lepton_jax.jaxpr._registry import primitive_info as primitive_info
+from lepton_jax.jaxpr._defuse import DefUse as DefUse
+from lepton_jax.jaxpr._driver import Rewrite as Rewrite
+from lepton_jax.jaxpr._driver import rewrite_nested as rewrite_nested
+from lepton_jax.jaxpr._eval import eval_jaxpr as eval_jaxpr

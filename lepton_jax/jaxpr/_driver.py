@@ -239,25 +239,31 @@ def map_subjaxprs(eqn, fn: Callable[[jc.ClosedJaxpr, str, bool], jc.ClosedJaxpr]
   return eqn.replace(params=params)
 
 
-def rewrite_nested(closed, level_fn: LevelFn, records: list, path: str = "", _memo=None):
+def rewrite_nested(closed, level_fn: LevelFn, records: list, path: str = "", _memo=None, *,
+                   descend: Callable | None = None):
   """Applies ``level_fn`` inside every nested jaxpr (bottom-up), then to ``closed`` itself.
 
   Records get paths such as ``"4/jaxpr/2"`` (equation 2 of the sub-jaxpr ``jaxpr`` of equation
   4). The interface of ``closed`` is unchanged. A sub-jaxpr object met several times (``jit``
-  caches them) is rewritten once and shared, so equal calls stay equal.
+  caches them) is rewritten once and shared, so equal calls stay equal. ``descend(eqn)`` (default:
+  always) says whether to enter an equation's sub-jaxprs at all.
   """
   memo = {} if _memo is None else _memo
 
   def sub(cj, name, _open, here):
     key = (id(cj.jaxpr), tuple(id(c) for c in cj.consts))
     if key not in memo:
-      memo[key] = (cj, rewrite_nested(cj, level_fn, records, f"{here}/{name}/", memo))
+      memo[key] = (cj, rewrite_nested(cj, level_fn, records, f"{here}/{name}/", memo,
+                                      descend=descend))
     return memo[key][1]
 
   jaxpr = closed.jaxpr
   new_eqns, hoisted, changed = [], [], False
   for i, eqn in enumerate(jaxpr.eqns):
     here = f"{path}{i}"
+    if descend is not None and not descend(eqn):
+      new_eqns.append(eqn)
+      continue
     new = map_subjaxprs(eqn, lambda cj, name, _open, here=here: sub(cj, name, _open, here), hoisted)
     changed |= new is not eqn
     new_eqns.append(new)

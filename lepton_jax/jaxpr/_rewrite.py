@@ -1,21 +1,23 @@
-"""A rewriting interpreter: evaluate a jaxpr while substituting matched sub-graphs."""
+"""User rewrite rules on the core: :class:`Rule` matches become a level function of the rewrite
+driver, and the rewritten jaxpr is run by the one evaluator."""
 
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Sequence
+from typing import Callable, Sequence
 
 import jax
-import jax.extend.core
+
 import numpy as np
 from lepton_jax.jaxpr import _compat as jax_core
-from lepton_jax.jaxpr._compat import source_info_util
+from lepton_jax.jaxpr._driver import Rewrite, location, rewrite_nested
+from lepton_jax.jaxpr._eval import eval_jaxpr, retrace
 
 from lepton_jax.jaxpr._match import Match, Rule, find_matches
 from lepton_jax.jaxpr._trace import trace
-from lepton_jax.jaxpr._registry import as_closed, sub_jaxprs
+from lepton_jax.jaxpr._registry import as_closed
 
-__all__ = ["eval_jaxpr_with_rewrites", "rewrite", "select_matches"]
+__all__ = ["eval_jaxpr_with_rewrites", "rewrite", "rewrite_jaxpr", "select_matches"]
 
 _API = "lepton_jax.jaxpr.eval_jaxpr_with_rewrites"
 
@@ -63,13 +65,6 @@ def select_matches(jaxpr, rules: Sequence[Rule]) -> list[tuple[Rule, Match]]:
   return chosen
 
 
-def _has_rule_match(closed, rules) -> bool:
-  j = as_closed(closed).jaxpr
-  if any(find_matches(j, r.pattern) for r in rules):
-    return True
-  return any(_has_rule_match(s.closed_jaxpr, rules) for e in j.eqns for s in sub_jaxprs(e))
-
-
 def _check_out(rule, root, vals):
   multiple = root.primitive.multiple_results
   if not multiple:
@@ -95,98 +90,57 @@ def _check_out(rule, root, vals):
   return out
 
 
-def _eval(jaxpr, consts, args, rules):
-  env: dict = {}
-
-  def read(v):
-    return v.val if isinstance(v, jax_core.Literal) else env[v]
-
-  def write(v, val):
-    if not isinstance(v, jax_core.DropVar):
-      env[v] = val
-
-  for v, c in zip(jaxpr.constvars, consts):
-    write(v, c)
-  for v, a in zip(jaxpr.invars, args):
-    write(v, a)
-  chosen = select_matches(jaxpr, rules) if rules else []
-  root_of = {id(m.root): (r, m) for r, m in chosen}
-  skip = set()
-  for r, m in chosen:
-    cap_vars = {v for v in m.captures.values() if isinstance(v, jax_core.Var)}
-    needed = set()  # matched eqns whose outputs a capture needs (and their matched ancestors)
-    producers = {v: e for e in m.eqns for v in e.outvars}
-    stack = [producers[v] for v in cap_vars if v in producers and producers[v] is not m.root]
-    while stack:
-      e = stack.pop()
-      if id(e) in needed:
-        continue
-      needed.add(id(e))
-      stack.extend(producers[v] for v in e.invars if isinstance(v, jax_core.Var) and v in producers)
-    skip |= {id(e) for e in m.eqns if e is not m.root and id(e) not in needed}
-  for eqn in jaxpr.eqns:
-    if id(eqn) in skip:
-      continue
-    if id(eqn) in root_of:
-      rule, m = root_of[id(eqn)]
-      kwargs = {k: read(v) for k, v in m.captures.items()}
-      outs = _check_out(rule, eqn, rule.replacement(**kwargs))
-      for v, o in zip(eqn.outvars, outs):
-        write(v, o)
-      continue
-    invals = [read(v) for v in eqn.invars]
-    outs = _eval_eqn(eqn, invals, rules)
-    if eqn.primitive.multiple_results:
-      for v, o in zip(eqn.outvars, outs):
-        write(v, o)
-    else:
-      write(eqn.outvars[0], outs)
-  return [read(v) for v in jaxpr.outvars]
+# Custom derivative rules must stay consistent with their primal, and shard_map bodies are
+# per-device programs: rules are not applied inside them.
+_NO_DESCEND = frozenset({"custom_jvp_call", "custom_vjp_call", "custom_vjp_call_jaxpr", "shard_map"})
 
 
-_RETRACE = {"scan": ("jaxpr",), "cond": ("branches",), "while": ("cond_jaxpr", "body_jaxpr")}
+def _rule_level(rules):
+  """The driver level function applying ``rules`` to one jaxpr level."""
+  def level(closed, path, records):
+    jaxpr = closed.jaxpr
+    chosen = select_matches(jaxpr, rules) if rules else []
+    if not chosen:
+      return closed
+    index = {id(e): i for i, e in enumerate(jaxpr.eqns)}
+    replace, skip = {}, set()
+    for rule, m in chosen:
+      cap_vars = {v for v in m.captures.values() if isinstance(v, jax_core.Var)}
+      needed = set()  # matched eqns whose outputs a capture needs (and their matched ancestors)
+      producers = {v: e for e in m.eqns for v in e.outvars}
+      stack = [producers[v] for v in cap_vars if v in producers and producers[v] is not m.root]
+      while stack:
+        e = stack.pop()
+        if id(e) in needed:
+          continue
+        needed.add(id(e))
+        stack.extend(producers[v] for v in e.invars if isinstance(v, jax_core.Var) and v in producers)
+      skip |= {index[id(e)] for e in m.eqns if e is not m.root and id(e) not in needed}
+      root = index[id(m.root)]
+
+      def fn(read, rule=rule, m=m):
+        return _check_out(rule, m.root, rule.replacement(**{k: read(v) for k, v in m.captures.items()}))
+      replace[root] = fn
+      records.append(Rewrite("rule", rule.name or repr(rule.pattern), location(f"{path}{root}", m.root),
+                             len(m.eqns)))
+    return retrace(closed, replace=replace, skip=frozenset(skip))
+  return level
 
 
-def _retrace(closed, rules):
-  """A closed jaxpr with the same signature whose body is rewritten by ``rules``."""
-  avals = [v.aval for v in closed.jaxpr.invars]
-  new = jax.make_jaxpr(lambda *a: _eval(closed.jaxpr, closed.consts, a, rules))(*avals)
-  if new.consts:  # keep the signature: hoisting consts is not possible here, so inline them as literals
-    new = jax.make_jaxpr(lambda *a: jax.extend.core.jaxpr_as_fun(new)(*a))(*avals)
-  return new
+def rewrite_jaxpr(closed_jaxpr, rules: Rule | Sequence[Rule]):
+  """``(new_closed_jaxpr, rewrites)``: ``closed_jaxpr`` with every match of ``rules`` replaced.
 
-
-def _eval_eqn(eqn, invals, rules):
-  name = eqn.primitive.name
-  if rules and name in ("jit", "pjit", "closed_call", "core_call"):
-    key = "jaxpr" if "jaxpr" in eqn.params else "call_jaxpr"
-    inner = as_closed(eqn.params[key])
-    if _has_rule_match(inner, rules):
-      outs = _eval(inner.jaxpr, inner.consts, invals, rules)
-      return outs
-  if rules and name in ("remat2", "checkpoint"):
-    inner = as_closed(eqn.params["jaxpr"])
-    if _has_rule_match(inner, rules):
-      p = eqn.params
-      fn = lambda *a: _eval(inner.jaxpr, inner.consts, a, rules)
-      prevent = p.get("prevent_cse", True)
-      prevent = prevent if isinstance(prevent, bool) else bool(all(prevent))
-      return jax.checkpoint(fn, policy=p.get("policy"), prevent_cse=prevent)(*invals)
-  params = eqn.params
-  if rules and name in _RETRACE:
-    new = {}
-    for key in _RETRACE[name]:
-      val = params[key]
-      vals = val if isinstance(val, tuple) else (val,)
-      if any(_has_rule_match(v, rules) for v in vals):
-        re = tuple(_retrace(as_closed(v), rules) for v in vals)
-        new[key] = re if isinstance(val, tuple) else re[0]
-    if new:
-      params = dict(params, **new)
-  bind_params = eqn.primitive.get_bind_params(params)
-  name_stack = source_info_util.current_name_stack() + eqn.source_info.name_stack
-  with source_info_util.user_context(eqn.source_info.traceback, name_stack=name_stack), eqn.ctx.manager:
-    return eqn.primitive.bind(*invals, **bind_params)
+  Uses the core's rewrite driver, so rules apply at the top level and inside ``jit`` calls,
+  ``remat``/``checkpoint`` blocks and ``scan``/``cond``/``while`` bodies; not inside custom
+  derivative rules or ``shard_map``. The interface is unchanged.
+  """
+  rules = _check_rules(rules, "lepton_jax.jaxpr.rewrite_jaxpr")
+  closed = as_closed(getattr(closed_jaxpr, "closed_jaxpr", closed_jaxpr)
+                     if not jax_core.is_jaxpr(closed_jaxpr) else closed_jaxpr)
+  records: list = []
+  new = rewrite_nested(closed, _rule_level(rules), records,
+                       descend=lambda e: e.primitive.name not in _NO_DESCEND)
+  return new, records
 
 
 def eval_jaxpr_with_rewrites(closed_jaxpr, rules: Rule | Sequence[Rule], *args) -> list:
@@ -221,7 +175,8 @@ def eval_jaxpr_with_rewrites(closed_jaxpr, rules: Rule | Sequence[Rule], *args) 
   closed = as_closed(closed_jaxpr)
   if len(args) != len(closed.jaxpr.invars):
     raise TypeError(f"{_API}: the jaxpr takes {len(closed.jaxpr.invars)} inputs, got {len(args)} arguments")
-  return _eval(closed.jaxpr, closed.consts, args, rules)
+  new, _ = rewrite_jaxpr(closed, rules)
+  return eval_jaxpr(new.jaxpr, new.consts, *args)
 
 
 def rewrite(fun: Callable, rules: Rule | Sequence[Rule]) -> Callable:
@@ -246,6 +201,7 @@ def rewrite(fun: Callable, rules: Rule | Sequence[Rule]) -> Callable:
   def wrapped(*args, **kwargs):
     t = trace(fun, *args, **kwargs)
     leaves = jax.tree_util.tree_leaves((args, kwargs))
-    outs = _eval(t.closed_jaxpr.jaxpr, t.closed_jaxpr.consts, leaves, rules)
+    new, _ = rewrite_jaxpr(t.closed_jaxpr, rules)
+    outs = eval_jaxpr(new.jaxpr, new.consts, *leaves)
     return jax.tree_util.tree_unflatten(t.out_tree, outs)
   return wrapped
