@@ -181,6 +181,7 @@ class _Cfg:
   mask_b: bool
   mask_h: bool
   bs: BlockSizes
+  gpu_flavor: str = "triton"   # "mosaic": the forward runs the Mosaic GPU kernel (sm_90+)
 
   def interpret_arg(self):
     if self.interpret == "gpu":
@@ -419,6 +420,7 @@ def _pallas_fwd(cfg: _Cfg, q, k, v, bias, mask):
       out_shape=[jax.ShapeDtypeStruct(o_shape, q.dtype),
                  jax.ShapeDtypeStruct((B, N, tp), jnp.float32)],
       compiler_params=compiler_params(cfg.impl, ("parallel",) * 3, num_warps, cfg.bs.num_stages),
+      cost_estimate=cost_estimate(*_attn_cost(cfg, B, N, T, cfg.kv_len, D, q.dtype.itemsize, 2)),
       interpret=cfg.interpret_arg(),
       name="lepton_flash_attention_fwd",
   )(*args)
@@ -468,6 +470,7 @@ def _pallas_bwd(cfg: _Cfg, q, k, v, bias, mask, o, lse, do):
       functools.partial(_bwd_dkv_kernel, cfg=cfg, bq=bqb, bk=bkb, nq=nqb, kv_padded=kv_padded),
       grid=(nkb, B, N), in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
       compiler_params=compiler_params(cfg.impl, ("parallel",) * 3, num_warps, cfg.bs.num_stages),
+      cost_estimate=cost_estimate(*_attn_cost(cfg, B, N, T, S, D, q.dtype.itemsize, 4)),
       interpret=interp, name="lepton_flash_attention_bwd_dkv",
   )(*args)
   dk, dv = (lay.from_layout(x) for x in outs[:2])
@@ -498,10 +501,32 @@ def _pallas_bwd(cfg: _Cfg, q, k, v, bias, mask, o, lse, do):
       out_specs=lay.seq(bq, dp, lambda a: a, lambda h: h),
       out_shape=jax.ShapeDtypeStruct(q_shape, q.dtype),
       compiler_params=compiler_params(cfg.impl, ("parallel",) * 3, num_warps, cfg.bs.num_stages),
+      cost_estimate=cost_estimate(*_attn_cost(cfg, B, N, T, S, D, q.dtype.itemsize, 3)),
       interpret=interp, name="lepton_flash_attention_bwd_dq",
   )(*args)
   dq = lay.from_layout(dq)[:, :T, :, :D]
   return dq, dk, dv, dbias
+
+
+# ----------------------------------------------------------------------------- Mosaic GPU forward
+
+def _mgpu_fwd(cfg: _Cfg, q, k, v):
+  """Forward on Mosaic GPU (``_attention_mgpu``); the lse matches the Triton backward's layout."""
+  from lepton_jax.pallas_kernels import _attention_mgpu as mg
+  B, T, N, D = q.shape
+  mcfg = mg.default_config(D, q.dtype)
+  tpm = round_up(cfg.q_len, mcfg.block_q)
+  spm = round_up(cfg.kv_len, mcfg.block_kv)
+  tp_triton = _padded_dims(cfg, D)[4]
+  interp = False
+  if cfg.interpret:
+    from lepton_jax.jaxpr import _compat
+    interp = _compat.mosaic_gpu_interpret_params()
+  o, lse = mg.mgpu_flash_fwd(
+      pad_axis(q, 1, tpm), pad_axis(k, 1, spm), pad_axis(v, 1, spm), scale=cfg.scale,
+      causal=cfg.causal, kv_len=cfg.kv_len, config=mcfg, interpret=interp)
+  lse = pad_axis(lse, 2, max(tpm, tp_triton))
+  return o[:, :T], lse
 
 
 # ----------------------------------------------------------------------------- Pallas TPU
@@ -961,6 +986,8 @@ def _fwd_impl(cfg, q, k, v, bias, mask):
     return _xla_fwd(cfg, q, k, v, bias, mask)
   if cfg.impl == "tpu":
     return _tpu_fwd(cfg, q, k, v, bias, mask)
+  if cfg.gpu_flavor == "mosaic":
+    return _mgpu_fwd(cfg, q, k, v)
   return _pallas_fwd(cfg, q, k, v, bias, mask)
 
 
@@ -1143,6 +1170,12 @@ def flash_attention(q, k, v, *, bias=None, mask=None, is_causal: bool = False,
   mask_full = None
   if mask is not None:
     mask_full = jnp.broadcast_to(mask, mask.shape[:2] + (T, S)).astype(jnp.int8)
+  flavor = "triton"
+  if resolved.impl == "gpu" and resolved.interpret is False:
+    from lepton_jax.pallas_kernels import _attention_mgpu
+    if (_registry.gpu_flavor() == "mosaic"
+        and _attention_mgpu.supported(q.dtype, D, bias is not None, mask is not None)):
+      flavor = "mosaic"
   cfg = _Cfg(
       impl=resolved.impl,
       interpret="" if resolved.interpret is False else resolved.impl,
@@ -1150,7 +1183,7 @@ def flash_attention(q, k, v, *, bias=None, mask=None, is_causal: bool = False,
       has_bias=bias is not None, has_mask=mask is not None,
       bias_b=bias is not None and bias.shape[0] != 1, bias_h=bias is not None and bias.shape[1] != 1,
       mask_b=mask is not None and mask.shape[0] != 1, mask_h=mask is not None and mask.shape[1] != 1,
-      bs=block_sizes)
+      bs=block_sizes, gpu_flavor=flavor)
   return _attention(cfg, q, k, v, bias_full, mask_full)
 
 

@@ -131,3 +131,26 @@ def test_flash_attention_dtype_mask_bias_errors():
     lpk.flash_attention(q, q, q, backend="pallas_gpu")
   with pytest.raises(KernelError, match="block_q=24 must be a power of two"):
     lpk.flash_attention(q, q, q, backend="interpret", block_sizes=lpk.BlockSizes(24, 16, 16, 16))
+
+
+def test_mosaic_gpu_forward_in_interpret_mode():
+  """The Mosaic GPU forward (TMA, K/V pipeline, masking, online softmax, lse) in Mosaic GPU's
+  interpret mode, with the Triton backward (interpret) through the custom_vjp; ragged
+  lengths (100 queries, 150 keys: padded to the 64 / 128 tiles), causal, GQA, bf16. The
+  wgmma instructions themselves are checked by lowering only (test_cross_lowering.py)."""
+  from lepton_jax.jaxpr import _compat
+  from lepton_jax.pallas_kernels import _attention as A
+  if _compat.mosaic_gpu_interpret_params() is None:
+    pytest.skip("this JAX has no Mosaic GPU interpret mode")
+  q, k, v, _, _ = _inputs(1, 100, 150, 2, 1, 64, dtype=jnp.bfloat16)
+  cfg = A._Cfg(impl="gpu", interpret="gpu", scale=0.125, causal=True, q_len=100, kv_len=150, groups=2,
+               has_bias=False, has_mask=False, bias_b=False, bias_h=False, mask_b=False, mask_h=False,
+               bs=lpk.BlockSizes(32, 32, 32, 32), gpu_flavor="mosaic")
+  f = lambda q, k, v: A._attention(cfg, q, k, v, None, None)
+  r = lambda q, k, v: lpk.flash_attention_reference(q, k, v, is_causal=True, scale=0.125)
+  assert max_err(f(q, k, v), r(q, k, v)) <= 2e-2
+  loss = lambda fn: (lambda q, k, v: jnp.sum(fn(q, k, v).astype(jnp.float32) ** 2))
+  g = jax.grad(loss(f), argnums=(0, 1, 2))(q, k, v)
+  gr = jax.grad(loss(r), argnums=(0, 1, 2))(q, k, v)
+  for a, b in zip(g, gr):
+    assert max_err(a, b) <= 2e-2 * max(1.0, float(jnp.max(jnp.abs(b.astype(jnp.float32)))))
