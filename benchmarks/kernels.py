@@ -7,6 +7,7 @@ baseline measured in the same run. JSON goes to
 ``benchmarks/results/kernels_<device-kind>.json``.
 
   python -m benchmarks.kernels --small      # CPU: XLA implementations vs plain JAX
+  python -m benchmarks.kernels --gpu        # GPU session: benchmarks/gpu_check.py (< 8 min)
   python -m benchmarks.kernels              # GPU: Pallas vs XLA vs cuDNN (H100 goal:
                                             # flash fwd bf16 d=128 s=4096 >= 0.9x cuDNN)
 """
@@ -127,10 +128,16 @@ def _cases(small: bool, on_gpu: bool, dtype):
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--small", action="store_true", help="small shapes (CPU)")
+  p.add_argument("--gpu", action="store_true",
+                 help="run benchmarks/gpu_check.py (every kernel vs cuDNN / plain JAX on the GPU; "
+                      "JSON under $OUT or --out)")
   p.add_argument("--repeats", type=int, default=None)
   p.add_argument("--dtype", default=None, help="float32 | bfloat16 (default: bf16 on GPU, f32 on CPU)")
   p.add_argument("--out", default=None, help="output JSON path")
   args = p.parse_args(argv)
+  if args.gpu:
+    from benchmarks import gpu_check
+    return gpu_check.run(out=args.out, repeats=args.repeats)
   dev = jax.devices()[0]
   on_gpu = dev.platform == "gpu"
   if not on_gpu and not args.small:
