@@ -17,6 +17,7 @@ import dataclasses
 from typing import Any, Callable, Mapping
 
 from lepton_jax.jaxpr import _compat as jax_core
+from lepton_jax.jaxpr._defuse import DefUse
 
 from lepton_jax.jaxpr._walk import as_closed
 
@@ -217,7 +218,8 @@ def find_matches(jaxpr, pattern: Pattern) -> list[Match]:
   if hasattr(jaxpr, "closed_jaxpr") and not isinstance(jaxpr, (jax_core.Jaxpr, jax_core.ClosedJaxpr)):
     jaxpr = jaxpr.closed_jaxpr
   j = as_closed(jaxpr).jaxpr
-  producers = {v: e for e in j.eqns for v in e.outvars}
+  du = DefUse(j)
+  producers = {v: j.eqns[i] for v, i in du.producers.items()}
   order = {id(e): i for i, e in enumerate(j.eqns)}
   out = []
   for i, eqn in enumerate(j.eqns):

@@ -10,6 +10,7 @@ import jax
 
 import numpy as np
 from lepton_jax.jaxpr import _compat as jax_core
+from lepton_jax.jaxpr._defuse import OUTPUT, DefUse
 from lepton_jax.jaxpr._driver import Rewrite, location, rewrite_nested
 from lepton_jax.jaxpr._eval import eval_jaxpr, retrace
 
@@ -42,12 +43,9 @@ def select_matches(jaxpr, rules: Sequence[Rule]) -> list[tuple[Rule, Match]]:
   outputs) is used outside it, or when it overlaps an already selected match.
   """
   j = as_closed(jaxpr).jaxpr if not isinstance(jaxpr, jax_core.Jaxpr) else jaxpr
-  users: dict = {}
-  for e in j.eqns:
-    for v in e.invars:
-      if isinstance(v, jax_core.Var):
-        users.setdefault(v, []).append(e)
-  outs = set(v for v in j.outvars if isinstance(v, jax_core.Var))
+  du = DefUse(j)
+  users = {v: [j.eqns[i] for i in idx if i != OUTPUT] for v, idx in du.uses.items()}
+  outs = {v for v, idx in du.uses.items() if OUTPUT in idx}
   taken: set = set()
   chosen = []
   for rule in rules:

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Callable
+from typing import Callable
 
 import numpy as np
 
@@ -35,6 +35,7 @@ import jax
 import jax.numpy as jnp
 import lepton_jax.pallas_kernels as lpk
 from lepton_jax.jaxpr import _compat as core
+from lepton_jax.jaxpr._defuse import DefUse
 from lepton_jax.jaxpr._driver import inline_calls
 from lepton_jax.transforms.passes._cse import cse
 from lepton_jax.transforms.passes._dce import dce
@@ -298,7 +299,7 @@ def _trace_template(tpl: Template, avals: tuple) -> _Traced | None:
     root = c.jaxpr.outvars[0]
     if not isinstance(root, core.Var) or root in c.jaxpr.invars:
       continue
-    prod = {v: e for e in c.jaxpr.eqns for v in e.outvars}
+    prod = {v: c.jaxpr.eqns[i] for v, i in DefUse(c.jaxpr).producers.items()}
     if root not in prod:
       continue
     known = {v: np.asarray(x) for v, x in zip(c.jaxpr.constvars, c.consts)}
@@ -486,7 +487,7 @@ def find_template_matches(closed: core.ClosedJaxpr, families=None) -> list[Templ
         pknown[v] = np.asarray(c)
       except Exception:
         pass
-  pprod = {v: (i, e) for i, e in enumerate(jaxpr.eqns) for v in e.outvars}
+  pprod = {v: (i, jaxpr.eqns[i]) for v, i in DefUse(jaxpr).producers.items()}
   by_root: dict = {}
   structs = []
   for tpl in TEMPLATES:
