@@ -263,10 +263,16 @@ def test_memory_budget_constrains_and_errors():
   # A generous budget: every candidate fits; the one with the fewest compiled collective bytes wins.
   assert free.compiled["collective_bytes"]["total"] == min(
       c["compiled"]["collective_bytes"]["total"] for c in cands)
-  tight_target = min(c["compiled"]["memory_bytes"] for c in cands)
+  # the least compiled memory of any candidate, but not below what the model deems feasible
+  tight_target = max(min(c["compiled"]["memory_bytes"] for c in cands),
+                     min(c["estimated_memory_bytes"] for c in cands))
   tight = auto_shard(step, mesh, memory_budget=tight_target)
   plan = tight.explain(ps, st, x, y)
   assert plan.compiled["memory_bytes"] <= tight_target
+  assert plan.compiled["memory_bytes"] == min(c["compiled"]["memory_bytes"] for c in plan.candidates
+                                              if c["compiled"]["memory_bytes"] <= tight_target
+                                              and c["compiled"]["collective_bytes"]["total"]
+                                              == plan.compiled["collective_bytes"]["total"])
   assert plan.memory_bytes_per_device <= tight_target or "no candidate fits" in str(plan)
   assert free.compiled["collective_bytes"]["total"] <= plan.compiled["collective_bytes"]["total"]
   assert "memory_budget" in plan.search
