@@ -30,6 +30,8 @@ import dataclasses
 from typing import Sequence
 
 import numpy as np
+from scipy.optimize import Bounds, LinearConstraint, milp
+from scipy.sparse import coo_matrix, csr_matrix, vstack
 
 __all__ = ["Eqn", "Value", "Problem", "Plan", "closure", "solve"]
 
@@ -95,8 +97,6 @@ def closure(problem: Problem, saved: Sequence[int] | set, method: str = "given")
 
 def _lp_arrays(problem: Problem):
   """Constraint matrix over ``[x_0..x_{V-1}, r_0..r_{E-1}]`` (rows ``>= lb``)."""
-  from scipy.sparse import coo_matrix
-
   nv, ne = len(problem.values), len(problem.eqns)
   rows, cols, data, lb = [], [], [], []
   r = 0
@@ -131,9 +131,6 @@ def solve(problem: Problem, budget_bytes: int, *, method: str = "milp",
   the best found so far when it runs out) or ``"lp"`` (LP relaxation, rounded up
   and repaired greedily -- polynomial, for large graphs).
   """
-  from scipy.optimize import Bounds, LinearConstraint, milp
-  from scipy.sparse import vstack, csr_matrix
-
   nv, ne = len(problem.values), len(problem.eqns)
   cap = budget_bytes - problem.fixed_bytes
   forced = [v for v, val in enumerate(problem.values)

@@ -42,8 +42,8 @@ _API = "lj.remat_plan"
 _MAX_DEPTH = 5
 _MAX_TREE_COMPILES = 3            # model-ranked tree plans compiled per planning run (recalibrated)
 _POLICY_SEGMENTS = (4,)           # per-segment dots_saveable candidates (segment counts)
-_FLOOR_SEGMENTS = (2, 4, 8)       # per-segment nothing_saveable candidates (segment counts)
-_FLOOR_TREES = 2                  # recompute-everything nested trees, when nothing else fits
+_FLOOR_SEGMENTS = (2, 4)          # per-segment nothing_saveable candidates (segment counts)
+_FLOOR_TREES = 1                  # recompute-everything nested trees, when nothing else fits
 _COMPILE_THREADS = max(1, min(4, os.cpu_count() or 1))
 
 
@@ -342,8 +342,12 @@ class _Planner:
         break
       per_byte = m.temp_bytes / max(opt.node.peak, 1)   # what the compiler made of this plan
       target = min(budget / max(per_byte, 1e-9), target * 0.9)
-    consider(*(self._policy_options(ctx, "dots_saveable", _POLICY_SEGMENTS, whole=True)
-               + self._policy_options(ctx, "nothing_saveable", _FLOOR_SEGMENTS, whole=True)))
+    # Whole-function jax.checkpoint keeps its savings only where XLA keeps optimization barriers;
+    # XLA:CPU compiles it to plain jax.grad's program (benchmarks/remat.py measures it), so there
+    # it is not compiled again here.
+    whole = ctx.platform != "cpu"
+    consider(*(self._policy_options(ctx, "dots_saveable", _POLICY_SEGMENTS, whole=whole)
+               + self._policy_options(ctx, "nothing_saveable", _FLOOR_SEGMENTS, whole=whole)))
     if not fits:
       strip = len(self._prefix)
       consider(*[_Option(("min", _node_key(nd, strip)), f"recompute all, d{nd.depth()} x{nd.num_segments()}",

@@ -34,6 +34,7 @@ import math
 from typing import Sequence
 
 import numpy as np
+from scipy.optimize import Bounds, LinearConstraint, milp
 
 __all__ = ["Item", "Problem", "Solution", "solve_greedy", "solve_milp", "solve", "min_peak"]
 
@@ -238,8 +239,6 @@ def _improve_by_swaps(problem: Problem, budget: int, sol: Solution) -> Solution:
 
 def solve_milp(problem: Problem, budget: int, *, time_limit: float = 20.0) -> Solution | None:
   """Exact MILP (scipy / HiGHS). Variables: ``x_v`` (removed) and ``M`` (max transient)."""
-  from scipy.optimize import Bounds, LinearConstraint, milp
-
   items = problem.items
   n = len(items)
   if problem.peak([False] * n) <= budget:
