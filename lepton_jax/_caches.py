@@ -10,6 +10,7 @@ wrapper's executables and plans) live and die with their object and have their o
 from __future__ import annotations
 
 from lepton_jax.pallas_kernels import _autotune
+from lepton_jax.sharding import _compiled as _shard_compiled
 from lepton_jax.transforms.passes import _route_kernels, _templates
 
 __all__ = ["clear_caches"]
@@ -24,3 +25,4 @@ def clear_caches() -> None:
   _route_kernels.clear_spot_check_cache()
   _templates.clear_template_cache()
   _autotune.clear_autotune_cache()
+  _shard_compiled._clear_caches()

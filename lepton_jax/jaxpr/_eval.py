@@ -17,7 +17,7 @@ from lepton_jax.jaxpr import _compat as jc
 
 __all__ = ["bind_eqn", "eval_jaxpr", "retrace", "jaxpr_fn", "in_specs"]
 
-#: ``replace[i](read) -> list of outputs``: computes equation ``i``'s outputs from ``read(atom)``.
+#: ``replace[i](read) -> list | dict``: equation ``i``'s outputs (or ``{var: value}``) from ``read(atom)``.
 Replacement = Callable[[Callable], list]
 
 
@@ -44,7 +44,8 @@ def eval_jaxpr(jaxpr, consts, *args, replace: Mapping[int, Replacement] | None =
     consts: values of its constvars.
     *args: values of its invars.
     replace: equation index -> ``fn(read)`` returning that equation's outputs (``read`` maps
-      an atom of the jaxpr to its value).
+      an atom of the jaxpr to its value), or a dict ``{var: value}`` of any variables it
+      computes (a joint replacement standing for several equations).
     skip: equation indices not evaluated at all (their outputs must be unused or replaced).
   """
   env: dict = {}
@@ -60,6 +61,10 @@ def eval_jaxpr(jaxpr, consts, *args, replace: Mapping[int, Replacement] | None =
   for i, eqn in enumerate(jaxpr.eqns):
     if i in replace:
       outs = replace[i](read)
+      if isinstance(outs, dict):  # a joint replacement: writes any variables it names
+        for v, o in outs.items():
+          env[v] = o
+        continue
     elif i in skip:
       continue
     else:

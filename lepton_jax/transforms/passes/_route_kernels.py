@@ -43,6 +43,7 @@ from lepton_jax.jaxpr._defuse import DefUse
 from lepton_jax.jaxpr._driver import Rewrite, inline_calls, known_consts, location, rewrite_nested
 from lepton_jax.jaxpr._eval import eval_jaxpr, retrace
 from lepton_jax.transforms.passes import _templates
+from lepton_jax.transforms.passes._route_joint import route_joint_level
 
 __all__ = ["route_kernels", "find_attention", "clear_spot_check_cache"]
 
@@ -837,7 +838,13 @@ def route_kernels(closed: core.ClosedJaxpr, *, kernels: str | None = "auto", spo
 
 def _route_level(closed, path: str, records: list, kernels: str, spot_check: bool):
   """Routes the hotspots of one jaxpr level (nested jit calls inlined to see patterns whole)."""
-  work, _ = inline_calls(closed)
+  work, inlined = inline_calls(closed)
+  # Attention inside a gradient program: forward and backward replaced together.
+  joint = route_joint_level(work, path, records, kernels=kernels, match_fn=_match_attention,
+                            no_match=_NoMatch, replacement_fn=_attention_replacement,
+                            spot_check=spot_check)
+  changed = joint is not work
+  work = joint
   repls, skip, taken = {}, set(), set()
   for m in find_attention(work):
     repl = _attention_replacement(m, kernels)
@@ -896,5 +903,5 @@ def _route_level(closed, path: str, records: list, kernels: str, spot_check: boo
     taken |= m.eqns
     records.append(Rewrite("route_kernels", m.pattern, here, len(m.eqns)))
   if not repls:
-    return closed
+    return work if changed else closed
   return retrace(work, replace=repls, skip=frozenset(skip))
