@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import hashlib
 import json
 import os
 import platform
+import re
 import statistics
 import sys
 import time
@@ -29,14 +31,18 @@ import jax.numpy as jnp
 from lepton_jax import pallas_kernels as lpk
 
 
-def _median_time(f, args, repeats):
+def _times(f, args, repeats):
   jax.block_until_ready(f(*args))
   ts = []
   for _ in range(repeats):
     t0 = time.perf_counter()
     jax.block_until_ready(f(*args))
     ts.append(time.perf_counter() - t0)
-  return statistics.median(ts)
+  return ts
+
+
+def _median_time(f, args, repeats):
+  return statistics.median(_times(f, args, repeats))
 
 
 def _temp_bytes(f, args):
@@ -47,18 +53,44 @@ def _temp_bytes(f, args):
     return None
 
 
+def _ops_signature(f, args):
+  """The compiled program's instructions with names, numbering, metadata and debug tables
+  removed, sorted: equal signatures = the same program up to naming and order."""
+  try:
+    text = f.lower(*args).compile().as_text()
+  except Exception:  # noqa: BLE001
+    return None
+  out, skip = [], False
+  for line in text.splitlines():
+    if line.strip() in ("FileNames", "FunctionNames", "FileLocations", "StackFrames"):
+      skip = True
+      continue
+    if skip:
+      skip = bool(line.strip())
+      continue
+    line = re.sub(r", metadata=\{[^}]*\}", "", line)
+    line = re.sub(r"^HloModule \S+", "HloModule m", line)
+    line = re.sub(r"(%?[A-Za-z_][\w\-]*?)[._]\d+(\.\d+)*", r"\1", line)
+    out.append(line.strip())
+  return hashlib.sha1("\n".join(sorted(out)).encode()).hexdigest()
+
+
 def _measure(name, impl, fn, args, flops, repeats, grad_argnums):
   row = {"kernel": name, "impl": impl}
   try:
     f = jax.jit(fn)
-    row["fwd_s"] = _median_time(f, args, repeats)
+    ts = _times(f, args, repeats)
+    row["fwd_s"], row["fwd_min_s"] = statistics.median(ts), min(ts)
     row["fwd_tflops"] = flops / row["fwd_s"] / 1e12
     row["fwd_temp_bytes"] = _temp_bytes(f, args)
+    row["fwd_ops_signature"] = _ops_signature(f, args)
     if grad_argnums is not None:
       g = jax.jit(jax.grad(lambda *a: fn(*a).astype(jnp.float32).sum(), argnums=grad_argnums))
-      row["fwd_bwd_s"] = _median_time(g, args, repeats)
+      ts = _times(g, args, repeats)
+      row["fwd_bwd_s"], row["fwd_bwd_min_s"] = statistics.median(ts), min(ts)
       row["fwd_bwd_tflops"] = 3.5 * flops / row["fwd_bwd_s"] / 1e12  # bwd ~2.5x fwd flops
       row["fwd_bwd_temp_bytes"] = _temp_bytes(g, args)
+      row["fwd_bwd_ops_signature"] = _ops_signature(g, args)
   except Exception as e:  # keep going: report the failure in the table / JSON
     row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
   return row
@@ -162,6 +194,16 @@ def main(argv=None):
     for r in rows:
       if ref is not None and "fwd_s" in r:
         r["speedup_vs_" + ref["impl"]] = ref["fwd_s"] / r["fwd_s"]
+        r["min_time_speedup_vs_" + ref["impl"]] = {
+            "fwd": ref["fwd_min_s"] / r["fwd_min_s"],
+            "fwd_bwd": (ref["fwd_bwd_min_s"] / r["fwd_bwd_min_s"]) if "fwd_bwd_min_s" in r else None}
+        r["same_compiled_program_as_" + ref["impl"]] = {
+            "fwd": r.get("fwd_ops_signature") is not None
+                   and r.get("fwd_ops_signature") == ref.get("fwd_ops_signature"),
+            "fwd_bwd": r.get("fwd_bwd_ops_signature") is not None
+                       and r.get("fwd_bwd_ops_signature") == ref.get("fwd_bwd_ops_signature")}
+        if r.get("fwd_bwd_temp_bytes") is not None and ref.get("fwd_bwd_temp_bytes"):
+          r["fwd_bwd_temp_ratio_vs_" + ref["impl"]] = r["fwd_bwd_temp_bytes"] / ref["fwd_bwd_temp_bytes"]
         if r.get("fwd_temp_bytes") and ref.get("fwd_temp_bytes"):
           r["temp_ratio_vs_" + ref["impl"]] = r["fwd_temp_bytes"] / ref["fwd_temp_bytes"]
       if "error" in r:
@@ -181,8 +223,10 @@ def main(argv=None):
       "jax_version": jax.__version__, "python": platform.python_version(),
       "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
       "small": args.small, "dtype": dtype.name, "repeats": repeats, "note_cudnn_goal": cudnn_goal,
-      "note": ("speedup_vs_X = baseline fwd time / this fwd time; temp_ratio_vs_X = this compiled temp "
-               "bytes / baseline's. On CPU only the XLA implementations are timed (Pallas interpret "
+      "note": ("speedup_vs_X = baseline fwd median time / this one; min_time_speedup_vs_X uses the "
+               "minimum over the repeats (robust to the load of a shared CPU); same_compiled_program_as_X: "
+               "the compiled HLO equals the baseline's up to naming/order (then any time difference is "
+               "noise); temp_ratio_vs_X = this compiled temp bytes / baseline's. On CPU only the XLA implementations are timed (Pallas interpret "
                "mode is a correctness tool, not a performance path)."),
       "results": results,
   }

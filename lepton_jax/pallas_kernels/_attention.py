@@ -524,7 +524,8 @@ def _mgpu_fwd(cfg: _Cfg, q, k, v):
     interp = _compat.mosaic_gpu_interpret_params()
   o, lse = mg.mgpu_flash_fwd(
       pad_axis(q, 1, tpm), pad_axis(k, 1, spm), pad_axis(v, 1, spm), scale=cfg.scale,
-      causal=cfg.causal, kv_len=cfg.kv_len, config=mcfg, interpret=interp)
+      causal=cfg.causal, kv_len=cfg.kv_len, config=mcfg, interpret=interp,
+      cost_estimate=cost_estimate(*_attn_cost(cfg, B, N, T, cfg.kv_len, D, q.dtype.itemsize, 2)))
   lse = pad_axis(lse, 2, max(tpm, tp_triton))
   return o[:, :T], lse
 
@@ -1089,6 +1090,10 @@ def _candidates(args, kwargs):
       for bb in (32, 64):
         for nw in (4, 8):
           out.append(BlockSizes(bq, bk, bb, bb, nw, 2))
+  # TPU tiles (q rows multiples of 32, kv blocks of 128 lanes); legality filters per backend.
+  for bq, bk, bqb, bkb in ((128, 128, 128, 128), (128, 256, 128, 128), (256, 512, 256, 256),
+                           (512, 512, 256, 256)):
+    out.append(BlockSizes(bq, bk, bqb, bkb))
   # dedupe after clamping to the sequence lengths
   seen, uniq = set(), []
   for c in out:
@@ -1164,6 +1169,12 @@ def flash_attention(q, k, v, *, bias=None, mask=None, is_causal: bool = False,
   _registry.record(_registry.Dispatch(_API, backend, resolved.backend, shapes, dtypes,
                                       dataclasses.asdict(block_sizes), src))
   scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+  if resolved.impl == "xla" and T <= block_sizes.block_q and S <= block_sizes.block_k:
+    # One block covers the whole problem: the blockwise loops would only add overhead (the
+    # backward measured ~2x slower than plain JAX at S=512 on CPU), so use plain JAX's
+    # attention, which then needs no more memory than one block.
+    return jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask, scale=scale,
+                                        is_causal=bool(is_causal), implementation="xla")
   bias_full = None
   if bias is not None:
     bias_full = jnp.broadcast_to(bias, bias.shape[:2] + (T, S))

@@ -162,17 +162,24 @@ def mgpu_flash_fwd(q, k, v, *, scale: float, causal: bool, kv_len: int, config: 
     plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[b, h, pl.ds(q_base, bq)])
     plgpu.wait_smem_to_gmem(0)
 
-  kw = {}
-  if interpret is not False and interpret is not None:
-    kw["interpret"] = interpret
-  return plgpu.kernel(
-      body,
-      out_type=[jax.ShapeDtypeStruct(q.shape, dtype), jax.ShapeDtypeStruct((B, N, Tp), jnp.float32)],
-      scratch_types=[plgpu.SMEM((bq, D), dtype, transforms=transforms),
-                     plgpu.SMEM((bq,), jnp.float32),
-                     plgpu.Barrier(num_barriers=1)],
-      grid=(N, Tp // bq, B),
-      grid_names=("heads", "q_seq", "batch"),
+  def kernel_body(q_ref, k_ref, v_ref, o_ref, lse_ref):
+    # Scratch allocated as plgpu.kernel does (run_scoped inside the kernel body).
+    pl.run_scoped(functools.partial(body, q_ref, k_ref, v_ref, o_ref, lse_ref),
+                  plgpu.SMEM((bq, D), dtype, transforms=transforms),
+                  plgpu.SMEM((bq,), jnp.float32),
+                  plgpu.Barrier(num_barriers=1),
+                  collective_axes=())
+
+  # pl.kernel over a Mosaic GPU mesh (what plgpu.kernel wraps) so that the call carries a
+  # cost estimate.
+  mesh = plgpu.Mesh(grid=(N, Tp // bq, B), grid_names=("heads", "q_seq", "batch"),
+                    kernel_name="lepton_flash_attention_fwd_mgpu")
+  return pl.kernel(
+      kernel_body,
+      out_type=(jax.ShapeDtypeStruct(q.shape, dtype), jax.ShapeDtypeStruct((B, N, Tp), jnp.float32)),
+      mesh=mesh,
       compiler_params=plgpu.CompilerParams(approx_math=True),
-      **kw,
+      interpret=False if interpret is None else interpret,
+      cost_estimate=cost_estimate,
+      name="lepton_flash_attention_fwd_mgpu",
   )(q, k, v)

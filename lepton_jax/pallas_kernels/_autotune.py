@@ -237,6 +237,13 @@ def autotune(kernel: Callable, *args, candidates: Sequence[Any] | None = None,
         "softmax_cross_entropy, linear_softmax_cross_entropy, matmul)")
   from lepton_jax.pallas_kernels._registry import resolve_backend
   resolved = resolve_backend(backend, api=f"autotune({spec.name})")
+  if resolved.is_pallas and resolved.interpret is False:
+    want = {"gpu": ("gpu", "cuda", "rocm"), "tpu": ("tpu",)}[resolved.impl]
+    if jax.default_backend() not in want:
+      raise KernelError(
+          f"autotune({spec.name}): backend={resolved.backend!r} can only be timed on a "
+          f"{resolved.impl.upper()}, but the default JAX backend is {jax.default_backend()!r}; "
+          "tune on the target device (the defaults are valid there), or use backend='xla'")
   cache = cache if cache is not None else default_autotune_cache()
   key = cache_key_for(spec, args, kwargs, resolved.backend)
   if not force:
@@ -247,7 +254,7 @@ def autotune(kernel: Callable, *args, candidates: Sequence[Any] | None = None,
   cands = list(candidates) if candidates is not None else spec.candidates(args, kwargs)
   legal, illegal = [], []
   for c in cands:
-    ok, reason = spec.is_legal(c, args, kwargs)
+    ok, reason = spec.is_legal(c, args, dict(kwargs, backend=resolved.backend))
     (legal if ok else illegal).append((c, reason))
   if not legal:
     raise KernelError(f"autotune({spec.name}): none of the {len(cands)} candidates is legal for these "

@@ -559,11 +559,15 @@ def _describe(args, kwargs):
 
 
 def _cands(args, kwargs):
-  return [CEBlockSizes(br, bv, nw) for br in (16, 32, 64) for bv in (128, 256, 512, 1024) for nw in (4, 8)]
+  gpu = [CEBlockSizes(br, bv, nw) for br in (16, 32, 64) for bv in (128, 256, 512, 1024) for nw in (4, 8)]
+  tpu = [CEBlockSizes(br, bv) for br in (64, 128, 256) for bv in (512, 1024, 2048)]   # also legal on GPU
+  return gpu + [c for c in tpu if c.block_rows > 64 or c.block_v > 1024]
 
 
 def _is_legal(bs, args, kwargs):
-  return _legal(bs, "gpu")
+  from lepton_jax.pallas_kernels._registry import resolve_backend
+  impl = resolve_backend(kwargs["backend"]).impl if "backend" in kwargs else "gpu"
+  return _legal(bs, impl, args[0].dtype)
 
 
 softmax_cross_entropy._lepton_tune_spec = _autotune.TuneSpec(

@@ -317,12 +317,18 @@ def _describe(args, kwargs):
 
 
 def _cands(args, kwargs):
-  return [MatmulBlockSizes(bm, bn, bk, nw, ns) for bm in (32, 64, 128) for bn in (32, 64, 128)
-          for bk in (32, 64) for nw in (4, 8) for ns in (3,)]
+  gpu = [MatmulBlockSizes(bm, bn, bk, nw, 3) for bm in (32, 64, 128) for bn in (32, 64, 128)
+         for bk in (32, 64) for nw in (4, 8)]
+  # TPU tiles (illegal on GPU by shared memory; GPU tiles are illegal on TPU): each backend
+  # sweeps only its own legal candidates.
+  tpu = [MatmulBlockSizes(bm, bn, bk) for bm in (128, 256) for bn in (128, 256) for bk in (128, 512)]
+  return gpu + tpu
 
 
 def _is_legal(bs, args, kwargs):
-  return _legal(bs, "gpu")
+  from lepton_jax.pallas_kernels._registry import resolve_backend
+  impl = resolve_backend(kwargs["backend"]).impl if "backend" in kwargs else "gpu"
+  return _legal(bs, impl, args[0].dtype)
 
 
 matmul._lepton_tune_spec = _autotune.TuneSpec("matmul", MatmulBlockSizes, _describe, _cands, _is_legal)

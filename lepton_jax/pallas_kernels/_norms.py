@@ -331,11 +331,15 @@ def _describe(args, kwargs):
 
 
 def _cands(args, kwargs):
-  return [NormBlockSizes(br, nw) for br in (1, 2, 4, 8, 16, 32) for nw in (4, 8)]
+  return ([NormBlockSizes(br, nw) for br in (1, 2, 4, 8, 16, 32) for nw in (4, 8)]
+          + [NormBlockSizes(br) for br in (64, 128, 256)])
 
 
 def _is_legal(bs, args, kwargs):
-  return _legal(bs, "gpu", args[0].shape[-1])
+  from lepton_jax.pallas_kernels._registry import resolve_backend
+  impl = resolve_backend(kwargs["backend"]).impl if "backend" in kwargs else "gpu"
+  x = args[0]
+  return _legal(bs, impl, x.shape[-1], int(x.size // max(1, x.shape[-1])), x.dtype)
 
 
 rms_norm._lepton_tune_spec = _autotune.TuneSpec("rms_norm", NormBlockSizes, _describe, _cands, _is_legal)

@@ -154,3 +154,12 @@ def test_mosaic_gpu_forward_in_interpret_mode():
   gr = jax.grad(loss(r), argnums=(0, 1, 2))(q, k, v)
   for a, b in zip(g, gr):
     assert max_err(a, b) <= 2e-2 * max(1.0, float(jnp.max(jnp.abs(b.astype(jnp.float32)))))
+
+
+def test_xla_single_block_uses_plain_attention():
+  """Default XLA blocks cover short sequences in one block: values and gradients still equal
+  the reference (bias, mask, GQA, causal)."""
+  q, k, v, bias, mask = _inputs(2, 24, 40, 4, 2, 16, (2, 1, 24, 40), (1, 4, 1, 40))
+  f = lambda q, k, v, b: lpk.flash_attention(q, k, v, bias=b, mask=mask, is_causal=True, backend="xla")
+  r = lambda q, k, v, b: lpk.flash_attention_reference(q, k, v, bias=b, mask=mask, is_causal=True)
+  check_fwd_bwd(f, r, (q, k, v, bias), (0, 1, 2, 3))

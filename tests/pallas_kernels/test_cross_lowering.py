@@ -151,7 +151,7 @@ def test_gpu_attention_defaults_fit_shared_memory():
 def _pallas_cost_estimates(jaxpr):
   found = []
   for eqn in jaxpr.eqns:
-    if eqn.primitive.name == "pallas_call":
+    if eqn.primitive.name in ("pallas_call", "mpmd_map"):   # mpmd_map: pl.kernel (Mosaic GPU)
       found.append(eqn.params.get("cost_estimate"))
     for p in eqn.params.values():
       for sub in (p if isinstance(p, (tuple, list)) else (p,)):
@@ -172,6 +172,7 @@ def test_cost_estimates_attached():
       (lambda x, s: lpk.matmul(x, x.T, backend="pallas_tpu"), (x, s), (0,)),
       (lambda q: lpk.flash_attention(q, q, q, backend="pallas_gpu"), (q,), (0,)),
       (lambda q: lpk.flash_attention(q, q, q, backend="pallas_tpu"), (q,), (0,)),
+      (lambda q: lpk.flash_attention(q, q, q, backend="pallas_gpu"), (q.update(dtype=BF),), (0,)),  # Mosaic
   ]
   for fn, args, argnums in fns:
     for f in (fn, _grad(fn, argnums)):

