@@ -200,37 +200,6 @@ def _canonical_json(obj) -> str:
   return json.dumps(obj, sort_keys=True, allow_nan=True)
 
 
-def _snapshot(arrays: list) -> tuple[list, list]:
-  """The caller's share of a save: host copies of ``arrays`` and their digests, started.
-
-  Device arrays larger than ``HOST_DIGEST_MAX_BYTES`` get their digest computed on
-  their devices (one jit, dispatched asynchronously, finished in the background);
-  the rest are digested from the host copy in the background. Host copies start
-  together (``copy_to_host_async``) so the transfers overlap. Returns
-  ``(host_copies, pending_digests)``; a pending digest is ``None`` where the
-  background thread digests the host copy.
-  """
-  n = len(arrays)
-  digests: list = [None] * n
-  big = [i for i, x in enumerate(arrays) if isinstance(x, jax.Array)
-         and (_checksum._nbytes(x) > _checksum.HOST_DIGEST_MAX_BYTES or not x.is_fully_addressable)]
-  if big:
-    for i, d in zip(big, _checksum._digest_all([arrays[i] for i in big])):
-      digests[i] = d
-  for x in arrays:
-    if isinstance(x, jax.Array) and x.is_fully_addressable:
-      x.copy_to_host_async()
-  host: list = [None] * n
-  for i, x in enumerate(arrays):
-    if isinstance(x, np.ndarray):
-      host[i] = np.array(x, copy=True)  # the caller may modify its numpy array afterwards
-    elif x.is_fully_addressable:
-      host[i] = np.asarray(x)  # immutable: jax arrays never change in place
-    else:  # spans several processes: an on-device copy; Orbax writes this process's shards
-      host[i] = x.copy()
-  return host, digests
-
-
 def _finish_digests(host: list, pending: list) -> list[str]:
   out: list = [None] * len(host)
   big_host = []
@@ -267,10 +236,15 @@ class _LazyManifest:
     self._value = None
 
   def resolve(self) -> dict:
+    self.job.digests_ready.wait()
+    if self.job.pending_digests is None:
+      raise RuntimeError(f"{_API}.save: the content digests of step {self.job.step} could not be computed")
     with self._lock:
       if self._value is None:
         job = self.job
-        digests = iter(_finish_digests(job.host, job.pending_digests))
+        pend = job.pending_digests
+        host = [d.x if isinstance(d, _checksum._HostCopy) else None for d in pend]
+        digests = iter(_finish_digests(host, [None if h is not None else d for h, d in zip(host, pend)]))
         entries = [dict(e, digest=next(digests) if e["stored"] else None) for e in job.split.entries]
         body = {"format": _FORMAT, "step": job.step, "arrays": entries,
                 "metadata_types": job.split.meta_types,
@@ -536,11 +510,11 @@ def _x64_blocked(dtype) -> bool:
 class _SaveJob:
   step: int
   tiers: list
-  host: list
   pending_digests: list
   split: _Split
   meta: dict
   supersede: dict  # tier name -> steps > step left by an earlier run, removed once step commits
+  digests_ready: threading.Event = dataclasses.field(default_factory=threading.Event)
 
 
 class TieredCheckpointManager:
@@ -773,32 +747,53 @@ class TieredCheckpointManager:
             f"(training restarted from an older checkpoint); those steps are removed from "
             f"{t.directory} once step {step} is committed, so that the latest step follows the new run",
             UserWarning, stacklevel=2)
-    host, pending = _snapshot(sp.arrays)
-    job = _SaveJob(step, tiers, host, pending, sp, meta, supersede)
+    arrays = [np.array(x, copy=True) if isinstance(x, np.ndarray) else x  # the caller may modify
+              for x in sp.arrays]                                           # its numpy arrays
+    job = _SaveJob(step, tiers, None, sp, meta, supersede)
+    items = {METADATA_ITEM: ocp.args.JsonSave(meta), MANIFEST_ITEM: _ManifestSave(_LazyManifest(job))}
+    if arrays:
+      items[STATE_ITEM] = ocp.args.StandardSave(_nest(list(zip(sp.array_paths, arrays))))
+    args = ocp.args.Composite(**items)
+    # Orbax's blocking part (device->host copy) runs here for each due tier; the writes then run
+    # concurrently in Orbax's background threads. A tier that fails to start does not keep the
+    # other from being written.
+    started = []
     for t in tiers:
       t.saved_this_session.add(step)
+      try:
+        started.append((t, self._start_write(t, step, args), None))
+      except Exception as e:  # noqa: BLE001 - re-raised after the other tiers (wait / next save)
+        started.append((t, None, e))
+    # Digests: large device arrays on their devices (one jit, not awaited), small ones and numpy
+    # leaves from host copies; finished while Orbax writes. On accelerators the jit is dispatched
+    # here, asynchronously, after Orbax's device->host copies (which must not queue behind it).
+    # XLA:CPU runs a multi-device program synchronously in the dispatching thread, so on CPU the
+    # background thread dispatches it (the buffers stay alive: Orbax's host copies alias them,
+    # and XLA:CPU does not donate aliased buffers).
+    on_cpu = all(isinstance(x, np.ndarray) or all(d.platform == "cpu" for d in x.sharding.device_set)
+                 for x in arrays)
+    if not on_cpu or not self._async:
+      self._start_digests(job, arrays)
+      arrays = None
     if self._async:
-      self._pending = self._executor.submit(self._run_save, job)
+      self._pending = self._executor.submit(self._finish_save, job, started, arrays)
     else:
-      self._run_save(job)
+      self._finish_save(job, started, None)
     return True
 
-  def _run_save(self, job: _SaveJob) -> None:
-    items = {METADATA_ITEM: ocp.args.JsonSave(job.meta), MANIFEST_ITEM: _ManifestSave(_LazyManifest(job))}
-    if job.host:
-      items[STATE_ITEM] = ocp.args.StandardSave(_nest(list(zip(job.split.array_paths, job.host))))
-    args = ocp.args.Composite(**items)
+  @staticmethod
+  def _start_digests(job: _SaveJob, arrays: list) -> None:
+    try:
+      job.pending_digests = _checksum.device_digests(arrays)
+    finally:
+      job.digests_ready.set()
+
+  def _finish_save(self, job: _SaveJob, started: list, arrays: list | None) -> None:
+    if arrays is not None:
+      self._start_digests(job, arrays)
+      del arrays
     errors = []
     committed = []
-
-    # The tiers are written concurrently (Orbax's async checkpointers); each commits or fails on
-    # its own, and a failure of one never keeps the other from being written.
-    started = []
-    for t in job.tiers:
-      try:
-        started.append((t, self._start_write(t, job.step, args), None))
-      except Exception as e:  # noqa: BLE001 - re-raised below, after the other tiers
-        started.append((t, None, e))
     results = []
     for t, handle, err in started:
       if err is None:
