@@ -30,7 +30,6 @@ How a joint match is found, on one jaxpr level (the driver applies it to every n
 from __future__ import annotations
 
 import dataclasses
-import itertools
 from typing import Any, Callable
 
 import numpy as np
@@ -58,8 +57,8 @@ class _Joint:
   fwd: set                   # forward eqn indices (matched + pre eqns)
   bwd: list                  # backward region eqn indices, program order
   do: Any                    # cotangent var of the forward output
-  outputs: list              # region output vars
-  combos: list = dataclasses.field(default_factory=list)   # per output: input positions summed
+  outputs: list = dataclasses.field(default_factory=list)   # cotangent vars the region returns
+  combos: list = dataclasses.field(default_factory=list)    # per output: kernel cotangents summed
 
 
 def _ancestors(jaxpr, prod, idx: int, memo: dict) -> frozenset:
@@ -106,8 +105,9 @@ def _find_forward(jaxpr, du: DefUse, known, match_fn, no_match) -> list:
   return found
 
 
-def _region(jaxpr, du: DefUse, m, peel: bool) -> _Joint | None:
-  """The backward region of forward match ``m`` (see module doc), or None."""
+def _region(jaxpr, du: DefUse, m) -> _Joint | None:
+  """The candidate backward region of forward match ``m`` (see module doc), or None: every later
+  equation computable from the residuals, dO, the attention inputs and constants."""
   fwd = set(m.eqns) | set(m.pre_eqns)
   root = jaxpr.eqns[m.d2].outvars[0]
   inputs = {a for a in (m.q, m.k, m.v, m.bias, m.mask) if isinstance(a, core.Var)}
@@ -149,40 +149,24 @@ def _region(jaxpr, du: DefUse, m, peel: bool) -> _Joint | None:
       continue
     bwd.append(i)
     region_vars.update(v for v in e.outvars if core.is_var(v))
-  bset = set(bwd)
-  if any(u not in fwd and u not in bset for v in resid for u in du.users(v)):
+  if any(u not in fwd and u not in set(bwd) for v in resid for u in du.users(v)):
     return None   # a residual is read by something we would not replace
-  if any(u not in bset for u in du.users(do)):
-    return None   # dO feeds more than this attention's backward
-  # Outputs; with ``peel``, trailing layout-only equations are handed back to the program (when
-  # the attention's inputs are themselves transposes/reshapes of what the backward returns).
-  changed = peel
-  while changed:
-    changed = False
-    for i in list(bwd):
-      e = jaxpr.eqns[i]
-      outs = [v for v in e.outvars if core.is_var(v)]
-      if (e.primitive.name in _LAYOUT and len(outs) == 1
-          and all(u not in bset for u in du.users(outs[0]))
-          and isinstance(e.invars[0], core.Var) and e.invars[0] not in resid
-          and e.invars[0] is not do
-          and all(u == i for u in du.users(e.invars[0]))):
-        bwd.remove(i)
-        bset.discard(i)
-        changed = True
-  outputs = []
-  for i in bwd:
-    for v in jaxpr.eqns[i].outvars:
-      if core.is_var(v) and any(u not in bset for u in du.users(v)):
-        outputs.append(v)
-  if not outputs:
-    return None
-  return _Joint(m, fwd, bwd, do, outputs)
+  return _Joint(m, fwd, bwd, do)
 
 
 def _subgraph(closed, ids, in_vars, out_vars) -> Callable:
-  """The original equations ``ids`` as a function of ``in_vars`` returning ``out_vars``."""
+  """The original equations ``ids`` as a function of ``in_vars`` returning ``out_vars`` (plus
+  the equations computing, from constants only, any other value they read)."""
   jaxpr = closed.jaxpr
+  du = DefUse(jaxpr)
+  ids, have = set(ids), set(in_vars) | set(jaxpr.constvars)
+  stack = list(ids)
+  while stack:
+    for a in jaxpr.eqns[stack.pop()].invars:
+      p = du.producer(a)
+      if isinstance(a, core.Var) and a not in have and p is not None and p not in ids:
+        ids.add(p)
+        stack.append(p)
   sub = jaxpr.replace(invars=list(in_vars), outvars=list(out_vars),
                       eqns=[e for i, e in enumerate(jaxpr.eqns) if i in ids])
   return lambda *vals: eval_jaxpr(sub, closed.consts, *vals)
@@ -228,23 +212,38 @@ def _kernel_vjp(repl, m, diff_pos):
   return fn
 
 
-def _identify(closed, j: _Joint, repl) -> str | None:
-  """Fills ``j.combos`` (None) or returns why the joint replacement is not exact."""
+def _identify(closed, du: DefUse, j: _Joint, repl) -> str | None:
+  """Finds, by value, the region's cotangents of the attention inputs and shrinks the region to
+  what computes them; fills ``j.outputs`` / ``j.combos``. Returns why not, or None."""
+  jaxpr = closed.jaxpr
   m = j.match
   ins = [m.q, m.k, m.v, m.bias, m.mask]
   diff_pos = [p for p in range(4) if ins[p] is not None and jnp.issubdtype(ins[p].aval.dtype, jnp.floating)]
+  # One target per distinct input variable: the sum of its kernel cotangents.
+  targets: list = []
+  for p in diff_pos:
+    t = next((t for t in targets if t[0] is ins[p]), None)
+    if t is None:
+      targets.append((ins[p], [diff_pos.index(p)]))
+    else:
+      t[1].append(diff_pos.index(p))
   uniq = []
   for a in ins + [j.do]:
     if a is not None and not any(a is u for u in uniq):
       uniq.append(a)
+  region_out = [v for i in j.bwd for v in jaxpr.eqns[i].outvars if core.is_var(v)]
   sizes = [int(np.prod(getattr(v.aval, "shape", ()))) for i in j.fwd | set(j.bwd)
-           for v in closed.jaxpr.eqns[i].outvars if hasattr(v.aval, "shape")]
+           for v in jaxpr.eqns[i].outvars if hasattr(v.aval, "shape")]
   if max(sizes, default=0) > MAX_JOINT_ELEMENTS:
     return "too large to check"
   if any(isinstance(c, core.Tracer) for c in closed.consts):
     return "traced constants"
-  root = closed.jaxpr.eqns[m.d2].outvars[0]
-  sub = _subgraph(closed, j.fwd | set(j.bwd), uniq, [root] + j.outputs)
+  root = jaxpr.eqns[m.d2].outvars[0]
+  # Only region values typed like some target can be a cotangent.
+  cand_vars = [v for v in region_out if any(
+      tuple(v.aval.shape) == tuple(t[0].aval.shape) and v.aval.dtype == t[0].aval.dtype
+      for t in targets)]
+  sub = _subgraph(closed, j.fwd | set(j.bwd), uniq, [root] + cand_vars)
   joint = _kernel_vjp(repl, m, diff_pos)
 
   def both(*vals):
@@ -269,22 +268,42 @@ def _identify(closed, j: _Joint, repl) -> str | None:
   dtype = root.aval.dtype
   if not (_close(o, want[0], dtype) and _close(o2, want2[0], dtype)):
     return "forward differs"
-  combos = []
-  for y, yv, yv2 in zip(j.outputs, want[1:], want2[1:]):
-    cand = [n for n, p in enumerate(diff_pos)
-            if tuple(cts[n].shape) == tuple(y.aval.shape) and cts[n].dtype == y.aval.dtype]
-    hit = None
-    for r in range(1, len(cand) + 1):
-      for sub_c in itertools.combinations(cand, r):
-        if _close(sum(cts[n] for n in sub_c), yv, y.aval.dtype) and \
-            _close(sum(cts2[n] for n in sub_c), yv2, y.aval.dtype):
-          hit = sub_c
-          break
-      if hit:
-        break
+  outputs, combos = [], []
+  for var, pos in targets:
+    tv, tv2 = sum(cts[n] for n in pos), sum(cts2[n] for n in pos)
+    hit = next((v for v, a, b in zip(cand_vars, want[1:], want2[1:])
+                if tuple(v.aval.shape) == tuple(var.aval.shape) and v.aval.dtype == var.aval.dtype
+                and _close(tv, a, v.aval.dtype) and _close(tv2, b, v.aval.dtype)), None)
     if hit is None:
-      return "a backward output is not a cotangent of the attention inputs"
-    combos.append(hit)
+      return "no value of the backward equals the kernel's cotangent"
+    if any(hit is o_ for o_ in outputs):
+      return "one value stands for two cotangents"
+    outputs.append(hit)
+    combos.append(tuple(pos))
+  # The region shrinks to the ancestors (within it) of the identified cotangents.
+  bset = set(j.bwd)
+  keep, stack = set(), [du.producer(v) for v in outputs]
+  while stack:
+    i = stack.pop()
+    if i in keep or i not in bset:
+      continue
+    keep.add(i)
+    stack.extend(du.producer(a) for a in jaxpr.eqns[i].invars
+                 if isinstance(a, core.Var) and du.producer(a) is not None)
+  fwd = j.fwd
+  resid = {v for i in fwd for v in jaxpr.eqns[i].outvars if v is not root}
+  if any(u not in fwd and u not in keep and u != OUTPUT for v in resid for u in du.users(v)) or \
+      any(u == OUTPUT for v in resid for u in du.users(v)):
+    return "a residual is also read outside the attention backward"
+  outs = set(outputs)
+  for i in keep:
+    for v in jaxpr.eqns[i].outvars:
+      if core.is_var(v) and v not in outs and any(u not in keep for u in du.users(v)):
+        return "an intermediate of the backward is read elsewhere"
+  if any(u not in keep for u in du.users(j.do)):
+    return "dO is read outside the attention backward"
+  j.bwd = sorted(keep)
+  j.outputs = outputs
   j.combos = [(diff_pos, c) for c in combos]
   return None
 
@@ -303,15 +322,8 @@ def route_joint_level(closed, path: str, records: list, *, kernels: str, match_f
   replace, skip, used = {}, set(), set()
   for m in forwards:
     repl = replacement_fn(m, kernels)
-    for peel in (False, True):
-      j = _region(jaxpr, du, m, peel)
-      if j is None or (j.fwd | set(j.bwd)) & used:
-        j = None
-        continue
-      if _identify(closed, j, repl) is None:
-        break
-      j = None
-    if j is None:
+    j = _region(jaxpr, du, m)
+    if j is None or (j.fwd | set(j.bwd)) & used or _identify(closed, du, j, repl) is not None:
       continue
     used |= j.fwd | set(j.bwd)
     cell: dict = {}
