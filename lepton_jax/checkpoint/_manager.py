@@ -515,6 +515,7 @@ class _SaveJob:
   meta: dict
   supersede: dict  # tier name -> steps > step left by an earlier run, removed once step commits
   digests_ready: threading.Event = dataclasses.field(default_factory=threading.Event)
+  args: Any = None  # the Orbax save args, kept until the save is finished
 
 
 class TieredCheckpointManager:
@@ -754,16 +755,23 @@ class TieredCheckpointManager:
     if arrays:
       items[STATE_ITEM] = ocp.args.StandardSave(_nest(list(zip(sp.array_paths, arrays))))
     args = ocp.args.Composite(**items)
-    # Orbax's blocking part (device->host copy) runs here for each due tier; the writes then run
-    # concurrently in Orbax's background threads. A tier that fails to start does not keep the
-    # other from being written.
+    # Orbax's blocking part (device->host copy) runs here; the write then runs in Orbax's
+    # background thread. With both tiers due (on local file systems) only the local tier is
+    # serialised; the persistent tier gets a file copy of the committed local step (one
+    # device->host copy, one serialisation). A tier that fails does not keep the other from
+    # being written: if the local tier fails, the persistent one is written from the arrays.
+    job.args = args
+    copy_persistent = (len(tiers) == 2 and all(_is_local(t.directory) for t in tiers))
     started = []
     for t in tiers:
       t.saved_this_session.add(step)
+      if t.name == "persistent" and copy_persistent and started[0][2] is None:
+        started.append((t, None, None, "copy"))
+        continue
       try:
-        started.append((t, self._start_write(t, step, args), None))
+        started.append((t, self._start_write(t, step, args), None, "orbax"))
       except Exception as e:  # noqa: BLE001 - re-raised after the other tiers (wait / next save)
-        started.append((t, None, e))
+        started.append((t, None, e, "orbax"))
     # Digests: large device arrays on their devices (one jit, not awaited), small ones and numpy
     # leaves from host copies; finished while Orbax writes. On accelerators the jit is dispatched
     # here, asynchronously, after Orbax's device->host copies (which must not queue behind it).
@@ -795,13 +803,21 @@ class TieredCheckpointManager:
     errors = []
     committed = []
     results = []
-    for t, handle, err in started:
-      if err is None:
-        try:
+    local_ok = False
+    for t, handle, err, mode in started:
+      try:
+        if mode == "copy" and local_ok:
+          self._copy_step(self._tiers[0], t, job.step)
+        elif mode == "copy":  # the local tier failed: serialise the arrays (if still alive) here
+          self._finish_write(t, job.step, *self._start_write(t, job.step, job.args))
+        elif err is None:
           self._finish_write(t, job.step, *handle)
-        except Exception as e:  # noqa: BLE001
-          err = e
+      except Exception as e:  # noqa: BLE001
+        err = e
+      if t.name == "local":
+        local_ok = err is None
       results.append(err)
+    job.args = None
     for t, e in zip(job.tiers, results):
       if e is None:
         committed.append(t)
@@ -841,6 +857,16 @@ class TieredCheckpointManager:
       with self._fs_lock:
         self._swap_in(t, step, dest)
     self._record_verdict(t, step, t.directory / str(step), True, "")
+
+  def _copy_step(self, src_tier: _Tier, dst_tier: _Tier, step: int) -> None:
+    """Copies a committed step between tiers: aside, commit marker last, then swapped in."""
+    src = os.fspath(src_tier.directory / str(step))
+    tmp = dst_tier.aside(step, _NEW_TAG)
+    shutil.copytree(src, os.fspath(tmp), ignore=lambda d, names: [_COMMIT_FILE] if d == src else [])
+    shutil.copy2(os.path.join(src, _COMMIT_FILE), os.fspath(tmp / _COMMIT_FILE))
+    with self._fs_lock:
+      self._swap_in(dst_tier, step, tmp)
+    self._record_verdict(dst_tier, step, dst_tier.directory / str(step), True, "")
 
   def _swap_in(self, t: _Tier, step: int, new: epath.Path) -> None:
     final = t.directory / str(step)
@@ -890,11 +916,8 @@ class TieredCheckpointManager:
         ok, reason = self._verified(local, s, src)
         if not ok:
           continue
+        self._copy_step(local, pers, s)
         with self._fs_lock:
-          tmp = pers.aside(s, _NEW_TAG)
-          shutil.copytree(os.fspath(src), os.fspath(tmp))
-          self._swap_in(pers, s, tmp)
-          self._record_verdict(pers, s, pers.directory / str(s), True, "")
           self._retain(pers)
         _log.warning("%s: the persistent tier %s missed step %d (a crash or error between the two "
                      "tiers); copied local step %d there", _API, pers.directory,

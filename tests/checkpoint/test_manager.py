@@ -477,12 +477,17 @@ def test_durable_tier_catches_up_after_a_crash_between_tiers(tmp_path):
 
 def test_failed_persistent_write_is_retried_on_the_next_save(tmp_path):
   with _mk(tmp_path, local_every=1, persistent_every=4) as mngr:
-    real = mngr._start_write
-    mngr._start_write = lambda t, s, a: (_ for _ in ()).throw(OSError(5, "EIO")) if t.name == "persistent" else real(t, s, a)
+    real_start, real_copy = mngr._start_write, mngr._copy_step
+
+    def eio(*a):
+      raise OSError(5, "EIO")
+    # The persistent tier fails, whether it is serialised or copied from the local tier.
+    mngr._start_write = lambda t, s, a: eio() if t.name == "persistent" else real_start(t, s, a)
+    mngr._copy_step = eio
     mngr.save(4, {"w": jnp.ones(2)})
     with pytest.raises(OSError, match="EIO"):
       mngr.wait()
-    mngr._start_write = real
+    mngr._start_write, mngr._copy_step = real_start, real_copy
     mngr.save(5, {"w": jnp.ones(2)})  # not due in the persistent tier, but it is owed one
     mngr.wait()
   assert sorted(n for n in os.listdir(tmp_path / "persistent") if n.isdigit()) == ["5"]
