@@ -376,6 +376,144 @@ def _lce_pallas_bwd(cfg, x, w, labels, lse, g):
   return dx[:n, :d], dw[:d, : cfg.vocab]
 
 
+# TPU: grids whose sequential ("arbitrary") axis walks the vocabulary (forward, dx) or the
+# rows (dw) with float32 accumulators in VMEM scratch, so a block holds [block_rows, D] of x
+# and [D, block_v] of w -- never the whole [D, V] weight. Rows and vocabulary are padded to
+# the tiles (copies of x / w, never an [N, V] array); statistics are [N, 128] lane-dense.
+
+def _lce_tpu_fwd_kernel(x_ref, w_ref, lab_ref, loss_ref, lse_ref, m_sc, l_sc, ll_sc, *, cfg, nv, padded):
+  from jax.experimental import pallas as pl
+  j = pl.program_id(1)
+
+  @pl.when(j == 0)
+  def _init():
+    m_sc[...] = jnp.full(m_sc.shape, -jnp.inf, jnp.float32)
+    l_sc[...] = jnp.zeros(l_sc.shape, jnp.float32)
+    ll_sc[...] = jnp.zeros(ll_sc.shape, jnp.float32)
+
+  bv = cfg.block_v
+  s = dot_nn(x_ref[...], w_ref[...])
+  col = j * bv + lax.broadcasted_iota(jnp.int32, s.shape, 1)
+  if padded:
+    s = jnp.where(col < cfg.vocab, s, -jnp.inf)
+  ll_sc[...] += jnp.sum(jnp.where(col == lab_ref[...], s, 0.0), axis=-1, keepdims=True)
+  m_prev = m_sc[...]
+  m_new = jnp.maximum(m_prev, jnp.max(s, axis=-1, keepdims=True))
+  l_sc[...] = l_sc[...] * jnp.exp(m_prev - m_new) + jnp.sum(jnp.exp(s - m_new), axis=-1, keepdims=True)
+  m_sc[...] = m_new
+
+  @pl.when(j == nv - 1)
+  def _done():
+    lse = m_sc[...] + jnp.log(l_sc[...])
+    lse_ref[...] = jnp.broadcast_to(lse, lse_ref.shape)
+    loss_ref[...] = jnp.broadcast_to(lse - ll_sc[...], loss_ref.shape)
+
+
+def _lce_tpu_probs(cfg, x, wj, lab, lse, g, j, padded):
+  s = dot_nn(x, wj)
+  col = j * cfg.block_v + lax.broadcasted_iota(jnp.int32, s.shape, 1)
+  p = jnp.exp(s - lse[:, :1]) - (col == lab).astype(jnp.float32)
+  if padded:
+    p = jnp.where(col < cfg.vocab, p, 0.0)
+  return p * g
+
+
+def _lce_tpu_dx_kernel(x_ref, w_ref, lab_ref, lse_ref, g_ref, dx_ref, acc_sc, *, cfg, nv, padded):
+  from jax.experimental import pallas as pl
+  j = pl.program_id(1)
+
+  @pl.when(j == 0)
+  def _init():
+    acc_sc[...] = jnp.zeros(acc_sc.shape, jnp.float32)
+
+  wj = w_ref[...]
+  p = _lce_tpu_probs(cfg, x_ref[...], wj, lab_ref[...], lse_ref[...], g_ref[...], j, padded)
+  acc_sc[...] += dot_nt(p.astype(wj.dtype), wj)
+
+  @pl.when(j == nv - 1)
+  def _done():
+    dx_ref[...] = acc_sc[...].astype(dx_ref.dtype)
+
+
+def _lce_tpu_dw_kernel(x_ref, w_ref, lab_ref, lse_ref, g_ref, dw_ref, acc_sc, *, cfg, nr, padded):
+  from jax.experimental import pallas as pl
+  j, i = pl.program_id(0), pl.program_id(1)
+
+  @pl.when(i == 0)
+  def _init():
+    acc_sc[...] = jnp.zeros(acc_sc.shape, jnp.float32)
+
+  x = x_ref[...]
+  p = _lce_tpu_probs(cfg, x, w_ref[...], lab_ref[...], lse_ref[...], g_ref[...], j, padded)
+  acc_sc[...] += dot_tn(x, p.astype(x.dtype))
+
+  @pl.when(i == nr - 1)
+  def _done():
+    dw_ref[...] = acc_sc[...].astype(dw_ref.dtype)
+
+
+def _lce_tpu_fwd(cfg, x, w, labels):
+  from jax.experimental import pallas as pl
+  from jax.experimental.pallas import tpu as pltpu
+  n, d, br, bv, rp, vp, dp = _lce_dims(cfg, x, w)
+  L = stat_lanes("tpu")
+  xp = pad_axis(x, 0, rp)
+  wp = pad_axis(w, 1, vp)
+  lab = pad_axis(labels, 0, rp).reshape(rp, 1)
+  nr, nv = rp // br, vp // bv
+  out = pl.BlockSpec((br, L), lambda i, j: (i, 0))
+  loss, lse = pl.pallas_call(
+      functools.partial(_lce_tpu_fwd_kernel, cfg=cfg, nv=nv, padded=vp != cfg.vocab), grid=(nr, nv),
+      in_specs=[pl.BlockSpec((br, d), lambda i, j: (i, 0)), pl.BlockSpec((d, bv), lambda i, j: (0, j)),
+                pl.BlockSpec((br, 1), lambda i, j: (i, 0))],
+      out_specs=[out, out], out_shape=[jax.ShapeDtypeStruct((rp, L), jnp.float32)] * 2,
+      scratch_shapes=[pltpu.VMEM((br, 1), jnp.float32)] * 3,
+      compiler_params=compiler_params("tpu", ("parallel", "arbitrary")),
+      cost_estimate=cost_estimate(2 * n * d * cfg.vocab, n * cfg.vocab, nbytes(x, w) + 8 * n),
+      interpret=cfg.interpret_arg(), name="lepton_linear_ce_fwd",
+  )(xp, wp, lab)
+  return loss[:n, 0], lse
+
+
+def _lce_tpu_bwd(cfg, x, w, labels, lse, g):
+  from jax.experimental import pallas as pl
+  from jax.experimental.pallas import tpu as pltpu
+  n, d, br, bv, rp, vp, dp = _lce_dims(cfg, x, w)
+  L = lse.shape[-1]
+  xp = pad_axis(x, 0, rp)
+  wp = pad_axis(w, 1, vp)
+  lab = pad_axis(labels, 0, rp).reshape(rp, 1)
+  gp = pad_axis(g.astype(jnp.float32), 0, rp).reshape(rp, 1)   # padded rows get zero weight
+  nr, nv = rp // br, vp // bv
+  padded = vp != cfg.vocab
+  cost = cost_estimate(4 * n * d * cfg.vocab, n * cfg.vocab, 2 * nbytes(x, w) + 12 * n)
+  # dx: grid (row block i, vocab block j), j arbitrary
+  dx = pl.pallas_call(
+      functools.partial(_lce_tpu_dx_kernel, cfg=cfg, nv=nv, padded=padded), grid=(nr, nv),
+      in_specs=[pl.BlockSpec((br, d), lambda i, j: (i, 0)), pl.BlockSpec((d, bv), lambda i, j: (0, j)),
+                pl.BlockSpec((br, 1), lambda i, j: (i, 0)), pl.BlockSpec((br, L), lambda i, j: (i, 0)),
+                pl.BlockSpec((br, 1), lambda i, j: (i, 0))],
+      out_specs=pl.BlockSpec((br, d), lambda i, j: (i, 0)),
+      out_shape=jax.ShapeDtypeStruct((rp, d), x.dtype),
+      scratch_shapes=[pltpu.VMEM((br, d), jnp.float32)],
+      compiler_params=compiler_params("tpu", ("parallel", "arbitrary")),
+      cost_estimate=cost, interpret=cfg.interpret_arg(), name="lepton_linear_ce_dx",
+  )(xp, wp, lab, lse, gp)
+  # dw: grid (vocab block j, row block i), i arbitrary
+  dw = pl.pallas_call(
+      functools.partial(_lce_tpu_dw_kernel, cfg=cfg, nr=nr, padded=padded), grid=(nv, nr),
+      in_specs=[pl.BlockSpec((br, d), lambda j, i: (i, 0)), pl.BlockSpec((d, bv), lambda j, i: (0, j)),
+                pl.BlockSpec((br, 1), lambda j, i: (i, 0)), pl.BlockSpec((br, L), lambda j, i: (i, 0)),
+                pl.BlockSpec((br, 1), lambda j, i: (i, 0))],
+      out_specs=pl.BlockSpec((d, bv), lambda j, i: (0, j)),
+      out_shape=jax.ShapeDtypeStruct((d, vp), w.dtype),
+      scratch_shapes=[pltpu.VMEM((d, bv), jnp.float32)],
+      compiler_params=compiler_params("tpu", ("parallel", "arbitrary")),
+      cost_estimate=cost, interpret=cfg.interpret_arg(), name="lepton_linear_ce_dw",
+  )(xp, wp, lab, lse, gp)
+  return dx[:n], dw[:, : cfg.vocab]
+
+
 def _lce_xla_chunks(cfg, w):
   bv = min(cfg.block_v, cfg.vocab)
   vp = round_up(cfg.vocab, bv)
@@ -418,21 +556,25 @@ def _lce_xla_bwd(cfg, x, w, labels, lse, g):
   return dx.astype(x.dtype), dw[:, : cfg.vocab]
 
 
+def _lce_impl(cfg, xla, tpu, gpu):
+  return xla if cfg.impl == "xla" else tpu if cfg.impl == "tpu" else gpu
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _lce(cfg, x, w, labels):
-  f = _lce_xla_fwd if cfg.impl == "xla" else _lce_pallas_fwd
+  f = _lce_impl(cfg, _lce_xla_fwd, _lce_tpu_fwd, _lce_pallas_fwd)
   return f(cfg, x, w, labels)[0]
 
 
 def _lce_fwd(cfg, x, w, labels):
-  f = _lce_xla_fwd if cfg.impl == "xla" else _lce_pallas_fwd
+  f = _lce_impl(cfg, _lce_xla_fwd, _lce_tpu_fwd, _lce_pallas_fwd)
   loss, lse = f(cfg, x, w, labels)
   return loss, (x, w, labels, lse)
 
 
 def _lce_bwd(cfg, res, g):
   x, w, labels, lse = res
-  f = _lce_xla_bwd if cfg.impl == "xla" else _lce_pallas_bwd
+  f = _lce_impl(cfg, _lce_xla_bwd, _lce_tpu_bwd, _lce_pallas_bwd)
   dx, dw = f(cfg, x, w, labels, lse, g)
   return dx, dw, None
 

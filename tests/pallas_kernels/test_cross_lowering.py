@@ -112,6 +112,13 @@ def test_softmax_cross_entropy_lowers_without_padded_logits(platform):
 
 
 @pytest.mark.parametrize("platform", PLATFORMS)
+def test_linear_cross_entropy_lowers(platform):
+  x, w, lab = S((8192, 1024), BF), S((1024, 32000), BF), S((8192,), jnp.int32)
+  fn = lambda x, w, lab, backend: lpk.linear_softmax_cross_entropy(x, w, lab, backend=backend)
+  _assert_lowers(fn, (x, w, lab), (0, 1), platform, *_gpu_tags(platform))
+
+
+@pytest.mark.parametrize("platform", PLATFORMS)
 def test_matmul_lowers(platform):
   x, w, b = S((4096, 4096), BF), S((4096, 11008), BF), S((11008,), BF)
   fn = lambda x, w, b, backend: lpk.matmul(x, w, bias=b, activation="gelu", backend=backend)

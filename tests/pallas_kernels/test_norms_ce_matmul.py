@@ -111,3 +111,19 @@ def test_matmul_tpu_kernel_no_bias_and_errors():
     lpk.matmul(x, w, activation="tanh")
   with pytest.raises(KernelError, match=r"w must have shape \[K, N\] with K=16"):
     lpk.matmul(x, x)
+
+
+def test_cross_entropy_tpu_kernels_in_tpu_interpreter():
+  """TPU kernels (vocabulary as an "arbitrary" grid axis, VMEM accumulators, lane-dense lse)
+  with a ragged last vocabulary block (300 = 2 x 128 + 44) and ragged rows."""
+  logits = _rand(0, (20, 300), scale=3.0)
+  labels = jax.random.randint(jax.random.PRNGKey(1), (20,), 0, 300)
+  bs = lpk.CEBlockSizes(8, 128)
+  check_fwd_bwd(lambda lg: lpk.softmax_cross_entropy(lg, labels, backend="interpret_tpu", block_sizes=bs),
+                lambda lg: lpk.softmax_cross_entropy_reference(lg, labels), (logits,), (0,))
+  x, w = _rand(2, (20, 24)), _rand(3, (24, 300), scale=0.3)
+  check_fwd_bwd(lambda x, w: lpk.linear_softmax_cross_entropy(x, w, labels, backend="interpret_tpu",
+                                                              block_sizes=bs),
+                lambda x, w: lpk.linear_softmax_cross_entropy_reference(x, w, labels), (x, w), (0, 1))
+  with pytest.raises(KernelError, match="block_v=64 must be a positive multiple of 128 on TPU"):
+    lpk.softmax_cross_entropy(logits, labels, backend="interpret_tpu", block_sizes=lpk.CEBlockSizes(8, 64))
