@@ -1,15 +1,14 @@
-"""Pareto table of lj.remat_plan vs JAX's built-in checkpoint policies.
+"""lj.remat_plan vs plain jax.grad and JAX's checkpoint policies, measured on the compiled program.
 
-For each model: activation peak and saved residual bytes (JAX's accounting, inputs
-excluded) of the forward + backward pass, both from ``lepton_jax.jaxpr``'s
-``grad_memory`` on the function as called -- the same measurement the planner,
-``RematPlan.peak_bytes`` and the tests use --, extra FLOPs over plain jax.grad
-(shared cost model), and median step time of the jitted gradient, each also as a
-ratio to plain jax.grad measured in the same run. Dominance rows: our plan at
-each policy's own peak (``budget=<bytes>``) and at its own saved bytes
-(``budget_kind="saved"``) must not recompute more FLOPs than the policy.
+For each model and budget: XLA's compiled temp bytes of ``jax.jit(jax.grad(f))``
+(``memory_analysis().temp_size_in_bytes``) as a ratio to plain ``jax.grad``'s, the compiled FLOPs
+(``cost_analysis()``) as a ratio to plain ``jax.grad``'s (the recompute), planning seconds, and
+whether the plan fits its budget. Policy rows: ``jax.checkpoint`` with ``nothing_saveable`` /
+``dots_saveable`` around the whole function and around each layer, compiled the same way, with a
+dominance check: ``lj.remat_plan`` at each policy's compiled temp bytes must fit and recompute no
+more FLOPs.
 
-  python -m benchmarks.remat --small      # CPU-sized models
+  python -m benchmarks.remat --small      # CPU-sized models (writes results/remat_<device>.json)
 """
 
 from __future__ import annotations
@@ -19,21 +18,35 @@ import datetime
 import json
 import math
 import os
-import statistics
 import time
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from lepton_jax import jaxpr as ljx
 from lepton_jax._errors import BudgetError
-from lepton_jax.jaxpr._liveness import grad_memory  # ljx.grad_memory once re-exported
 from lepton_jax.transforms import remat_plan
 
+BUDGETS = (0.25, 0.5, 0.75, 0.9)
+POLICIES = ("nothing_saveable", "dots_saveable")
 
-def mlp_loss(params, x):
+
+def _plain(f):
+  return f
+
+
+# ------------------------------------------------------------------ models (wrap: per-layer remat)
+
+
+def mlp_tower(params, x, wrap=_plain):
   for w, b in params:
-    x = jnp.tanh(x @ w + b)
+    x = wrap(lambda x, w, b: jnp.tanh(x @ w + b))(x, w, b)
+  return jnp.mean(x ** 2)
+
+
+def gelu_tower(params, x, wrap=_plain):
+  for w1, w2 in params:
+    x = wrap(lambda x, w1, w2: x + jax.nn.gelu(x @ w1) @ w2)(x, w1, w2)
   return jnp.mean(x ** 2)
 
 
@@ -49,153 +62,145 @@ def _block(x, p):
   return x + jax.nn.gelu(y @ p["w1"]) @ p["w2"]
 
 
-def tr_unrolled(params, x):
+def transformer(params, x, wrap=_plain):
   for p in params:
-    x = _block(x, p)
+    x = wrap(_block)(x, p)
   return jnp.mean(x ** 2)
 
 
-def tr_scanned(params, x):
-  x, _ = jax.lax.scan(lambda c, p: (_block(c, p), None), x, params)
+def transformer_scanned(params, x, wrap=_plain):
+  x, _ = jax.lax.scan(lambda c, p: (wrap(_block)(c, p), None), x, params)
   return jnp.mean(x ** 2)
 
 
-def conv_loss(params, x):  # a small ResNet-style conv stack (residual blocks)
+def cnn(params, x, wrap=_plain):  # ResNet-style residual conv blocks
+  conv = lambda x, w: jax.lax.conv_general_dilated(x, w, (1, 1), "SAME",
+                                                   dimension_numbers=("NHWC", "HWIO", "NHWC"))
   for w1, w2 in params:
-    y = jax.nn.relu(jax.lax.conv_general_dilated(x, w1, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")))
-    x = jax.nn.relu(x + jax.lax.conv_general_dilated(y, w2, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")))
+    x = wrap(lambda x, w1, w2: jax.nn.relu(x + conv(jax.nn.relu(conv(x, w1)), w2)))(x, w1, w2)
   return jnp.mean(x ** 2)
 
 
 def models(small: bool):
-  k = jax.random.key(0)
-  L, d, bsz = (16, 64, 32) if small else (32, 1024, 256)
-  ks = jax.random.split(k, 8)
-  mlp = ([(jax.random.normal(kk, (d, d)) / math.sqrt(d), jnp.zeros(d)) for kk in jax.random.split(ks[0], L)],
-         jnp.ones((bsz, d)))
-  tl, td, tt = (4, 32, 16) if small else (12, 512, 512)
+  rng = np.random.default_rng(0)
+  f32 = lambda a: jnp.asarray(a, jnp.float32)
+  L, d, bsz = (12, 64, 128) if small else (32, 1024, 256)
+  mlp = ([(f32(rng.normal(size=(d, d)) / math.sqrt(d)), jnp.zeros(d)) for _ in range(L)], jnp.ones((bsz, d)))
+  gelu = ([(f32(rng.normal(size=(d, 4 * d)) / math.sqrt(d)), f32(rng.normal(size=(4 * d, d)) * 0.5 / math.sqrt(4 * d)))
+           for _ in range(L)], f32(rng.normal(size=(bsz, d))))
+  tl, td, tt = (4, 32, 32) if small else (12, 512, 512)
+
   def tp(n, stacked):
-    p = {"qkv": jax.random.normal(ks[1], (n, td, 3 * td)) * 0.05, "o": jax.random.normal(ks[2], (n, td, td)) * 0.05,
-         "w1": jax.random.normal(ks[3], (n, td, 4 * td)) * 0.05, "w2": jax.random.normal(ks[4], (n, 4 * td, td)) * 0.02}
+    p = {"qkv": rng.normal(size=(n, td, 3 * td)) * 0.05, "o": rng.normal(size=(n, td, td)) * 0.05,
+         "w1": rng.normal(size=(n, td, 4 * td)) * 0.05, "w2": rng.normal(size=(n, 4 * td, td)) * 0.02}
+    p = jax.tree.map(f32, p)
     return p if stacked else [jax.tree.map(lambda a: a[i], p) for i in range(n)]
-  x = jax.random.normal(ks[5], (2, tt, td))
-  c, hw, nb = (8, 8, 4) if small else (64, 56, 8)
-  conv = ([(jax.random.normal(kk, (3, 3, c, c)) * 0.1, jax.random.normal(kk, (3, 3, c, c)) * 0.1)
-           for kk in jax.random.split(ks[6], nb)], jax.random.normal(ks[7], (4, hw, hw, c)))
+  x = f32(rng.normal(size=(2, tt, td)))
+  c, hw, nb = (8, 16, 6) if small else (64, 56, 8)
+  conv = ([(f32(rng.normal(size=(3, 3, c, c)) * 0.1), f32(rng.normal(size=(3, 3, c, c)) * 0.1)) for _ in range(nb)],
+          f32(rng.normal(size=(4, hw, hw, c))))
   return {
-      "mlp_tower": (mlp_loss, mlp),
-      "transformer_unrolled": (tr_unrolled, (tp(tl, False), x)),
-      "transformer_scanned": (tr_scanned, (tp(2 * tl, True), x)),
-      "resnet_conv": (conv_loss, conv),
+      "mlp_tower": (mlp_tower, mlp),
+      "gelu_tower": (gelu_tower, gelu),
+      "transformer": (transformer, (tp(tl, False), x)),
+      "cnn": (cnn, conv),
+      "transformer_scanned": (transformer_scanned, (tp(2 * tl, True), x)),
   }
 
 
-def _saved(fun, *args):
-  from jax._src.ad_checkpoint import saved_residuals
-  return sum(ljx.aval_bytes(a) for a, d in saved_residuals(fun, *args)
-             if not d.startswith(("from the argument", "from a literal", "from a constant"))
-             and "host" not in str(getattr(a, "memory_space", "")).lower())
+# ---------------------------------------------------------------------------- measurement
 
 
-def _time(fun, args, repeats):
-  g = jax.jit(jax.grad(fun))
-  jax.block_until_ready(g(*args))
-  ts = []
-  for _ in range(repeats):
-    t = time.perf_counter()
-    jax.block_until_ready(g(*args))
-    ts.append(time.perf_counter() - t)
-  return statistics.median(ts)
+def compiled(fun, args):
+  """(temp bytes, FLOPs) of ``jax.jit(jax.grad(fun))`` compiled with default options."""
+  c = jax.jit(jax.grad(fun)).lower(*args).compile()
+  cost = c.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  return int(c.memory_analysis().temp_size_in_bytes), float(cost.get("flops", 0.0))
 
 
-def _point(name, fun, args, base, repeats, plan=None, plan_time=None):
-  mem = grad_memory(fun, *args)
-  flops = mem.flops  # forward + backward jaxprs: the same measure as RematPlan.recompute_flops
-  row = {"config": name, "peak_bytes": int(mem.peak_bytes), "saved_bytes": int(mem.saved_bytes),
-         "jax_saved_bytes_all_args": int(_saved(fun, *args)),
-         "extra_flops": float(flops - base["flops"]), "step_s": _time(fun, args, repeats)}
-  if jax.default_backend() != "cpu":
-    ma = jax.jit(jax.grad(fun)).lower(*args).compile().memory_analysis()
-    row["xla_temp_bytes"] = int(getattr(ma, "temp_size_in_bytes", 0))
-  if plan is not None:
-    row.update(plan_peak_bytes=plan.peak_bytes, plan_saved_bytes=plan.saved_bytes,
-               plan_budget_bytes=plan.budget_bytes, plan_model_peak_bytes=plan.model_peak_bytes,
-               plan_recompute_flops=plan.recompute_flops, offloaded_bytes=plan.offloaded_bytes,
-               solver=plan.solver, segments=plan.num_segments, depth=plan.depth,
-               plan_time_s=plan_time,
-               peak_matches_plan=int(mem.peak_bytes) == plan.peak_bytes,
-               within_budget=int(mem.peak_bytes) <= plan.budget_bytes)
-  if base.get("peak_bytes"):
-    row["peak_ratio"] = row["peak_bytes"] / base["peak_bytes"]
-    row["saved_ratio"] = row["saved_bytes"] / max(base["saved_bytes"], 1)
-    row["time_ratio"] = row["step_s"] / base["step_s"]
-  return row
+def _row(config, temp, flops, base, **extra):
+  return {"config": config, "compiled_temp_bytes": temp, "temp_ratio": temp / max(base[0], 1),
+          "compiled_flops": flops, "flops_ratio": flops / max(base[1], 1.0), **extra}
+
+
+def run_model(name, fun, args, budgets=BUDGETS):
+  base = compiled(fun, args)
+  rows = [_row("plain jax.grad", *base, base)]
+  for pol in POLICIES:
+    p = getattr(jax.checkpoint_policies, pol)
+    rows.append(_row(f"jax.checkpoint({pol}) whole", *compiled(jax.checkpoint(fun, policy=p), args), base,
+                     policy=pol))
+    per_layer = lambda *a, p=p: fun(*a, wrap=lambda f: jax.checkpoint(f, policy=p))
+    rows.append(_row(f"jax.checkpoint({pol}) per layer", *compiled(per_layer, args), base, policy=pol))
+  targets = [(f"lj.remat_plan({b})", b) for b in budgets]
+  # dominance: at each policy's compiled temp (when below plain's), fit and recompute no more
+  targets += [(f"lj.remat_plan(at {r['config']})", r["compiled_temp_bytes"]) for r in rows[1:]
+              if r["compiled_temp_bytes"] < base[0]]
+  for label, budget in targets:
+    f = remat_plan(fun, budget=budget)
+    t0 = time.perf_counter()
+    try:
+      plan = f.plan(*args)
+    except BudgetError as e:
+      rows.append({"config": label, "budget": budget, "infeasible": True,
+                   "smallest_feasible_bytes": e.smallest_feasible_bytes,
+                   "smallest_feasible_ratio": e.smallest_feasible_bytes / base[0],
+                   "planning_s": time.perf_counter() - t0})
+      continue
+    plan_s = time.perf_counter() - t0
+    temp, flops = compiled(f, args)  # independent of the plan object
+    row = _row(label, temp, flops, base, budget=budget, budget_bytes=plan.budget_bytes,
+               within_budget=temp <= plan.budget_bytes, matches_plan=temp == plan.compiled_bytes,
+               planning_s=plan_s, solver=plan.solver, form=plan.form, segments=plan.num_segments,
+               depth=plan.depth, compiles=len(plan.candidates), model_peak_bytes=plan.peak_bytes)
+    if isinstance(budget, int):
+      pol_row = next(r for r in rows if label.endswith(f"at {r['config']})"))
+      row["dominates"] = bool(temp <= pol_row["compiled_temp_bytes"]
+                              and flops <= pol_row["compiled_flops"] * (1 + 1e-9) + 1.0)
+    rows.append(row)
+  fr = [r for r in rows if isinstance(r.get("budget"), float) and not r.get("infeasible")]
+  monotone = all(a["compiled_flops"] >= b["compiled_flops"] - 1.0 for a, b in zip(fr, fr[1:]))
+  return {"model": name, "platform": jax.default_backend(), "plain_temp_bytes": base[0],
+          "plain_flops": base[1], "monotone_in_budget": monotone, "rows": rows}
+
+
+def print_model(res):
+  print(f"\n{res['model']}  (plain jax.grad: {res['plain_temp_bytes']} B temp, {res['plain_flops']:.3g} FLOPs; "
+        f"monotone in budget: {res['monotone_in_budget']})")
+  print(f"  {'config':<58}{'temp/plain':>11}{'FLOPs/plain':>12}{'plan s':>8}  check")
+  for r in res["rows"]:
+    if r.get("infeasible"):
+      print(f"  {r['config']:<58}  BudgetError: smallest {r['smallest_feasible_ratio']:.3f}x plain"
+            f"{r['planning_s']:>8.1f}")
+      continue
+    check = ""
+    if "within_budget" in r:
+      check = "fits" if r["within_budget"] and r["matches_plan"] else "OVER BUDGET"
+    if "dominates" in r:
+      check += " dominates" if r["dominates"] else " DOMINATED"
+    ps = f"{r['planning_s']:>8.1f}" if "planning_s" in r else " " * 8
+    print(f"  {r['config']:<58}{r['temp_ratio']:>11.3f}{r['flops_ratio']:>12.3f}{ps}  {check}")
 
 
 def main(argv=None):
   ap = argparse.ArgumentParser()
   ap.add_argument("--small", action="store_true", help="CPU-sized models")
-  ap.add_argument("--repeats", type=int, default=5)
+  ap.add_argument("--models", default="", help="comma-separated subset")
   a = ap.parse_args(argv)
-  pols = {"jax:nothing_saveable": jax.checkpoint_policies.nothing_saveable,
-          "jax:dots_saveable": jax.checkpoint_policies.dots_saveable,
-          "jax:dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-          "jax:everything_saveable": jax.checkpoint_policies.everything_saveable}
   results = []
-  for mname, (fun, args) in models(a.small).items():
-    base = {"flops": grad_memory(fun, *args).flops}
-    b = _point("plain jax.grad", fun, args, base, a.repeats)
-    base.update(b)
-    rows = [_point("plain jax.grad", fun, args, base, a.repeats)]
-    for pname, pol in pols.items():
-      rows.append(_point(pname, jax.checkpoint(fun, policy=pol), args, base, a.repeats))
-    budgets = [(f"lj.remat_plan({x})", x) for x in (0.25, 0.5, 0.75)]
-    # dominance: our plan at each JAX policy's own peak must not recompute more
-    budgets += [(f"lj.remat_plan(peak of {r['config'][4:]})", int(r["peak_bytes"]))
-                for r in rows[1:] if r["peak_bytes"] < rows[0]["peak_bytes"]]
-    # dominance on (saved bytes, recompute FLOPs): a saved-bytes budget at each policy's saved bytes
-    budgets += [(f"lj.remat_plan(saved of {r['config'][4:]})", ("saved", int(r["saved_bytes"])))
-                for r in rows[1:]]
-    for label, budget in budgets:
-      kind = "peak"
-      if isinstance(budget, tuple):
-        kind, budget = budget
-      f = remat_plan(fun, budget=budget, budget_kind=kind)
-      t0 = time.perf_counter()
-      try:
-        plan = f.plan(*args)
-      except BudgetError as e:
-        rows.append({"config": label, "infeasible": str(e)})
-        continue
-      rows.append(_point(label, f, args, base, a.repeats, plan, time.perf_counter() - t0))
-      if isinstance(budget, int):
-        axis = "saved" if kind == "saved" else "peak"
-        pol_row = next(r for r in rows if r["config"] == "jax:" + label.split(" of ")[1][:-1])
-        rows[-1]["dominates_policy"] = bool(rows[-1][f"{axis}_bytes"] <= pol_row[f"{axis}_bytes"]
-                                            and rows[-1]["extra_flops"] <= pol_row["extra_flops"] + 1e-6)
-        rows[-1]["budget_kind"] = kind
-        if kind == "saved":  # the budget bounds the saved bytes, not the peak
-          rows[-1]["within_budget"] = rows[-1]["saved_bytes"] <= plan.budget_bytes
-    print(f"\n{mname}")
-    print(f"  {'config':<52}{'peak':>10}{'peak/plain':>11}{'saved':>10}{'extra FLOPs':>13}{'step ms':>9}"
-          f"{'time/plain':>11}  check")
-    for r in rows:
-      if "infeasible" in r:
-        print(f"  {r['config']:<52} infeasible: {r['infeasible'].split(';')[0][-60:]}")
-        continue
-      check = ""
-      if "within_budget" in r:
-        check = "ok" if r["within_budget"] and r["peak_matches_plan"] else "MISMATCH"
-      if "dominates_policy" in r:
-        check += " dominates" if r["dominates_policy"] else " NOT dominating"
-      print(f"  {r['config']:<52}{r['peak_bytes']:>10}{r.get('peak_ratio', 1):>11.3f}{r['saved_bytes']:>10}"
-            f"{r['extra_flops']:>13.3g}{r['step_s'] * 1e3:>9.2f}{r.get('time_ratio', 1):>11.2f}  {check}")
-    results.append({"model": mname, "rows": rows})
+  for name, (fun, args) in models(a.small).items():
+    if a.models and name not in a.models.split(","):
+      continue
+    res = run_model(name, fun, args)
+    print_model(res)
+    results.append(res)
   dev = jax.devices()[0]
   kind = dev.device_kind.lower().replace(" ", "_")
-  out = {"benchmark": "remat", "device": str(dev), "device_kind": dev.device_kind, "backend": jax.default_backend(),
+  out = {"benchmark": "remat", "measure": "XLA memory_analysis temp bytes / cost_analysis FLOPs of jax.jit(jax.grad(f))",
+         "device": str(dev), "device_kind": dev.device_kind, "backend": jax.default_backend(),
          "jax_version": jax.__version__, "date": datetime.datetime.now().isoformat(timespec="seconds"),
-         "small": a.small, "repeats": a.repeats, "results": results}
+         "small": a.small, "results": results}
   path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", f"remat_{kind}.json")
   with open(path, "w") as fh:
     json.dump(out, fh, indent=1)
