@@ -530,6 +530,28 @@ def _mgpu_fwd(cfg: _Cfg, q, k, v):
   return o[:, :T], lse
 
 
+def _mgpu_bwd(cfg: _Cfg, q, k, v, o, lse, do):
+  """Backward on Mosaic GPU (``_attention_mgpu.mgpu_flash_bwd``), 64-row tiles."""
+  from lepton_jax.pallas_kernels import _attention_mgpu as mg
+  B, T, N, D = q.shape
+  S, K = k.shape[1], k.shape[2]
+  G = cfg.groups
+  tp, sp = round_up(cfg.q_len, 64), round_up(cfg.kv_len, 64)
+  delta = jnp.einsum("btnd,btnd->bnt", o.astype(jnp.float32), do.astype(jnp.float32))
+  interp = False
+  if cfg.interpret:
+    from lepton_jax.jaxpr import _compat
+    interp = _compat.mosaic_gpu_interpret_params()
+  dq, dk, dv = mg.mgpu_flash_bwd(
+      pad_axis(q, 1, tp), pad_axis(k, 1, sp), pad_axis(v, 1, sp), pad_axis(do, 1, tp),
+      pad_axis(lse[:, :, :tp], 2, tp), pad_axis(delta, 2, tp), scale=cfg.scale, causal=cfg.causal,
+      kv_len=cfg.kv_len, config=mg.default_config(D, q.dtype), interpret=interp,
+      cost_estimate=cost_estimate(*_attn_cost(cfg, B, N, T, S, D, q.dtype.itemsize, 5)))
+  dk = dk[:, :S].reshape(B, S, K, G, D).sum(3).astype(k.dtype) if G > 1 else dk[:, :S]
+  dv = dv[:, :S].reshape(B, S, K, G, D).sum(3).astype(v.dtype) if G > 1 else dv[:, :S]
+  return dq[:, :T], dk, dv, None
+
+
 # ----------------------------------------------------------------------------- Pallas TPU
 # Layout [B, H, S, D]; grid (batch, heads, q blocks, kv blocks) with the last axis
 # "arbitrary" and the running max / sum / accumulator in VMEM scratch (the design of JAX's
@@ -1008,6 +1030,8 @@ def _attention_bwd(cfg, res, do):
     dq, dk, dv, dbias = _xla_bwd(cfg, q, k, v, bias, mask, o, lse, do)
   elif cfg.impl == "tpu":
     dq, dk, dv, dbias = _tpu_bwd(cfg, q, k, v, bias, mask, o, lse, do)
+  elif cfg.gpu_flavor == "mosaic":
+    dq, dk, dv, dbias = _mgpu_bwd(cfg, q, k, v, o, lse, do)
   else:
     dq, dk, dv, dbias = _pallas_bwd(cfg, q, k, v, bias, mask, o, lse, do)
   if dbias is not None:

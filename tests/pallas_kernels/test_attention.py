@@ -134,8 +134,8 @@ def test_flash_attention_dtype_mask_bias_errors():
 
 
 def test_mosaic_gpu_forward_in_interpret_mode():
-  """The Mosaic GPU forward (TMA, K/V pipeline, masking, online softmax, lse) in Mosaic GPU's
-  interpret mode, with the Triton backward (interpret) through the custom_vjp; ragged
+  """The Mosaic GPU forward and backward (TMA, pipelines, masking, online softmax, lse, dK/dV
+  per query head summed over the GQA group) in Mosaic GPU's interpret mode; ragged
   lengths (100 queries, 150 keys: padded to the 64 / 128 tiles), causal, GQA, bf16. The
   wgmma instructions themselves are checked by lowering only (test_cross_lowering.py)."""
   from lepton_jax.jaxpr import _compat
