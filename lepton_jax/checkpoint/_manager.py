@@ -776,17 +776,22 @@ class TieredCheckpointManager:
     # leaves from host copies; finished while Orbax writes. On accelerators the jit is dispatched
     # here, asynchronously, after Orbax's device->host copies (which must not queue behind it).
     # XLA:CPU runs a multi-device program synchronously in the dispatching thread, so on CPU the
-    # background thread dispatches it (the buffers stay alive: Orbax's host copies alias them,
-    # and XLA:CPU does not donate aliased buffers).
+    # background thread dispatches it. The arrays must outlive a donation by the caller's next
+    # step until then: zero-copy NumPy views of their shards keep the buffers alive (XLA:CPU
+    # does not donate a buffer that has an external reference; the step allocates anew).
     on_cpu = all(isinstance(x, np.ndarray) or all(d.platform == "cpu" for d in x.sharding.device_set)
                  for x in arrays)
+    hold = None
     if not on_cpu or not self._async:
       self._start_digests(job, arrays)
       arrays = None
-    if self._async:
-      self._pending = self._executor.submit(self._finish_save, job, started, arrays)
     else:
-      self._finish_save(job, started, None)
+      hold = [np.asarray(sh.data) for x in arrays if isinstance(x, jax.Array) and x.is_fully_addressable
+              for sh in x.addressable_shards]
+    if self._async:
+      self._pending = self._executor.submit(self._finish_save, job, started, arrays, hold)
+    else:
+      self._finish_save(job, started, None, None)
     return True
 
   @staticmethod
@@ -796,10 +801,12 @@ class TieredCheckpointManager:
     finally:
       job.digests_ready.set()
 
-  def _finish_save(self, job: _SaveJob, started: list, arrays: list | None) -> None:
+  def _finish_save(self, job: _SaveJob, started: list, arrays: list | None, hold: list | None) -> None:
     if arrays is not None:
       self._start_digests(job, arrays)
       del arrays
+      jax.block_until_ready([d for d in job.pending_digests or () if isinstance(d, jax.Array)])
+    del hold  # the digests have read the buffers
     errors = []
     committed = []
     results = []

@@ -565,3 +565,28 @@ def test_bare_array_zero_size_and_unusual_leaves(tmp_path):
     if x.is_deleted():  # CPU may refuse the donation
       with pytest.raises(ValueError, match=r"state leaf \['x'\] is a deleted jax.Array"):
         mngr.save(3, {"x": x})
+
+
+def test_state_donated_right_after_save(tmp_path, monkeypatch):
+  """The training step donates the saved arrays as soon as save() returns (as train.py does)."""
+  import time
+  real = TieredCheckpointManager._start_digests
+
+  def late(job, arrays):  # the background thread gets to the arrays after the donation
+    time.sleep(0.3)
+    real(job, arrays)
+  monkeypatch.setattr(TieredCheckpointManager, "_start_digests", staticmethod(late))
+  mesh = jax.make_mesh((8,), ("x",))
+  w = jax.device_put(jnp.arange(2**20, dtype=jnp.float32).reshape(1024, 1024),
+                     jax.NamedSharding(mesh, jax.P("x")))  # 4 MiB: digested on the devices
+  want = np.asarray(w).copy()
+  step = jax.jit(lambda s: {"w": s["w"] + 1, "b": s["b"] * 2}, donate_argnums=0)
+  with _mk(tmp_path, local_every=1, persistent_every=1) as mngr:
+    st = {"w": w, "b": jnp.ones(8)}
+    for s in (1, 2):
+      mngr.save(s, st)
+      st = step(st)
+    mngr.wait()
+    r = mngr.restore(1)
+  np.testing.assert_array_equal(np.asarray(r["w"]), want)
+  np.testing.assert_array_equal(np.asarray(r["b"]), np.ones(8))
