@@ -63,8 +63,15 @@ def pad_axis(x: jax.Array, axis: int, size: int, value: Any = 0) -> jax.Array:
 
 
 def gpu_params(num_warps: int | None = None, num_stages: int | None = None):
-  from jax.experimental.pallas import triton as plgpu
-  return plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages)
+  """Triton compiler params. The Triton backend is deprecated from jax 0.11 (Mosaic GPU is the
+  successor); lepton_jax uses it only where no Mosaic GPU kernel serves (pre-Hopper, float32
+  / bias / mask attention, norms, cross-entropy, matmul), so the import-time deprecation
+  notice is not re-raised to every caller."""
+  import warnings
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore", DeprecationWarning)
+    from jax.experimental.pallas import triton as pltriton
+  return pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages)
 
 
 def tpu_params(semantics: Sequence[str]):
