@@ -167,7 +167,7 @@ def run_faults(n: int, root: pathlib.Path) -> dict:
 def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--small", action="store_true",
-                  help="CPU-sized run: 64 MiB (5 repeats) and 1 GiB (1 repeat), no kill -9 runs")
+                  help="CPU-sized run: 64 MiB (5 repeats) and 1 GiB (3 repeats), no kill -9 runs")
   ap.add_argument("--sizes", default="64MiB,256MiB,1GiB", help="comma-separated state sizes")
   ap.add_argument("--repeats", type=int, default=5, help="counted saves per saver and size")
   ap.add_argument("--faults", type=int, default=0, help="kill -9 runs (0: none)")
@@ -175,7 +175,7 @@ def main(argv=None):
   ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/checkpoint_<device>.json)")
   args = ap.parse_args(argv)
   if args.small:
-    plan = [(parse_bytes("64MiB"), 5, 3), (parse_bytes("1GiB"), 1, 1)]
+    plan = [(parse_bytes("64MiB"), 5, 3), (parse_bytes("1GiB"), 3, 1)]
   else:
     plan = [(parse_bytes(s, name="--sizes", api="benchmarks.checkpoint"), args.repeats,
              max(args.repeats // 2, 1)) for s in args.sizes.split(",")]
