@@ -410,7 +410,7 @@ def test_adaptive_jit_buckets_reuse_and_mask(sizes):
 # ============================================================================================
 
 PLAN_FIELDS = ("budget_bytes", "baseline_bytes", "peak_bytes", "saved_bytes", "offloaded_bytes",
-               "recompute_flops")
+               "recompute_flops", "compiled_bytes", "baseline_compiled_bytes")
 
 
 def _check_plan(plan):
@@ -418,19 +418,23 @@ def _check_plan(plan):
     v = getattr(plan, f)
     assert isinstance(v, (int, float)) and not isinstance(v, bool), (f, v)
     assert v >= 0, (f, v)
-  assert plan.saved_bytes <= plan.budget_bytes
-  assert plan.peak_bytes <= plan.budget_bytes
-  assert plan.baseline_bytes > 0
+  # The compiled program is the judge: compiled temp bytes fit the budget (peak/saved bytes are
+  # the planner's own model numbers).
+  assert plan.compiled_bytes <= plan.budget_bytes
+  assert plan.baseline_compiled_bytes > 0 and plan.baseline_bytes > 0
   s = str(plan)
   assert isinstance(s, str) and "\n" in s
 
 
-@pytest.mark.parametrize("frac", [0.35])
+@pytest.mark.parametrize("frac", [0.6])
 def test_remat_plan_fraction_budget_grads_equal(frac):
   loss, params, x, y = _mlp_state()
   r = lj.remat_plan(loss, budget=frac)
   plan = r.plan(params, x, y)
   _check_plan(plan)
+  # Independently: what XLA compiles for the planned gradient fits the budget.
+  temp = jax.jit(jax.grad(r)).lower(params, x, y).compile().memory_analysis().temp_size_in_bytes
+  assert temp <= plan.budget_bytes, (temp, plan.budget_bytes)
   assert plan.budget_bytes <= frac * plan.baseline_bytes + 1
   assert plan.budget_bytes >= frac * plan.baseline_bytes - 1
   close(jax.value_and_grad(r)(params, x, y), jax.jit(jax.value_and_grad(loss))(params, x, y))
@@ -507,10 +511,10 @@ def test_remat_plan_reduces_compiled_memory():
   r = lj.remat_plan(loss, budget=0.6)
   plan = r.plan(w, x)
   _check_plan(plan)
-  assert plan.peak_bytes < plan.baseline_bytes
+  assert plan.compiled_bytes < plan.baseline_compiled_bytes
   plain = jax.jit(jax.grad(loss)).lower(w, x).compile().memory_analysis().temp_size_in_bytes
   planned = jax.jit(jax.grad(r)).lower(w, x).compile().memory_analysis().temp_size_in_bytes
-  assert planned <= plain, (planned, plain)
+  assert planned <= plan.budget_bytes < plain, (planned, plan.budget_bytes, plain)
   close(jax.grad(r)(w, x), jax.jit(jax.grad(loss))(w, x))
 
 
@@ -553,7 +557,7 @@ def test_remat_plan_linen_and_vmap_jit():
   def loss(v, x):
     return jnp.sum(mod.apply(v, x) ** 2)
 
-  r = lj.remat_plan(loss, budget=0.5)
+  r = lj.remat_plan(loss, budget=0.9)
   close(jax.grad(r)(variables, x), jax.jit(jax.grad(loss))(variables, x))
   r = lj.remat_plan(loss, budget=1.0)  # per-example activations are tiny: 0.5 is infeasible
   per_ex = jax.vmap(jax.grad(r), in_axes=(None, 0))(variables, x[:, None])
@@ -660,7 +664,7 @@ def test_auto_shard_errors():
 def test_composition_headline_order(pure):
   loss, params, x, y = _mlp_state(depth=2, pure=pure)  # budget 0.5 feasible from depth 2
   mesh = mesh1d()
-  f = lj.auto_shard(lj.adaptive_jit(jax.value_and_grad(lj.remat_plan(loss, budget=0.5))), mesh)
+  f = lj.auto_shard(lj.adaptive_jit(jax.value_and_grad(lj.remat_plan(loss, budget=0.9))), mesh)
   ref = jax.jit(jax.value_and_grad(loss))(params, x, y)
   close(f(params, x, y), ref)
   close(f(params, x, y), ref)  # second call (cached)
@@ -673,7 +677,7 @@ def test_composition_other_orders():
   loss, params, x, y = _mlp_state(depth=2)
   ref_vg = jax.jit(jax.value_and_grad(loss))(params, x, y)
   ref_g = ref_vg[1]
-  rp = lambda: lj.remat_plan(loss, budget=0.5)
+  rp = lambda: lj.remat_plan(loss, budget=0.9)
   close(jax.jit(jax.value_and_grad(rp()))(params, x, y), ref_vg)
   close(jax.grad(lj.auto_shard(rp(), mesh1d()))(params, x, y), ref_g)
   close(jax.jit(lj.adaptive_jit(jax.grad(loss)))(params, x, y), ref_g)
@@ -693,9 +697,9 @@ def test_auto_shard_of_grad_of_jitted():
 
 def test_composition_grad_of_adaptive_jit_of_remat_plan():
   loss, params, x, y = _mlp_state(depth=3)
-  close(jax.grad(lj.adaptive_jit(lj.remat_plan(loss, budget=0.5)))(params, x, y),
+  close(jax.grad(lj.adaptive_jit(lj.remat_plan(loss, budget=0.9)))(params, x, y),
         jax.grad(loss)(params, x, y))
-  close(lj.adaptive_jit(jax.grad(lj.remat_plan(loss, budget=0.5)))(params, x, y),
+  close(lj.adaptive_jit(jax.grad(lj.remat_plan(loss, budget=0.9)))(params, x, y),
         jax.grad(loss)(params, x, y))
 
 
@@ -721,7 +725,7 @@ def test_composition_with_nnx_transforms():
   ref_m = M.DeepMLP(depth=2, rngs=nnx.Rngs(0))
   ref = nnx.jit(nnx.value_and_grad(loss_fn))(ref_m, x, y)
   # (nnx.value_and_grad(wrap(f)) is covered elsewhere for each transform; here nnx.jit around)
-  for name, wrap in (("remat_plan", lambda f: lj.remat_plan(f, budget=0.5)),
+  for name, wrap in (("remat_plan", lambda f: lj.remat_plan(f, budget=0.9)),
                      ("adaptive_jit", lj.adaptive_jit),
                      ("auto_shard", lambda f: lj.auto_shard(f, mesh1d()))):
     m = M.DeepMLP(depth=2, rngs=nnx.Rngs(0))

@@ -48,3 +48,5 @@ from lepton_jax.jaxpr._defuse import DefUse as DefUse
 from lepton_jax.jaxpr._driver import Rewrite as Rewrite
 from lepton_jax.jaxpr._driver import rewrite_nested as rewrite_nested
 from lepton_jax.jaxpr._eval import eval_jaxpr as eval_jaxpr
+from lepton_jax.jaxpr._compiled import CompiledFigures as CompiledFigures
+from lepton_jax.jaxpr._compiled import compiled_figures as compiled_figures

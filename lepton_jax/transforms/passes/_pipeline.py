@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any, Callable, Sequence
 
 from lepton_jax.jaxpr import _compat as core
+from lepton_jax.jaxpr._compiled import compiled_figures
 from lepton_jax.jaxpr._driver import Rewrite
 from lepton_jax.transforms.passes._cond import cond
 from lepton_jax.transforms.passes._cse import cse
@@ -18,7 +19,7 @@ from lepton_jax.transforms.passes._fold import fold
 from lepton_jax.transforms.passes._route_kernels import route_kernels
 from lepton_jax.transforms.passes._simplify import simplify
 
-__all__ = ["PASSES", "DEFAULT_PASSES", "normalize_passes", "run_passes"]
+__all__ = ["PASSES", "DEFAULT_PASSES", "normalize_passes", "run_passes", "run_pipeline"]
 
 PassFn = Callable[..., tuple[core.ClosedJaxpr, list[Rewrite]]]
 
@@ -92,3 +93,29 @@ def run_passes(closed: core.ClosedJaxpr, passes: tuple[tuple[str, tuple], ...], 
     closed, recs = PASSES[name](closed, **kw)
     records.extend(recs)
   return closed, records
+
+
+def run_pipeline(closed: core.ClosedJaxpr, passes: tuple[tuple[str, tuple], ...], *,
+                 kernels: str | None = "auto") -> tuple[core.ClosedJaxpr, list[Rewrite]]:
+  """:func:`run_passes`, with kernel routing kept only if the compiled program is not worse.
+
+  When routing replaced something, the program is also rewritten without routing and both are
+  compiled for the default backend; if the routed program needs more temp memory than the
+  unrouted one (XLA's ``memory_analysis``), the unrouted program is used and a
+  ``("route_kernels", "rejected_by_compiled_memory")`` record says so (its location holds both
+  figures). Programs with traced constants are not compiled here (routing is kept).
+  """
+  new, records = run_passes(closed, passes, kernels=kernels)
+  if kernels is None or not any(r.pass_name == "route_kernels" for r in records):
+    return new, records
+  if any(isinstance(c, core.Tracer) for c in closed.consts):
+    return new, records
+  plain, plain_records = run_passes(closed, passes, kernels=None)
+  routed_fig, plain_fig = compiled_figures(new), compiled_figures(plain)
+  if routed_fig.temp_bytes > plain_fig.temp_bytes:
+    tried = sorted({r.pattern for r in records if r.pass_name == "route_kernels"})
+    note = Rewrite("route_kernels", "rejected_by_compiled_memory",
+                   f"{', '.join(tried)}: temp {routed_fig.temp_bytes} B routed > "
+                   f"{plain_fig.temp_bytes} B unrouted", 0)
+    return plain, plain_records + [note]
+  return new, records

@@ -128,7 +128,8 @@ def _region(jaxpr, du: DefUse, m) -> _Joint | None:
       if u == OUTPUT or u in fwd:
         continue
       for a in jaxpr.eqns[u].invars:
-        if (isinstance(a, core.Var) and a not in allowed_side and a not in resid
+        if (isinstance(a, core.Var) and a not in inputs and a is not root and a not in resid
+            and (a in consts or a not in allowed_side)
             and a.aval.shape == root.aval.shape and a.aval.dtype == root.aval.dtype):
           cands[a] = du.producer(a) if du.producer(a) is not None else -1
   if not cands:
@@ -300,8 +301,6 @@ def _identify(closed, du: DefUse, j: _Joint, repl) -> str | None:
     for v in jaxpr.eqns[i].outvars:
       if core.is_var(v) and v not in outs and any(u not in keep for u in du.users(v)):
         return "an intermediate of the backward is read elsewhere"
-  if any(u not in keep for u in du.users(j.do)):
-    return "dO is read outside the attention backward"
   j.bwd = sorted(keep)
   j.outputs = outputs
   j.combos = [(diff_pos, c) for c in combos]
