@@ -131,8 +131,15 @@ class ExplainReport:
       lines.append("  rewrites: none")
     else:
       lines.append(f"  {'pass':<14}{'pattern':<32}{'count':>6}  location")
+      # Clean-up passes (dce, cse, fold, simplify) get one row per pattern; routes one per site.
+      groups: dict = {}
       for r in self.rewrites:
-        lines.append(f"  {r.pass_name:<14}{r.pattern:<32}{r.count:>6}  {r.location}")
+        key = (r.pass_name, r.pattern) if r.pass_name != "route_kernels" else (r.pass_name, r.pattern, r.location)
+        groups.setdefault(key, []).append(r)
+      for rs in groups.values():
+        r = rs[0]
+        where = r.location if len(rs) == 1 else f"{r.location} (+{len(rs) - 1} more)"
+        lines.append(f"  {r.pass_name:<14}{r.pattern:<32}{sum(x.count for x in rs):>6}  {where}")
     return "\n".join(lines)
 
 

@@ -203,3 +203,27 @@ def test_routing_that_would_grow_compiled_memory_is_rejected(monkeypatch):
   assert routes == ["rejected_by_compiled_memory"], routes
   assert "attention_fwd_bwd" in rep.rewrites[-1].location
   _close(f(q), jax.jit(vg)(q))
+
+
+@pytest.mark.parametrize("name", ["onehot", "flax_onehot_eq", "optax_dense"])
+def test_one_hot_cross_entropy_spellings_route(name):
+  """Flax examples' ``-sum(onehot * log_softmax)`` and optax's dense-label CE reach the kernel."""
+  v = 64
+  fns = {
+      "onehot": lambda l, y: -jnp.sum(jax.nn.one_hot(y, v) * jax.nn.log_softmax(l), -1),
+      "flax_onehot_eq": lambda l, y: -jnp.sum(
+          jnp.asarray(y[..., None] == jnp.arange(v), jnp.float32) * jax.nn.log_softmax(l), axis=-1),
+      "optax_dense": lambda l, y: optax.softmax_cross_entropy(l, jax.nn.one_hot(y, v)),
+  }
+  fn = fns[name]
+  logits = jax.random.normal(jax.random.key(0), (3, 5, v))
+  labels = jax.random.randint(jax.random.key(1), (3, 5), 0, v)
+  f = adaptive_jit(fn, kernels="xla", passes=["fold", "simplify", "cse", "dce", "route_kernels"])
+  from lepton_jax.transforms.passes._pipeline import run_passes
+  closed, _ = f.rewritten_jaxpr(logits, labels)
+  routed = [r.pattern for r in run_passes(closed, f._passes, kernels="xla")[1]
+            if r.pass_name == "route_kernels"]
+  assert routed == ["softmax_cross_entropy"], routed
+  _close(f(logits, labels), jax.jit(fn)(logits, labels))
+  loss = lambda l: jnp.mean(fn(l, labels))
+  _close(jax.grad(lambda l: jnp.mean(f(l, labels)))(logits), jax.jit(jax.grad(loss))(logits))

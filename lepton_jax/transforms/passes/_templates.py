@@ -195,6 +195,23 @@ def _ce_logsm_lab1_squeeze(logits, labels1):
   return -jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), labels1, axis=-1)[..., 0]
 
 
+def _ce_onehot(logits, labels):
+  """Flax examples' spelling: ``-sum(onehot(labels) * log_softmax(logits))``."""
+  onehot = jax.nn.one_hot(labels, logits.shape[-1], dtype=logits.dtype)
+  return -jnp.sum(onehot * jax.nn.log_softmax(logits, axis=-1), axis=-1)
+
+
+def _ce_onehot_eq(logits, labels):
+  """``flax.training.common_utils.onehot``: ``labels[..., None] == arange(V)``."""
+  onehot = jnp.asarray(labels[..., None] == jnp.arange(logits.shape[-1]), logits.dtype)
+  return -jnp.sum(onehot * jax.nn.log_softmax(logits, axis=-1), axis=-1)
+
+
+def _ce_optax_dense(logits, labels):
+  import optax
+  return optax.softmax_cross_entropy(logits, jax.nn.one_hot(labels, logits.shape[-1]))
+
+
 _ACTS = {"relu": jax.nn.relu, "gelu": lambda z: jax.nn.gelu(z, approximate=True),
          "silu": jax.nn.silu}
 
@@ -232,6 +249,9 @@ def _build_templates() -> tuple[Template, ...]:
     t.append(Template("layer_norm", name, fn, (_X,), has_eps=True))
   t.append(Template("softmax_cross_entropy", "optax", _ce_optax, (_LOG, _LAB)))
   t.append(Template("softmax_cross_entropy", "log_softmax", _ce_logsm, (_LOG, _LAB)))
+  t.append(Template("softmax_cross_entropy", "onehot_log_softmax", _ce_onehot, (_LOG, _LAB)))
+  t.append(Template("softmax_cross_entropy", "onehot_eq_log_softmax", _ce_onehot_eq, (_LOG, _LAB)))
+  t.append(Template("softmax_cross_entropy", "optax_dense_onehot", _ce_optax_dense, (_LOG, _LAB)))
   t.append(Template("softmax_cross_entropy", "log_softmax_keepdims", _ce_logsm_keep, (_LOG, _LAB)))
   t.append(Template("softmax_cross_entropy", "log_softmax_labels1", _ce_logsm_lab1, (_LOG, _LAB1),
                     labels_trailing_one=True))
