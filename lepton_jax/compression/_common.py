@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lepton_jax._nnx import is_graph_node, nnx_module
+from lepton_jax._nnx import graphdef_key, merged_call, split_nodes, write_back
 from lepton_jax.jaxpr._compat import Tracer
 
 __all__ = ["Flat", "flatten_call", "spec_of", "compiled_figures", "has_tracer"]
@@ -26,7 +26,7 @@ class Flat:
   pure_tree: Any       # treedef of ``pure``
 
   def key(self):
-    gdefs = tuple((i, _hashable(g)) for i, (_, g) in sorted(self.nodes.items()))
+    gdefs = tuple((i, graphdef_key(g)) for i, (_, g) in sorted(self.nodes.items()))
     avals = tuple((tuple(np.shape(x)), jnp.result_type(x), _weak(x)) for x in self.leaves)
     return (self.treedef, self.pure_tree, gdefs, avals)
 
@@ -38,44 +38,19 @@ def _weak(x) -> bool:
   return isinstance(x, (bool, int, float, complex))
 
 
-def _hashable(gdef):
-  try:
-    hash(gdef)
-    return gdef
-  except TypeError:  # pragma: no cover - older flax
-    return id(gdef)
-
-
 def flatten_call(args, kwargs) -> Flat:
-  nnx = nnx_module()
-  leaves, treedef = jax.tree_util.tree_flatten((args, kwargs), is_leaf=is_graph_node)
-  nodes, pure = {}, []
-  for i, x in enumerate(leaves):
-    if is_graph_node(x):
-      gdef, state = nnx.split(x)
-      nodes[i] = (x, gdef)
-      pure.append(state)
-    else:
-      pure.append(x)
+  treedef, nodes, pure = split_nodes(args, kwargs)
   flat, pure_tree = jax.tree_util.tree_flatten(pure)
   return Flat(treedef, nodes, pure, flat, pure_tree)
 
 
 def pure_function(fun, flat: Flat):
   """``f(*array_leaves) -> (out_leaves, out_tree_store)``: re-merges NNX nodes inside."""
-  nnx = nnx_module()
+  call = merged_call(fun, flat.treedef, flat.nodes)
   store = []
 
   def f(*arrays):
-    pure = jax.tree_util.tree_unflatten(flat.pure_tree, arrays)
-    leaves = list(pure)
-    merged = {}
-    for i, (_, gdef) in flat.nodes.items():
-      merged[i] = nnx.merge(gdef, leaves[i])
-      leaves[i] = merged[i]
-    args, kwargs = jax.tree_util.tree_unflatten(flat.treedef, leaves)
-    out = fun(*args, **kwargs)
-    states = {i: nnx.state(m) for i, m in merged.items()}
+    out, states = call(jax.tree_util.tree_unflatten(flat.pure_tree, arrays))
     outs, tree = jax.tree_util.tree_flatten((out, states))
     store.append(tree)
     return outs
@@ -84,9 +59,7 @@ def pure_function(fun, flat: Flat):
 
 
 def update_nodes(flat: Flat, states: dict) -> None:
-  nnx = nnx_module()
-  for i, (node, _) in flat.nodes.items():
-    nnx.update(node, states[i])
+  write_back(flat.nodes, states)
 
 
 def spec_of(x):

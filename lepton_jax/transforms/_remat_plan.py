@@ -22,7 +22,7 @@ from typing import Callable, Literal
 import jax
 import numpy as np
 
-from lepton_jax._nnx import nnx_module
+from lepton_jax._nnx import write_back
 from lepton_jax._utils import parse_bytes
 from lepton_jax.transforms._remat_planner import _Planner, _split_nodes
 from lepton_jax.transforms._remat_types import Candidate, CostModel, RematPlan, TensorDecision
@@ -66,9 +66,7 @@ class _RematPlanned:
     flat = jax.tree_util.tree_leaves(pure)
     outs = comp.flat_fun(*flat)
     out, new_states = jax.tree_util.tree_unflatten(comp.out_tree, outs)
-    nnx = nnx_module()
-    for i, (node, _) in nodes.items():
-      nnx.update(node, new_states[i])
+    write_back(nodes, new_states)
     return out
 
   def plan(self, *args, **kwargs) -> RematPlan:

@@ -26,7 +26,7 @@ import numpy as np
 
 from lepton_jax import jaxpr as ljx
 from lepton_jax._errors import BudgetError
-from lepton_jax._nnx import is_graph_node, nnx_module
+from lepton_jax._nnx import graphdef_key, is_graph_node, merged_call, split_nodes
 from lepton_jax._utils import format_bytes
 from lepton_jax.transforms import _remat_closure as closure_lib
 from lepton_jax.transforms._remat_apply import _apply, _apply_closure, _apply_policy, form_for
@@ -51,47 +51,11 @@ _COMPILE_THREADS = max(1, min(4, os.cpu_count() or 1))
 
 
 def _split_nodes(args, kwargs):
-  """Replaces NNX graph nodes by (graphdef, state) so everything is arrays."""
-  nnx = nnx_module()
-  is_node = is_graph_node
-  leaves, treedef = jax.tree_util.tree_flatten((args, kwargs), is_leaf=is_node)
-  n_first = len(jax.tree_util.tree_leaves(args[0], is_leaf=is_node)) if args else 0
-  nodes, pure = {}, []
-  for i, x in enumerate(leaves):
-    if is_node(x):
-      gdef, state = nnx.split(x)
-      nodes[i] = (x, gdef)
-      pure.append(state)
-    else:
-      pure.append(x)
+  """Replaces NNX graph nodes by their state (``_nnx.split_nodes``); also the number of leaves
+  of the first (differentiated) argument."""
+  treedef, nodes, pure = split_nodes(args, kwargs)
+  n_first = len(jax.tree_util.tree_leaves(args[0], is_leaf=is_graph_node)) if args else 0
   return treedef, nodes, pure, n_first
-
-
-def _hashable(gdef):
-  """NNX graph definitions compare by structure (a new object per ``nnx.split``)."""
-  try:
-    hash(gdef)
-    return gdef
-  except TypeError:  # pragma: no cover - older flax
-    return id(gdef)
-
-
-def _make_pure(fun, treedef, nodes):
-  """``pure(pure_leaves) -> (out, new_states)`` re-merging NNX nodes inside."""
-  nnx = nnx_module()
-
-  def pure(pure_leaves):
-    leaves = list(pure_leaves)
-    merged = {}
-    for i, (_, gdef) in nodes.items():
-      merged[i] = nnx.merge(gdef, leaves[i])
-      leaves[i] = merged[i]
-    args, kwargs = jax.tree_util.tree_unflatten(treedef, leaves)
-    out = fun(*args, **kwargs)
-    new_states = {i: nnx.state(m) for i, m in merged.items()}
-    return out, new_states
-
-  return pure
 
 
 def _spec(x):
@@ -184,7 +148,7 @@ class _Planner:
     # plain jax.grad differentiates the first positional argument: its leaves
     n_first_flat = len(jax.tree_util.tree_leaves(specs[:n_first]))
     key = (treedef, in_tree, tuple((s.shape, str(s.dtype)) if hasattr(s, "shape") else s for s in flat_specs),
-           tuple((i, _hashable(gd)) for i, (_, gd) in nodes.items()))
+           tuple((i, graphdef_key(gd)) for i, (_, gd) in nodes.items()))
     hit = self._cache.get(key)
     if hit is not None:
       return hit
@@ -192,7 +156,7 @@ class _Planner:
       hit = self._cache.get(key)
       if hit is not None:
         return hit
-      pure = _make_pure(self.fun, treedef, nodes)
+      pure = merged_call(self.fun, treedef, nodes)
 
       def flat_user(*flat):
         return jax.tree_util.tree_flatten(pure(jax.tree_util.tree_unflatten(in_tree, flat)))[0]
