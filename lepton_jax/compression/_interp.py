@@ -15,7 +15,8 @@ from typing import Any
 
 import jax
 
-from lepton_jax.jaxpr._compat import DropVar, Literal, source_info_util
+from lepton_jax.jaxpr._compat import DropVar, Literal
+from lepton_jax.jaxpr._eval import bind_eqn
 from lepton_jax.jaxpr._walk import as_closed, sub_jaxprs
 
 __all__ = ["MATMULS", "evaluate", "contains_matmul", "bind_eqn"]
@@ -35,15 +36,6 @@ def contains_matmul(closed) -> bool:
     if any(contains_matmul(s.closed_jaxpr) for s in sub_jaxprs(e)):
       return True
   return False
-
-
-def bind_eqn(eqn, invals, params=None):
-  """Binds ``eqn``'s primitive on ``invals`` (with ``params`` overriding its own)."""
-  params = eqn.params if params is None else params
-  bind_params = eqn.primitive.get_bind_params(params)
-  name_stack = source_info_util.current_name_stack() + eqn.source_info.name_stack
-  with source_info_util.user_context(eqn.source_info.traceback, name_stack=name_stack), eqn.ctx.manager:
-    return eqn.primitive.bind(*invals, **bind_params)
 
 
 class Hook:
@@ -134,7 +126,8 @@ def _eval_eqn(eqn, invals, hook: Hook, scope: tuple):
     if out is not None:
       return out
   invals = [hook.materialize(x) for x in invals]
-  return bind_eqn(eqn, invals)
+  outs = bind_eqn(eqn, invals)
+  return outs if eqn.primitive.multiple_results else outs[0]
 
 
 def _control_flow(eqn, invals, hook, scope):

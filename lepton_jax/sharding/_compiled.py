@@ -35,8 +35,7 @@ import tempfile
 import jax
 from jax.sharding import NamedSharding, PartitionSpec
 
-from lepton_jax.jaxpr import _compat
-from lepton_jax.jaxpr._compat import source_info_util
+from lepton_jax.jaxpr._eval import bind_eqn, eval_jaxpr
 
 __all__ = ["CompiledFigures", "jaxpr_body", "compile_candidate", "cached_lowered", "collective_bytes",
            "_clear_caches"]
@@ -165,31 +164,18 @@ def jaxpr_body(closed_jaxpr, constraints: dict, mesh, explicit: bool):
   for (k, j), spec in constraints.items():
     by_eqn.setdefault(k, {})[j] = spec
 
-  def run(*args):
-    env = {}
-
-    def read(v):
-      return v.val if _compat.is_literal(v) else env[v]
-
-    for v, c in zip(jaxpr.constvars, consts):
-      env[v] = c
-    for v, a in zip(jaxpr.invars, args):
-      env[v] = a
-    for k, eqn in enumerate(jaxpr.eqns):
-      invals = [read(v) for v in eqn.invars]
-      bp = eqn.primitive.get_bind_params(eqn.params)
-      subfuns, bind_params = bp if isinstance(bp, tuple) else ((), bp)
-      name_stack = source_info_util.current_name_stack() + eqn.source_info.name_stack
-      ctx = getattr(getattr(eqn, "ctx", None), "manager", None) or contextlib.nullcontext()
-      with source_info_util.user_context(eqn.source_info.traceback, name_stack=name_stack), ctx:
-        ans = eqn.primitive.bind(*subfuns, *invals, **bind_params)
-      outs = list(ans) if eqn.primitive.multiple_results else [ans]
-      for j, spec in by_eqn.get(k, {}).items():
+  def constrained(k, eqn):
+    def fn(read):
+      outs = bind_eqn(eqn, [read(v) for v in eqn.invars])
+      for j, spec in by_eqn[k].items():
         outs[j] = _constraint(outs[j], spec, mesh, explicit)
-      for v, o in zip(eqn.outvars, outs):
-        if _compat.is_var(v):
-          env[v] = o
-    return [read(v) for v in jaxpr.outvars]
+      return outs
+    return fn
+
+  replace = {k: constrained(k, jaxpr.eqns[k]) for k in by_eqn}
+
+  def run(*args):
+    return eval_jaxpr(jaxpr, consts, *args, replace=replace)
   return run
 
 

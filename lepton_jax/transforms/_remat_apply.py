@@ -24,9 +24,10 @@ import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
 from lepton_jax.jaxpr import _compat
+from lepton_jax.jaxpr._eval import bind_eqn
 from lepton_jax.transforms import _remat_closure as closure_lib
 from lepton_jax.transforms._remat_graph import (
-    _ClosureGraph, _Graph, _Seg, _bind, _eval_named, _inline_eval, _read, _segments_from_cuts)
+    _ClosureGraph, _Graph, _Seg, _eval_named, _inline_eval, _read, _segments_from_cuts)
 from lepton_jax.transforms._remat_search import _Layout, _Node
 
 FORMS = ("cond", "barrier", "checkpoint")
@@ -123,7 +124,7 @@ def _io(g: _Graph, lo: int, hi: int):
 def _run_eqns(jaxpr, lo: int, hi: int, env: dict, names: dict) -> None:
   """Evaluates equations ``[lo, hi)`` into ``env``, naming the values in ``names``."""
   for eqn in jaxpr.eqns[lo:hi]:
-    res = _bind(eqn, [_read(env, a) for a in eqn.invars])
+    res = bind_eqn(eqn, [_read(env, a) for a in eqn.invars])
     for v, x in zip(eqn.outvars, res):
       nm = names.get(v)
       env[v] = checkpoint_name(x, nm) if nm is not None else x

@@ -21,6 +21,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from lepton_jax import jaxpr as ljx
 from lepton_jax.jaxpr import _compat
+from lepton_jax.jaxpr._eval import bind_eqn
 from lepton_jax.transforms import _remat_closure as closure_lib
 
 _INLINE_PRIMS = ("pjit", "jit", "closed_call", "core_call")
@@ -31,17 +32,6 @@ _INLINE_PRIMS = ("pjit", "jit", "closed_call", "core_call")
 
 def _is_inexact(aval) -> bool:
   return hasattr(aval, "dtype") and jnp.issubdtype(aval.dtype, jnp.inexact)
-
-
-def _bind(eqn, invals):
-  """Binds ``eqn``'s primitive on new inputs (as ``jax.core.eval_jaxpr`` does)."""
-  params = eqn.primitive.get_bind_params(eqn.params)
-  if isinstance(params, tuple):  # older jax: (subfuns, params)
-    subfuns, params = params
-    invals = [*subfuns, *invals]
-  with eqn.ctx.manager:
-    outs = eqn.primitive.bind(*invals, **params)
-  return outs if eqn.primitive.multiple_results else [outs]
 
 
 def _read(env, atom):
@@ -66,7 +56,7 @@ def _inline_eval(jaxpr, consts, args):
       else:
         outs = _inline_eval(inner, (), invals)
     else:
-      outs = _bind(eqn, invals)
+      outs = bind_eqn(eqn, invals)
     for v, x in zip(eqn.outvars, outs):
       env[v] = x
   return [_read(env, a) for a in jaxpr.outvars]
@@ -80,7 +70,7 @@ def _eval_named(jaxpr, consts, args, names: dict):
   for v, x in zip(jaxpr.invars, args):
     env[v] = x
   for eqn in jaxpr.eqns:
-    outs = _bind(eqn, [_read(env, a) for a in eqn.invars])
+    outs = bind_eqn(eqn, [_read(env, a) for a in eqn.invars])
     for v, x in zip(eqn.outvars, outs):
       name = names.get(v)
       env[v] = checkpoint_name(x, name) if name is not None else x

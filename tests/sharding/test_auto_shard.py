@@ -343,7 +343,7 @@ def test_model_axes_option(mlp):
   _close(f(*mlp.args), mlp.ref1)
   spec = {l.path: l.spec for l in f.explain(*mlp.args).inputs}
   assert "mp" in spec["args[0]['l0']['w']"][1] and "mp" in spec["args[0]['l1']['w']"][0]
-  assert spec["args[2]"][0] == ("dp",)
+  assert "dp" in spec["args[2]"][0]   # batch data-sharded (compiled validation may add "mp")
   plain = auto_shard(mlp.step, _mesh((2, 4), ("data", "model")), model_axes=()).explain(*mlp.args)
   assert not plain.tensor_parallel and plain.tensor_axes == ()
   with pytest.raises(ShardingError, match=r"model_axes=\('mq',\) names 'mq'.*its axes are \('dp', 'mp'\)"):
