@@ -19,6 +19,7 @@ from lepton_jax._errors import KernelError
 from lepton_jax.pallas_kernels import _autotune
 from lepton_jax.pallas_kernels import _registry
 from lepton_jax.pallas_kernels._common import (
+    interpret_arg,
     FLOAT_DTYPES, FLOAT_NAMES, GPU_SMEM_BYTES, MASK_VALUE, STAT_LANES_TPU, cdiv, check_array,
     compiler_params, cost_estimate, dot_nn, dot_nt, dot_tn, is_pow2, nbytes, next_pow2, pad_axis,
     round_up, shapes_dtypes)
@@ -184,12 +185,7 @@ class _Cfg:
   gpu_flavor: str = "triton"   # "mosaic": the forward runs the Mosaic GPU kernel (sm_90+)
 
   def interpret_arg(self):
-    if self.interpret == "gpu":
-      return True
-    if self.interpret == "tpu":
-      from jax.experimental.pallas import tpu as pltpu
-      return pltpu.InterpretParams()
-    return False
+    return interpret_arg(self.interpret)
 
 
 def _tile_keep(cfg: _Cfg, qidx, kidx, mask_tile):

@@ -74,6 +74,17 @@ def gpu_params(num_warps: int | None = None, num_stages: int | None = None):
   return pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages)
 
 
+def interpret_arg(mode: str):
+  """``pallas_call``'s ``interpret=`` for a kernel config's interpret mode: ``"gpu"`` -> the
+  generic interpreter, ``"tpu"`` -> the TPU interpreter (``InterpretParams``), else compiled."""
+  if mode == "gpu":
+    return True
+  if mode == "tpu":
+    from jax.experimental.pallas import tpu as pltpu
+    return pltpu.InterpretParams()
+  return False
+
+
 def tpu_params(semantics: Sequence[str]):
   from jax.experimental.pallas import tpu as pltpu
   return pltpu.CompilerParams(dimension_semantics=tuple(semantics))

@@ -19,6 +19,7 @@ from lepton_jax._errors import KernelError
 from lepton_jax.pallas_kernels import _autotune
 from lepton_jax.pallas_kernels import _registry
 from lepton_jax.pallas_kernels._common import (
+    interpret_arg,
     cdiv, check_array, compiler_params, cost_estimate, dot_nn, dot_nt, dot_tn, is_pow2, nbytes,
     next_pow2, pad_axis, round_up, shapes_dtypes, stat_lanes, sublanes)
 
@@ -105,12 +106,7 @@ class _Cfg:
   num_warps: int | None
 
   def interpret_arg(self):
-    if self.interpret == "gpu":
-      return True
-    if self.interpret == "tpu":
-      from jax.experimental.pallas import tpu as pltpu
-      return pltpu.InterpretParams()
-    return False
+    return interpret_arg(self.interpret)
 
 
 def _onehot(labels, j, bv):

@@ -14,6 +14,7 @@ from lepton_jax._errors import KernelError
 from lepton_jax.pallas_kernels import _autotune
 from lepton_jax.pallas_kernels import _registry
 from lepton_jax.pallas_kernels._common import (
+    interpret_arg,
     cdiv, check_array, compiler_params, cost_estimate, dot_nn, is_pow2, next_pow2, pad_axis, round_up,
     shapes_dtypes, sublanes)
 
@@ -97,12 +98,7 @@ class _Cfg:
   bs: MatmulBlockSizes
 
   def interpret_arg(self):
-    if self.interpret == "gpu":
-      return True
-    if self.interpret == "tpu":
-      from jax.experimental.pallas import tpu as pltpu
-      return pltpu.InterpretParams()
-    return False
+    return interpret_arg(self.interpret)
 
 
 def _mm_kernel(x_ref, w_ref, *refs, cfg, nk, bk, save_z):

@@ -14,6 +14,7 @@ from lepton_jax.pallas_kernels import _registry
 from jax import lax
 
 from lepton_jax.pallas_kernels._common import (
+    interpret_arg,
     check_array, compiler_params, cost_estimate, is_pow2, nbytes, next_pow2, pad_axis, round_up,
     shapes_dtypes, stat_lanes, sublanes)
 
@@ -100,12 +101,7 @@ class _Cfg:
   num_warps: int | None
 
   def interpret_arg(self):
-    if self.interpret == "gpu":
-      return True
-    if self.interpret == "tpu":
-      from jax.experimental.pallas import tpu as pltpu
-      return pltpu.InterpretParams()
-    return False
+    return interpret_arg(self.interpret)
 
 
 def _stats(cfg, x):

@@ -11,6 +11,7 @@ from flax import nnx
 from jax import lax
 
 from lepton_jax.transforms import adaptive_jit
+from lepton_jax.transforms.passes._pipeline import normalize_passes, run_passes
 
 
 def _attn(q, k, v):
@@ -42,9 +43,15 @@ def test_attention_routed_inside_nested_jaxprs(name):
   fn, where = NESTED[name]
   x = jax.random.normal(jax.random.key(0), (2, 16, 2, 16))
   g = adaptive_jit(fn, kernels="xla")
-  routes = [r for r in g.explain(x).rewrites if r.pass_name == "route_kernels"]
+  # The rewrite itself (before the compiled-memory decision, which at these tiny shapes may keep
+  # XLA's own attention): the nested attention is found and replaced where it is.
+  closed, _ = g.rewritten_jaxpr(x)
+  routes = [r for r in run_passes(closed, normalize_passes("default"), kernels="xla")[1]
+            if r.pass_name == "route_kernels"]
   assert [r.pattern for r in routes] == ["attention"], routes
   assert where in routes[0].location, routes[0].location
+  applied = [r.pattern for r in g.explain(x).rewrites if r.pass_name == "route_kernels"]
+  assert applied in (["attention"], ["rejected_by_compiled_memory"]), applied
   _close(g(x), jax.jit(fn)(x))
   _close(jax.grad(lambda x: g(x).sum())(x), jax.jit(jax.grad(lambda x: fn(x).sum()))(x))
 
