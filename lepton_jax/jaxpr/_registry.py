@@ -44,6 +44,8 @@ class PrimitiveInfo:
       and may be merged.
     foldable: may be evaluated at trace time on constant inputs.
     commutative: a binary primitive whose two operands may be swapped.
+    view: moves or relabels its first operand's elements without arithmetic on them (a dtype
+      cast, transpose, reshape, broadcast, ...): analyses may treat the output as the same tensor.
   """
   name: str
   kind: str
@@ -51,6 +53,7 @@ class PrimitiveInfo:
   cse_safe: bool = True
   foldable: bool = True
   commutative: bool = False
+  view: bool = False
 
 
 _ELEMENTWISE = """
@@ -63,6 +66,8 @@ shift_right_arithmetic nextafter clamp square copy copy_p real imag conj complex
 population_count clz reduce_precision add_any stop_gradient bitcast_convert_type
 """.split()
 _COMMUTATIVE = frozenset("add mul max min and or xor eq ne add_any".split())
+_VIEWS = frozenset("""convert_element_type copy copy_p transpose reshape broadcast_in_dim squeeze
+expand_dims reduce_precision optimization_barrier""".split())
 _REDUCTION = """
 reduce_sum reduce_max reduce_min reduce_prod reduce_and reduce_or reduce_xor argmax argmin
 reduce reduce_and_
@@ -111,7 +116,7 @@ def _build() -> types.MappingProxyType:
 
   def add(names, kind, **kw):
     for n in names:
-      table[n] = PrimitiveInfo(n, kind, commutative=n in _COMMUTATIVE, **kw)
+      table[n] = PrimitiveInfo(n, kind, commutative=n in _COMMUTATIVE, view=n in _VIEWS, **kw)
 
   add(_ELEMENTWISE, "elementwise")
   add(_REDUCTION, "reduction")

@@ -18,13 +18,15 @@ from typing import Any
 
 from lepton_jax import jaxpr as ljx
 from lepton_jax.jaxpr import _compat
+from lepton_jax.jaxpr._registry import primitive_info
 
 __all__ = ["DimAnalysis", "DotRecord", "Intermediate", "ReduceRecord", "analyze_dims"]
 
-_REDUCE_PRIMS = {"reduce_sum", "reduce_max", "reduce_min", "reduce_prod", "reduce_and",
-                 "reduce_or", "argmax", "argmin", "reduce_xor"}
-_VIEW_PRIMS = {"convert_element_type", "copy", "copy_p", "transpose", "reshape", "broadcast_in_dim",
-               "squeeze", "expand_dims", "reduce_precision", "optimization_barrier"}
+
+
+def _is_reduce(name: str) -> bool:
+  """An ``axes``-reduction (the registry's reduction class, not the generic ``reduce``)."""
+  return primitive_info(name).kind == "reduction" and name not in ("reduce", "reduce_and_")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -252,7 +254,7 @@ def _unify_eqn(b: _Builder, eqn) -> None:
     for k, d in enumerate(kept):
       b.unify(ins[0], d, out, k)
     return
-  if name in _REDUCE_PRIMS:
+  if _is_reduce(name):
     axes = set(p.get("axes", ()))
     kept = [d for d in range(len(_shape(ins[0]))) if d not in axes]
     for k, d in enumerate(kept):
@@ -324,7 +326,7 @@ def analyze_dims(closed_jaxpr) -> DimAnalysis:
     for sub in ljx.sub_jaxprs(eqn):
       _bind_sub(b, eqn, sub)
     name = eqn.primitive.name
-    if name in _VIEW_PRIMS and eqn.invars and _is_var(eqn.invars[0]) and eqn.invars[0] in b.root_of:
+    if primitive_info(name).view and eqn.invars and _is_var(eqn.invars[0]) and eqn.invars[0] in b.root_of:
       for o in eqn.outvars:
         if _is_var(o):
           b.root_of[o] = b.root_of[eqn.invars[0]]
@@ -358,7 +360,7 @@ def analyze_dims(closed_jaxpr) -> DimAnalysis:
         weight_uses[r] = weight_uses.get(r, 0) + ref.multiplier
       dots.append(DotRecord(ref.id, ref.multiplier, contract, lcl, rcl, ocl,
                             ljx.aval_bytes(outs[0]), lr, rr))
-    elif name in _REDUCE_PRIMS and outs and name not in ("argmax", "argmin"):
+    elif _is_reduce(name) and outs and name not in ("argmax", "argmin"):
       icl = b.cls(eqn.invars[0])
       axes = eqn.params.get("axes", ())
       reduces.append(ReduceRecord(ref.id, ref.multiplier, tuple(sorted({icl[a] for a in axes})),
