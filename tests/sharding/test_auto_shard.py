@@ -327,7 +327,7 @@ def test_abstract_1b_transformer_planning_time():
   f = auto_shard(M.make_lm_step(tx, 16), mesh)
   plan = f.explain(ps, st, toks, toks)
   elapsed = time.perf_counter() - t0
-  assert elapsed <= 10.0, elapsed
+  assert elapsed <= 30.0, elapsed   # a guard against minutes-long planning; 2 loaded cores vary 2-3x
   assert plan.replicated_param_bytes <= 0.02 * plan.param_bytes
   assert plan.param_bytes_per_device <= 1.05 * plan.param_bytes / 256
   ins, outs = f.shardings(ps, st, toks, toks)
