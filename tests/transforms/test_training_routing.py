@@ -112,11 +112,10 @@ class _GroupedAttention(nnx.Module):
     k, v = jnp.einsum("BTD,CKDH->CBTKH", x, self.kv[...])
     b, t, n, h = q.shape
     g = n // self.kv_heads
-    # (Gemma reshapes the logits to [B,T,N,S] around the softmax; that spelling is not routed
-    # yet, so the grouped logits stay [B,T,K,G,S] here.)
     logits = jnp.einsum("BTKGH,BSKH->BTKGS", q.reshape(b, t, self.kv_heads, g, h), k)
-    probs = jax.nn.softmax(jnp.where(mask[:, :, None, None, :], logits, K_MASK), axis=-1)
-    enc = jnp.einsum("BTKGS,BSKH->BTKGH", probs, v)
+    logits = logits.reshape(b, t, n, -1)                     # Gemma's [B,T,N,S] frame
+    probs = jax.nn.softmax(jnp.where(mask[:, :, None, :], logits, K_MASK), axis=-1)
+    enc = jnp.einsum("BTKGS,BSKH->BTKGH", probs.reshape(b, t, self.kv_heads, g, -1), v)
     return jnp.einsum("BTNH,NHD->BTD", enc.reshape(b, t, n, h), self.o[...])
 
 
@@ -227,3 +226,17 @@ def test_one_hot_cross_entropy_spellings_route(name):
   _close(f(logits, labels), jax.jit(fn)(logits, labels))
   loss = lambda l: jnp.mean(fn(l, labels))
   _close(jax.grad(lambda l: jnp.mean(f(l, labels)))(logits), jax.jit(jax.grad(loss))(logits))
+
+
+def test_gemma_grouped_attention_spelling_routes_forward():
+  """Gemma merges (kv head, group) into heads around the softmax; the merged mask is split back."""
+  attn = _GroupedAttention(32, 4, 2, 8, nnx.Rngs(0))
+  x = jax.random.normal(jax.random.key(3), (2, 12, 32))
+  mask = jnp.broadcast_to(jnp.tril(jnp.ones((12, 12), bool)), (2, 12, 12))
+  f = adaptive_jit(lambda m, x, mask: m(x, mask), kernels="xla")
+  from lepton_jax.transforms.passes._pipeline import normalize_passes, run_passes
+  closed, _ = f.rewritten_jaxpr(attn, x, mask)
+  routed = [r.pattern for r in run_passes(closed, normalize_passes("default"), kernels="xla")[1]
+            if r.pass_name == "route_kernels"]
+  assert routed == ["attention"], routed
+  _close(f(attn, x, mask), nnx.jit(lambda m, x, mask: m(x, mask))(attn, x, mask))

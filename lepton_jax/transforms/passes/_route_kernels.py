@@ -85,6 +85,10 @@ class _AttnMatch:
   head_b: int | None = None
   groups: int = 1
   pre_eqns: tuple[int, ...] = ()
+  # Gemma's spelling merges two adjacent score dims (kv head, group) into one (heads) around the
+  # softmax: a bias/mask given in that merged frame is split back with ``(position, size1, size2)``.
+  bias_split: tuple[int, int, int] | None = None
+  mask_split: tuple[int, int, int] | None = None
 
 
 class _NoMatch(Exception):
@@ -383,6 +387,7 @@ def _match_attention_oriented(jaxpr, uses, prod, d1: int, known, q_is_lhs: bool)
   scale = 1.0
   bias = mask = None
   bias_labels = mask_labels = bias_shape = None
+  merge = None          # (size1, size2) of the two score dims merged into one, if any
   phase = 0
   idx = [d1]
   cur = e1.outvars[0]
@@ -443,6 +448,14 @@ def _match_attention_oriented(jaxpr, uses, prod, d1: int, known, q_is_lhs: bool)
     elif name == "transpose":
       perm = tuple(e.params["permutation"])
       labels = [labels[p] for p in perm]
+    elif name == "reshape" and e.params.get("dimensions") in (None, ()) and merge is None and \
+        _merged_pair(tuple(cur.aval.shape), tuple(e.outvars[0].aval.shape)) is not None and \
+        phase == 0:
+      mp = _merged_pair(tuple(cur.aval.shape), tuple(e.outvars[0].aval.shape))
+      if ("k",) in (labels[mp], labels[mp + 1]):
+        raise _NoMatch("reshape merges the key axis")
+      merge = (cur.aval.shape[mp], cur.aval.shape[mp + 1])
+      labels = labels[:mp] + [("m", labels[mp], labels[mp + 1])] + labels[mp + 2:]
     elif name == "reshape" and e.params.get("dimensions") in (None, ()):
       new_shape = tuple(e.outvars[0].aval.shape)
       old_shape = tuple(cur.aval.shape)
@@ -481,6 +494,20 @@ def _match_attention_oriented(jaxpr, uses, prod, d1: int, known, q_is_lhs: bool)
     if len(c) != 1 or c[0] == -1 or eqns[c[0]].primitive.name != "convert_element_type" or \
         eqns[c[0]].outvars[0].aval.dtype != in_dtype:
       raise _NoMatch("probabilities not cast back to the inputs' dtype")
+    idx.append(c[0])
+    p_var = eqns[c[0]].outvars[0]
+    c = uses.get(p_var, [])
+  if merge is not None:
+    # The probabilities are split back to the frame of Q.K before P.V.
+    cp = next(n for n, l in enumerate(labels) if l[0] == "m")
+    pshape = tuple(p_var.aval.shape)
+    want = pshape[:cp] + merge + pshape[cp + 1:]
+    if len(c) != 1 or c[0] == -1 or eqns[c[0]].primitive.name != "reshape" or \
+        tuple(eqns[c[0]].outvars[0].aval.shape) != want or \
+        eqns[c[0]].params.get("dimensions") not in (None, ()):
+      raise _NoMatch("merged score dims not split back before P.V")
+    labels = labels[:cp] + [labels[cp][1], labels[cp][2]] + labels[cp + 1:]
+    axis = labels.index(("k",))
     idx.append(c[0])
     p_var = eqns[c[0]].outvars[0]
     c = uses.get(p_var, [])
@@ -558,9 +585,37 @@ def _match_attention_oriented(jaxpr, uses, prod, d1: int, known, q_is_lhs: bool)
       d1=d1, d2=d2, eqns=sorted(set(idx)), q=q, k=k, v=v, q_perm=q_perm, k_perm=k_perm,
       v_perm=v_perm, batch_sizes=batch_sizes, q_sizes=q_sizes, kv_len=kv_len,
       head_dim=head_dim, v_dim=v_dim, scale=scale,
-      bias=bias, bias_perm=perm_for(bias_labels) if bias is not None else None,
-      mask=mask, mask_perm=perm_for(mask_labels) if mask is not None else None,
-      out_perm=out_perm, bias_shape=bias_shape, head_b=head_b, groups=groups, pre_eqns=pre)
+      bias=bias, bias_perm=perm_for(_split_labels(bias_labels)) if bias is not None else None,
+      mask=mask, mask_perm=perm_for(_split_labels(mask_labels)) if mask is not None else None,
+      out_perm=out_perm, bias_shape=bias_shape, head_b=head_b, groups=groups, pre_eqns=pre,
+      bias_split=_split_of(bias_labels, merge) if bias is not None else None,
+      mask_split=_split_of(mask_labels, merge) if mask is not None else None)
+
+
+def _merged_pair(old_shape, new_shape):
+  """Position ``i`` when ``new_shape`` is ``old_shape`` with dims ``i, i+1`` merged (both > 1)."""
+  if len(new_shape) != len(old_shape) - 1:
+    return None
+  for i in range(len(new_shape)):
+    if (old_shape[:i] == new_shape[:i] and old_shape[i + 2:] == new_shape[i + 1:]
+        and old_shape[i] > 1 and old_shape[i + 1] > 1
+        and new_shape[i] == old_shape[i] * old_shape[i + 1]):
+      return i
+  return None
+
+
+def _split_labels(lbls):
+  out = []
+  for l in lbls:
+    out.extend([l[1], l[2]] if l[0] == "m" else [l])
+  return out
+
+
+def _split_of(lbls, merge):
+  for n, l in enumerate(lbls):
+    if l[0] == "m":
+      return (n, merge[0], merge[1])
+  return None
 
 
 def _fill_value(jaxpr, prod, fill, known):
@@ -624,6 +679,7 @@ def _attention_replacement(m: _AttnMatch, backend: str):
     vc = heads_last(v, m.v_perm).reshape(nbo, m.kv_len, kv_heads, m.v_dim)
     if bias is not None and tuple(bias.shape) != m.bias_shape:
       bias = jnp.broadcast_to(bias, m.bias_shape)
+    bias, mask = _unmerge(bias, m.bias_split), _unmerge(mask, m.mask_split)
     bc = None if bias is None else scores(bias, m.bias_perm)
     mc = None if mask is None else scores(mask, m.mask_perm)
     o = flash_attention(qc, kc, vc, bias=bc, mask=mc, scale=float(m.scale), backend=backend)
@@ -634,6 +690,14 @@ def _attention_replacement(m: _AttnMatch, backend: str):
     return jnp.transpose(o, m.out_perm)
 
   return fn
+
+
+def _unmerge(x, split):
+  """Splits the merged score dim of a bias/mask given in Gemma's merged frame."""
+  if x is None or split is None:
+    return x
+  p, a, b = split
+  return x.reshape(x.shape[:p] + (a, b) + x.shape[p + 1:])
 
 
 def _kernel(name: str):
@@ -851,6 +915,7 @@ def _route_level(closed, path: str, records: list, kernels: str, spot_check: boo
     in_vars = (m.q, m.k, m.v, m.bias, m.mask)
     out_var = work.jaxpr.eqns[m.d2].outvars[0]
     key = ("attention", m.q_perm, m.k_perm, m.v_perm, m.out_perm, m.bias_perm, m.mask_perm,
+           m.bias_split, m.mask_split,
            m.scale, m.head_b, m.groups, id(_attention_replacement))
     reason = _check(work, set(m.eqns) | set(m.pre_eqns), in_vars, out_var, repl, spot_check, key)
     here = location(f"{path}{m.d2}", work.jaxpr.eqns[m.d2])
