@@ -240,3 +240,19 @@ def test_gemma_grouped_attention_spelling_routes_forward():
             if r.pass_name == "route_kernels"]
   assert routed == ["attention"], routed
   _close(f(attn, x, mask), nnx.jit(lambda m, x, mask: m(x, mask))(attn, x, mask))
+
+
+def test_jax_grad_of_a_model_routes_attention_jointly():
+  """jax.grad alone: the attention output is a residual of the layers after it, so it anchors."""
+  model = _TinyLM(64, 32, nnx.Rngs(1))
+  tok = jax.random.randint(jax.random.key(4), (2, 17), 0, 64)
+  graphdef, params = nnx.split(model, nnx.Param)
+  g = jax.grad(lambda p, t: optax.softmax_cross_entropy_with_integer_labels(
+      nnx.merge(graphdef, p)(t[:, :-1]), t[:, 1:]).mean())
+  f = adaptive_jit(g, kernels="xla")
+  from lepton_jax.transforms.passes._pipeline import normalize_passes, run_passes
+  closed, _ = f.rewritten_jaxpr(params, tok)
+  routed = [r.pattern for r in run_passes(closed, normalize_passes("default"), kernels="xla")[1]
+            if r.pass_name == "route_kernels"]
+  assert "attention_fwd_bwd" in routed, routed
+  _close(f(params, tok), jax.jit(g)(params, tok), tol=5e-4)
