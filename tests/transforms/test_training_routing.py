@@ -11,9 +11,9 @@ import optax
 import pytest
 from flax import nnx
 
+from benchmarks.training_step import _GqaAttention
 from lepton_jax.transforms import adaptive_jit
 
-K_MASK = -2.3819763e38   # Gemma's finite mask fill
 
 
 def _close(a, b, tol=2e-4):
@@ -97,26 +97,9 @@ def test_compiled_memory_drops_at_long_sequence():
   assert rep.compiled_temp_bytes_before == pytest.approx(plain, rel=0.01)
 
 
-class _GroupedAttention(nnx.Module):
-  """Gemma-style grouped-query attention (einsum projections, grouped logits, finite mask)."""
-
-  def __init__(self, d, heads, kv_heads, head_dim, rngs):
-    init = nnx.initializers.normal(0.3)
-    self.q = nnx.Param(init(rngs.params(), (heads, d, head_dim)))
-    self.kv = nnx.Param(init(rngs.params(), (2, kv_heads, d, head_dim)))
-    self.o = nnx.Param(init(rngs.params(), (heads, head_dim, d)))
-    self.kv_heads = kv_heads
-
-  def __call__(self, x, mask):
-    q = jnp.einsum("BTD,NDH->BTNH", x, self.q[...]) * self.q.shape[-1] ** -0.5
-    k, v = jnp.einsum("BTD,CKDH->CBTKH", x, self.kv[...])
-    b, t, n, h = q.shape
-    g = n // self.kv_heads
-    logits = jnp.einsum("BTKGH,BSKH->BTKGS", q.reshape(b, t, self.kv_heads, g, h), k)
-    logits = logits.reshape(b, t, n, -1)                     # Gemma's [B,T,N,S] frame
-    probs = jax.nn.softmax(jnp.where(mask[:, :, None, :], logits, K_MASK), axis=-1)
-    enc = jnp.einsum("BTKGS,BSKH->BTKGH", probs.reshape(b, t, self.kv_heads, g, -1), v)
-    return jnp.einsum("BTNH,NHD->BTD", enc.reshape(b, t, n, h), self.o[...])
+# Gemma-style grouped-query attention (einsum projections, logits merged to [B,T,N,S] around the
+# masked softmax): the same module the training-step benchmark measures.
+_GroupedAttention = _GqaAttention
 
 
 class _TinyLM(nnx.Module):
