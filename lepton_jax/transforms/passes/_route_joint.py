@@ -42,7 +42,7 @@ from lepton_jax.jaxpr._defuse import OUTPUT, DefUse
 from lepton_jax.jaxpr._driver import Rewrite, known_consts, location
 from lepton_jax.jaxpr._eval import eval_jaxpr, retrace
 
-__all__ = ["route_joint_level", "MAX_JOINT_ELEMENTS"]
+__all__ = ["route_joint_level", "random_inputs", "MAX_JOINT_ELEMENTS"]
 
 #: Largest value (elements) of a joint region that is checked numerically; bigger regions are
 #: not routed jointly (the check is what makes the replacement exact).
@@ -173,11 +173,17 @@ def _subgraph(closed, ids, in_vars, out_vars) -> Callable:
   return lambda *vals: eval_jaxpr(sub, closed.consts, *vals)
 
 
-def _draw(avals, seed, high):
+def random_inputs(avals, seed: int = 0) -> list:
+  """Random values for numeric checks (``None`` stays ``None``): bools mostly true, integers below
+  the last dim of the first float input (so they are valid indices), floats standard normal."""
   rng = np.random.default_rng(seed)
+  high = next((a.shape[-1] for a in avals if a is not None and a.shape
+               and jnp.issubdtype(a.dtype, jnp.floating)), 2)
   out = []
   for a in avals:
-    if a.dtype == np.bool_:
+    if a is None:
+      out.append(None)
+    elif a.dtype == np.bool_:
       out.append(rng.random(a.shape) < 0.8)
     elif jnp.issubdtype(a.dtype, jnp.integer):
       out.append(rng.integers(0, max(1, high), a.shape).astype(a.dtype))
@@ -197,18 +203,20 @@ def _close(a, b, dtype) -> bool:
   return a.shape == b.shape and bool(np.allclose(a, b, rtol=t, atol=t * scale))
 
 
+def _kernel_fwd(repl, args, mask, diff_pos):
+  """``(o, vjp)`` of the kernel replacement ``repl(q, k, v, bias, mask)`` w.r.t. ``args[diff_pos]``."""
+  def f(*d):
+    a = list(args)
+    for p, x in zip(diff_pos, d):
+      a[p] = x
+    return repl(a[0], a[1], a[2], a[3], mask)
+  return jax.vjp(f, *[args[p] for p in diff_pos])
+
+
 def _kernel_vjp(repl, m, diff_pos):
   """``fn(q, k, v, bias, mask, do) -> (o, cotangents of the inputs at diff_pos)``."""
   def fn(q, k, v, bias, mask, do):
-    args = [q, k, v, bias]
-    dyn = [args[p] for p in diff_pos]
-
-    def f(*d):
-      a = list(args)
-      for p, x in zip(diff_pos, d):
-        a[p] = x
-      return repl(a[0], a[1], a[2], a[3], mask)
-    o, vjp = jax.vjp(f, *dyn)
+    o, vjp = _kernel_fwd(repl, [q, k, v, bias], mask, diff_pos)
     return o, vjp(do.astype(o.dtype))
   return fn
 
@@ -253,13 +261,11 @@ def _identify(closed, du: DefUse, j: _Joint, repl) -> str | None:
     o, cts = joint(*(get(a) for a in ins), get(j.do))
     return sub(*vals), o, list(cts)
 
-  high = next((a.aval.shape[-1] for a in uniq if a.aval.shape
-               and jnp.issubdtype(a.aval.dtype, jnp.floating)), 2)
   avals = [a.aval for a in uniq]
   try:
     with jax.ensure_compile_time_eval():
       exe = jax.jit(both)
-      draws = [_draw(avals, seed, high) for seed in (0, 1)]
+      draws = [random_inputs(avals, seed) for seed in (0, 1)]
       if jax.default_backend() == "cpu":
         exe = exe.lower(*draws[0]).compile({"xla_backend_optimization_level": 0})
       results = [jax.tree.map(np.asarray, exe(*d)) for d in draws]
@@ -330,15 +336,7 @@ def route_joint_level(closed, path: str, records: list, *, kernels: str, match_f
 
     def fwd_fn(read, m=m, cell=cell):
       ins = [None if a is None else read(a) for a in (m.q, m.k, m.v, m.bias, m.mask)]
-      args = ins[:4]
-      dyn = [args[p] for p in cell["diff_pos"]]
-
-      def f(*d):
-        a = list(args)
-        for p, x in zip(cell["diff_pos"], d):
-          a[p] = x
-        return cell["repl"](a[0], a[1], a[2], a[3], ins[4])
-      o, cell["vjp"] = jax.vjp(f, *dyn)
+      o, cell["vjp"] = _kernel_fwd(cell["repl"], ins[:4], ins[4], cell["diff_pos"])
       return [o]
 
     def bwd_fn(read, j=j, cell=cell):

@@ -43,7 +43,7 @@ from lepton_jax.jaxpr._defuse import DefUse
 from lepton_jax.jaxpr._driver import Rewrite, inline_calls, known_consts, location, rewrite_nested
 from lepton_jax.jaxpr._eval import eval_jaxpr, retrace
 from lepton_jax.transforms.passes import _templates
-from lepton_jax.transforms.passes._route_joint import route_joint_level
+from lepton_jax.transforms.passes._route_joint import random_inputs, route_joint_level
 
 __all__ = ["route_kernels", "find_attention", "clear_spot_check_cache"]
 
@@ -829,26 +829,9 @@ def _spot_key(closed, eqn_ids, args, key_extra):
     return None
 
 
-def _random_inputs(args):
-  rng = np.random.default_rng(0)
-  high = next((a.shape[-1] for a in args if a is not None and a.shape
-               and jnp.issubdtype(a.dtype, jnp.floating)), 2)
-  vals = []
-  for a in args:
-    if a is None:
-      vals.append(None)
-    elif a.dtype == np.bool_:
-      vals.append(rng.random(a.shape) < 0.8)
-    elif jnp.issubdtype(a.dtype, jnp.integer):
-      vals.append(rng.integers(0, max(1, high), a.shape).astype(a.dtype))
-    else:
-      vals.append(rng.standard_normal(a.shape).astype(np.float32).astype(a.dtype))
-  return vals
-
-
 def _spot_check(sub, repl, args, out_aval):
   with jax.ensure_compile_time_eval():
-    vals = _random_inputs(args)
+    vals = random_inputs(args)
     both = jax.jit(lambda *v: (sub(*v), repl(*v)))
     if jax.default_backend() == "cpu":
       # A one-off executable: skip XLA's backend optimisations (much faster to compile).
