@@ -14,7 +14,7 @@ import jax
 
 from lepton_jax.jaxpr._eval import eval_jaxpr, in_specs
 
-__all__ = ["CompiledFigures", "compiled_figures"]
+__all__ = ["CompiledFigures", "compiled_figures", "read_compiled", "figures_of"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,6 +30,13 @@ class CompiledFigures:
   argument_bytes: int
   output_bytes: int
   flops: float
+  alias_bytes: int = 0
+  bytes_accessed: float = 0.0
+
+  @property
+  def device_bytes(self) -> int:
+    """argument + output + temp - alias: what one execution holds on the device."""
+    return self.argument_bytes + self.output_bytes + self.temp_bytes - self.alias_bytes
 
   def to_dict(self) -> dict[str, Any]:
     return dataclasses.asdict(self)
@@ -39,6 +46,30 @@ def _first(ca):
   if isinstance(ca, (list, tuple)):
     ca = ca[0] if ca else {}
   return ca or {}
+
+
+def read_compiled(compiled) -> CompiledFigures:
+  """XLA's figures of an already compiled program (``jax.stages.Compiled``).
+
+  The one place that reads ``memory_analysis()`` / ``cost_analysis()`` (older jax returns one
+  cost dict per computation; a backend without analyses gives zeros).
+  """
+  mem = compiled.memory_analysis()
+  ca = _first(compiled.cost_analysis())
+
+  def g(name):
+    return int(getattr(mem, name, 0) or 0) if mem is not None else 0
+
+  return CompiledFigures(g("temp_size_in_bytes"), g("argument_size_in_bytes"),
+                         g("output_size_in_bytes"), max(float(ca.get("flops", 0.0) or 0.0), 0.0),
+                         g("alias_size_in_bytes"), float(ca.get("bytes accessed", 0.0) or 0.0))
+
+
+def figures_of(fun, *args, compiler_options=None, **kwargs) -> CompiledFigures:
+  """``read_compiled(jax.jit(fun).lower(*args, **kwargs).compile(compiler_options))``."""
+  lowered = jax.jit(fun).lower(*args, **kwargs)
+  compiled = lowered.compile(compiler_options=compiler_options) if compiler_options else lowered.compile()
+  return read_compiled(compiled)
 
 
 def compiled_figures(closed) -> CompiledFigures:
@@ -52,9 +83,4 @@ def compiled_figures(closed) -> CompiledFigures:
   fn = lambda *a: eval_jaxpr(closed.jaxpr, closed.consts, *a)
   with jax.ensure_compile_time_eval():
     compiled = jax.jit(fn).lower(*in_specs(closed.jaxpr)).compile()
-  mem = compiled.memory_analysis()
-  ca = _first(compiled.cost_analysis())
-  return CompiledFigures(int(getattr(mem, "temp_size_in_bytes", 0) or 0),
-                         int(getattr(mem, "argument_size_in_bytes", 0) or 0),
-                         int(getattr(mem, "output_size_in_bytes", 0) or 0),
-                         float(ca.get("flops", 0.0) or 0.0))
+  return read_compiled(compiled)
