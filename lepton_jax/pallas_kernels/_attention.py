@@ -19,6 +19,7 @@ from lepton_jax._errors import KernelError
 from lepton_jax.pallas_kernels import _autotune
 from lepton_jax.pallas_kernels import _registry
 from lepton_jax.pallas_kernels._common import (
+    mgpu_attention, mgpu_interpret,
     interpret_arg,
     FLOAT_DTYPES, FLOAT_NAMES, GPU_SMEM_BYTES, MASK_VALUE, STAT_LANES_TPU, cdiv, check_array,
     compiler_params, cost_estimate, dot_nn, dot_nt, dot_tn, is_pow2, nbytes, next_pow2, pad_axis,
@@ -508,16 +509,13 @@ def _pallas_bwd(cfg: _Cfg, q, k, v, bias, mask, o, lse, do):
 
 def _mgpu_fwd(cfg: _Cfg, q, k, v):
   """Forward on Mosaic GPU (``_attention_mgpu``); the lse matches the Triton backward's layout."""
-  from lepton_jax.pallas_kernels import _attention_mgpu as mg
+  mg = mgpu_attention()
   B, T, N, D = q.shape
   mcfg = mg.default_config(D, q.dtype)
   tpm = round_up(cfg.q_len, mcfg.block_q)
   spm = round_up(cfg.kv_len, mcfg.block_kv)
   tp_triton = _padded_dims(cfg, D)[4]
-  interp = False
-  if cfg.interpret:
-    from lepton_jax.jaxpr import _compat
-    interp = _compat.mosaic_gpu_interpret_params()
+  interp = mgpu_interpret(cfg.interpret)
   o, lse = mg.mgpu_flash_fwd(
       pad_axis(q, 1, tpm), pad_axis(k, 1, spm), pad_axis(v, 1, spm), scale=cfg.scale,
       causal=cfg.causal, kv_len=cfg.kv_len, config=mcfg, interpret=interp,
@@ -528,16 +526,13 @@ def _mgpu_fwd(cfg: _Cfg, q, k, v):
 
 def _mgpu_bwd(cfg: _Cfg, q, k, v, o, lse, do):
   """Backward on Mosaic GPU (``_attention_mgpu.mgpu_flash_bwd``), 64-row tiles."""
-  from lepton_jax.pallas_kernels import _attention_mgpu as mg
+  mg = mgpu_attention()
   B, T, N, D = q.shape
   S, K = k.shape[1], k.shape[2]
   G = cfg.groups
   tp, sp = round_up(cfg.q_len, 64), round_up(cfg.kv_len, 64)
   delta = jnp.einsum("btnd,btnd->bnt", o.astype(jnp.float32), do.astype(jnp.float32))
-  interp = False
-  if cfg.interpret:
-    from lepton_jax.jaxpr import _compat
-    interp = _compat.mosaic_gpu_interpret_params()
+  interp = mgpu_interpret(cfg.interpret)
   dq, dk, dv = mg.mgpu_flash_bwd(
       pad_axis(q, 1, tp), pad_axis(k, 1, sp), pad_axis(v, 1, sp), pad_axis(do, 1, tp),
       pad_axis(lse[:, :, :tp], 2, tp), pad_axis(delta, 2, tp), scale=cfg.scale, causal=cfg.causal,
@@ -1203,9 +1198,8 @@ def flash_attention(q, k, v, *, bias=None, mask=None, is_causal: bool = False,
     mask_full = jnp.broadcast_to(mask, mask.shape[:2] + (T, S)).astype(jnp.int8)
   flavor = "triton"
   if resolved.impl == "gpu" and resolved.interpret is False:
-    from lepton_jax.pallas_kernels import _attention_mgpu
     if (_registry.gpu_flavor() == "mosaic"
-        and _attention_mgpu.supported(q.dtype, D, bias is not None, mask is not None)):
+        and mgpu_attention().supported(q.dtype, D, bias is not None, mask is not None)):
       flavor = "mosaic"
   cfg = _Cfg(
       impl=resolved.impl,

@@ -33,6 +33,10 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from lepton_jax.pallas_kernels import _mgpu
 
 MGPU_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 
@@ -67,8 +71,6 @@ def mgpu_flash_fwd(q, k, v, *, scale: float, causal: bool, kv_len: int, config: 
   Returns ``(o [B, Tp, N, D], lse [B, N, Tp] float32)``; keys at positions >= ``kv_len`` are
   masked.
   """
-  from jax.experimental import pallas as pl
-  from jax.experimental.pallas import mosaic_gpu as plgpu
 
   B, Tp, N, D = q.shape
   Sp, K = k.shape[1], k.shape[2]
@@ -185,7 +187,7 @@ def mgpu_flash_fwd(q, k, v, *, scale: float, causal: bool, kv_len: int, config: 
       kernel_body,
       out_type=(jax.ShapeDtypeStruct(q.shape, dtype), jax.ShapeDtypeStruct((B, N, Tp), jnp.float32)),
       mesh=mesh,
-      compiler_params=plgpu.CompilerParams(approx_math=True),
+      compiler_params=_mgpu.compiler_params(approx_math=True),
       interpret=False if interpret is None else interpret,
       cost_estimate=cost_estimate,
       name="lepton_flash_attention_fwd_mgpu",
@@ -200,12 +202,10 @@ def mgpu_flash_fwd(q, k, v, *, scale: float, causal: bool, kv_len: int, config: 
 # yet). Same interpret-mode substitutions as the forward.
 
 def _tools(interpret):
-  from jax.experimental.pallas import mosaic_gpu as plgpu
   hw = interpret is False or interpret is None
 
   def mm(a, b, *, shape, a_smem, b_smem, b_t=False, acc=None):
     """a @ b (b transposed when b_t) -> float32; wgmma on the GPU, a dot when interpreting."""
-    from jax.experimental import pallas as pl
     if not hw:
       av = a[...] if a_smem else a
       bv = b[...]
@@ -233,9 +233,7 @@ def _tools(interpret):
 
   def load_vec(ref, axis):
     """[n] float32 from SMEM in the layout that broadcasts along ``axis`` of a WGMMA tile."""
-    if hw:
-      return plgpu.load(ref, (), layout=plgpu.Layout.WGMMA.reduce(axis))
-    return ref[...]
+    return _mgpu.Tools(hw).vec(ref, axis)
 
   return hw, mm, zeros, iota, load_vec
 
@@ -246,8 +244,6 @@ def mgpu_flash_bwd(q, k, v, do, lse, delta, *, scale: float, causal: bool, kv_le
 
   Returns dq [B, Tp, N, D], dk, dv [B, Sp, N, D] (per query head).
   """
-  from jax.experimental import pallas as pl
-  from jax.experimental.pallas import mosaic_gpu as plgpu
 
   B, Tp, N, D = q.shape
   Sp, K = k.shape[1], k.shape[2]
@@ -312,7 +308,7 @@ def mgpu_flash_bwd(q, k, v, do, lse, delta, *, scale: float, causal: bool, kv_le
       dkv_kernel, out_type=(kv_out, kv_out),
       mesh=plgpu.Mesh(grid=(N, nk_total, B), grid_names=("heads", "kv_seq", "batch"),
                       kernel_name="lepton_flash_attention_bwd_dkv_mgpu"),
-      compiler_params=plgpu.CompilerParams(approx_math=True), interpret=interp,
+      compiler_params=_mgpu.compiler_params(approx_math=True), interpret=interp,
       cost_estimate=cost_estimate, name="lepton_flash_attention_bwd_dkv_mgpu",
   )(q, k, v, do, lse, delta)
 
@@ -370,7 +366,7 @@ def mgpu_flash_bwd(q, k, v, do, lse, delta, *, scale: float, causal: bool, kv_le
       dq_kernel, out_type=jax.ShapeDtypeStruct(q.shape, dtype),
       mesh=plgpu.Mesh(grid=(N, nq, B), grid_names=("heads", "q_seq", "batch"),
                       kernel_name="lepton_flash_attention_bwd_dq_mgpu"),
-      compiler_params=plgpu.CompilerParams(approx_math=True), interpret=interp,
+      compiler_params=_mgpu.compiler_params(approx_math=True), interpret=interp,
       cost_estimate=cost_estimate, name="lepton_flash_attention_bwd_dq_mgpu",
   )(q, k, v, do, lse, delta)
   return dq, dk, dv

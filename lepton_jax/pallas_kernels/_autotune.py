@@ -28,6 +28,8 @@ from typing import Any, Callable, Sequence
 import jax
 
 from lepton_jax._errors import KernelError
+from lepton_jax.pallas_kernels._common import device_kind
+from lepton_jax.pallas_kernels._registry import resolve_backend
 
 __all__ = [
     "AutotuneCache", "AutotuneResult", "TuneSpec", "autotune", "default_autotune_cache",
@@ -186,7 +188,6 @@ class AutotuneResult:
 
 
 def cache_key_for(spec: TuneSpec, args: tuple, kwargs: dict, backend: str) -> str:
-  from lepton_jax.pallas_kernels._common import device_kind
   shapes, dtypes, static = spec.describe(args, kwargs)
   return make_key(spec.name, device_kind(), backend, shapes, dtypes, static)
 
@@ -235,7 +236,6 @@ def autotune(kernel: Callable, *args, candidates: Sequence[Any] | None = None,
         f"autotune: kernel={getattr(kernel, '__name__', kernel)!r} is not a tunable "
         "lepton_jax.pallas_kernels kernel (flash_attention, rms_norm, layer_norm, "
         "softmax_cross_entropy, linear_softmax_cross_entropy, matmul)")
-  from lepton_jax.pallas_kernels._registry import resolve_backend
   resolved = resolve_backend(backend, api=f"autotune({spec.name})")
   if resolved.is_pallas and resolved.interpret is False:
     want = {"gpu": ("gpu", "cuda", "rocm"), "tpu": ("tpu",)}[resolved.impl]

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lepton_jax._errors import KernelError
+from lepton_jax.jaxpr import _compat
 
 FLOAT_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 FLOAT_NAMES = "float32, bfloat16, float16"
@@ -72,6 +73,34 @@ def gpu_params(num_warps: int | None = None, num_stages: int | None = None):
     warnings.simplefilter("ignore", DeprecationWarning)
     from jax.experimental.pallas import triton as pltriton
   return pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages)
+
+
+def mgpu():
+  """The Mosaic GPU kernels module (``_mgpu``), imported on first use.
+
+  Lazy on purpose: importing ``jax.experimental.pallas.mosaic_gpu`` (which ``_mgpu`` and
+  ``_attention_mgpu`` need at their top) loads the Mosaic GPU MLIR dialects, measured at
+  ~0.7 s (``python -X importtime``, jax 0.10.2) -- a fifth of ``import lepton_jax`` -- and
+  is only needed when a kernel is built for a GPU or run in the Mosaic GPU interpreter.
+  """
+  from lepton_jax.pallas_kernels import _mgpu
+  return _mgpu
+
+
+def mgpu_attention():
+  """``_attention_mgpu``, imported on first use (same reason as :func:`mgpu`)."""
+  from lepton_jax.pallas_kernels import _attention_mgpu
+  return _attention_mgpu
+
+
+def mgpu_interpret(mode: str):
+  """``interpret=`` for a Mosaic GPU kernel: its interpreter's params when ``mode`` is set."""
+  if not mode:
+    return False
+  params = _compat.mosaic_gpu_interpret_params()
+  if params is None:  # pragma: no cover - every supported JAX has it
+    raise KernelError("this JAX has no Mosaic GPU interpret mode; use LEPTON_PALLAS_GPU=triton")
+  return params
 
 
 def interpret_arg(mode: str):

@@ -19,7 +19,7 @@ from lepton_jax._errors import KernelError
 from lepton_jax.pallas_kernels import _autotune
 from lepton_jax.pallas_kernels import _registry
 from lepton_jax.pallas_kernels._common import (
-    interpret_arg,
+    interpret_arg, mgpu, mgpu_interpret,
     cdiv, check_array, compiler_params, cost_estimate, dot_nn, dot_nt, dot_tn, is_pow2, nbytes,
     next_pow2, pad_axis, round_up, shapes_dtypes, stat_lanes, sublanes)
 
@@ -82,6 +82,14 @@ def _legal(bs, impl, dtype=None):
   return True, ""
 
 
+def mosaic_supported(rows: int, vocab: int, dtype) -> bool:
+  """The Mosaic GPU cross-entropy serves rows and vocabularies that are multiples of 64
+  (64-row tiles, vocabulary chunks of 64-256 columns: TMA boxes are <= 256 wide, and no padded
+  copy of the logits is ever made). Otherwise (e.g. V = 50257): the Triton kernel."""
+  return (rows > 0 and rows % 64 == 0 and vocab % 64 == 0
+          and jnp.dtype(dtype) in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)))
+
+
 def softmax_cross_entropy_reference(logits, labels):
   """``logsumexp(logits) - logits[label]`` per example, float32."""
   lf = logits.astype(jnp.float32)
@@ -104,6 +112,7 @@ class _Cfg:
   block_rows: int
   block_v: int
   num_warps: int | None
+  gpu_flavor: str = "triton"   # "mosaic": the Mosaic GPU kernels (sm_90+)
 
   def interpret_arg(self):
     return interpret_arg(self.interpret)
@@ -181,9 +190,13 @@ def _ce_grid(cfg, n, v):
 
 
 def _ce_pallas_fwd(cfg, logits, labels):
-  """Returns the loss [N] and the logsumexp as [N, L] (L = 128 lanes on TPU, 1 on GPU)."""
+  """Returns the loss [N] and the logsumexp as [N, L] (L = 128 lanes on TPU, 1 on GPU;
+  [N] from the Mosaic GPU kernel)."""
   from jax.experimental import pallas as pl
   n, v = logits.shape
+  if cfg.gpu_flavor == "mosaic":
+    return mgpu().ce_fwd(logits, labels, interpret=mgpu_interpret(cfg.interpret),
+                         cost_estimate=cost_estimate(4 * n * v, n * v, nbytes(logits) + 12 * n))
   br, bv = cfg.block_rows, cfg.block_v
   nr, nv = _ce_grid(cfg, n, v)
   lab = labels.reshape(n, 1)
@@ -219,6 +232,10 @@ def _ce_pallas_fwd(cfg, logits, labels):
 def _ce_pallas_bwd(cfg, logits, labels, lse, g):
   from jax.experimental import pallas as pl
   n, v = logits.shape
+  if cfg.gpu_flavor == "mosaic":
+    return mgpu().ce_bwd(logits, labels, lse, g.astype(jnp.float32),
+                         interpret=mgpu_interpret(cfg.interpret),
+                         cost_estimate=cost_estimate(4 * n * v, n * v, 2 * nbytes(logits) + 12 * n))
   br, bv = cfg.block_rows, cfg.block_v
   nr, nv = _ce_grid(cfg, n, v)
   L = lse.shape[-1]
@@ -645,8 +662,11 @@ def softmax_cross_entropy(logits, labels, *, backend: str = "auto",
     # the forward) and its autodiff is what optax does, measured no slower than a custom
     # chunked implementation on CPU (benchmarks/results/kernels_cpu.json).
     return softmax_cross_entropy_reference(logits, labels)
+  flavor = "triton"
+  if resolved.impl == "gpu" and _registry.use_mosaic(resolved.interpret) and mosaic_supported(n, v, logits.dtype):
+    flavor = "mosaic"
   cfg = _Cfg(resolved.impl, "" if resolved.interpret is False else resolved.impl, v,
-             bs.block_rows, bs.block_v, bs.num_warps)
+             bs.block_rows, bs.block_v, bs.num_warps, flavor)
   loss = _ce(cfg, logits.reshape(n, v), labels.reshape(n).astype(jnp.int32))
   return loss.reshape(logits.shape[:-1])
 
@@ -703,8 +723,7 @@ def _cands(args, kwargs):
 
 
 def _is_legal(bs, args, kwargs):
-  from lepton_jax.pallas_kernels._registry import resolve_backend
-  impl = resolve_backend(kwargs["backend"]).impl if "backend" in kwargs else "gpu"
+  impl = _registry.resolve_backend(kwargs["backend"]).impl if "backend" in kwargs else "gpu"
   return _legal(bs, impl, args[0].dtype)
 
 

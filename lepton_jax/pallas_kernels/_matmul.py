@@ -14,7 +14,7 @@ from lepton_jax._errors import KernelError
 from lepton_jax.pallas_kernels import _autotune
 from lepton_jax.pallas_kernels import _registry
 from lepton_jax.pallas_kernels._common import (
-    interpret_arg,
+    interpret_arg, mgpu, mgpu_interpret,
     cdiv, check_array, compiler_params, cost_estimate, dot_nn, is_pow2, next_pow2, pad_axis, round_up,
     shapes_dtypes, sublanes)
 
@@ -81,6 +81,14 @@ def _legal(bs, impl, dtype=None):
   return True, ""
 
 
+def mosaic_supported(m: int, n: int, k: int, dtype) -> bool:
+  """The Mosaic GPU matmul (wgmma) serves bfloat16 / float16 with M, N, K multiples of 64 (its
+  tiles; the backward's dx / dw matmuls then fit too). float32 (wgmma would be tf32) and
+  other shapes: the Triton kernel."""
+  return (jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+          and min(m, n, k) > 0 and m % 64 == 0 and n % 64 == 0 and k % 64 == 0)
+
+
 def matmul_reference(x, w, *, bias=None, activation=None):
   """``activation(x @ w + bias)`` in float32, cast to ``x.dtype``."""
   z = jnp.dot(x.astype(jnp.float32), w.astype(jnp.float32))
@@ -96,6 +104,7 @@ class _Cfg:
   activation: str | None
   has_bias: bool
   bs: MatmulBlockSizes
+  gpu_flavor: str = "triton"   # "mosaic": the Mosaic GPU wgmma kernel (sm_90+)
 
   def interpret_arg(self):
     return interpret_arg(self.interpret)
@@ -184,10 +193,19 @@ def _pallas_mm_tpu(cfg, x, w, bias, *, save_z):
   )(*args)
 
 
-def _pallas_mm(cfg, x, w, bias, *, activation, save_z):
-  """[M, K] @ [K, N] (+ bias, activation) with padding to the tiles."""
+def _pallas_mm(cfg, x, w, bias, *, activation, save_z, x_t=False, w_t=False):
+  """[M, K] @ [K, N] (+ bias, activation) with padding to the tiles. ``x_t`` / ``w_t``: the
+  operand is given transposed (the Mosaic GPU kernel reads it so; others transpose it)."""
   from jax.experimental import pallas as pl
   cfg = dataclasses.replace(cfg, activation=activation, has_bias=bias is not None)
+  if cfg.gpu_flavor == "mosaic":
+    m, k = x.shape[::-1] if x_t else x.shape
+    n = w.shape[0] if w_t else w.shape[1]
+    return mgpu().matmul(x, w, bias, act=activation, save_z=save_z, a_t=x_t, b_t=w_t,
+                         interpret=mgpu_interpret(cfg.interpret),
+                         cost_estimate=_mm_cost(cfg, m, n, k, x, save_z))
+  x = x.T if x_t else x
+  w = w.T if w_t else w
   if cfg.impl == "tpu":
     return list(_pallas_mm_tpu(cfg, x, w, bias, save_z=save_z))
   m, k = x.shape
@@ -235,8 +253,8 @@ def _mm_bwd(cfg, res, g):
   else:
     _, act_vjp = jax.vjp(lambda t: _act(cfg.activation, t), z.astype(jnp.float32))
     dz = act_vjp(g.astype(jnp.float32))[0].astype(x.dtype)
-  dx = _pallas_mm(cfg, dz, w.T, None, activation=None, save_z=False)[0]
-  dw = _pallas_mm(cfg, x.T, dz, None, activation=None, save_z=False)[0]
+  dx = _pallas_mm(cfg, dz, w, None, activation=None, save_z=False, w_t=True)[0]
+  dw = _pallas_mm(cfg, x, dz, None, activation=None, save_z=False, x_t=True)[0]
   db = None if bias is None else dz.astype(jnp.float32).sum(0).astype(bias.dtype)
   return dx, dw.astype(w.dtype), db
 
@@ -301,8 +319,11 @@ def matmul(x, w, *, bias=None, activation: str | None = None, backend: str = "au
     if bias is not None:
       z = z + bias.astype(jnp.float32)
     return _act(activation, z).astype(x.dtype)
+  flavor = "triton"
+  if resolved.impl == "gpu" and _registry.use_mosaic(resolved.interpret) and mosaic_supported(m, n, k, x.dtype):
+    flavor = "mosaic"
   cfg = _Cfg(resolved.impl, "" if resolved.interpret is False else resolved.impl, activation,
-             bias is not None, block_sizes)
+             bias is not None, block_sizes, flavor)
   y = _mm(cfg, x.reshape(m, k), w, bias)
   return y.reshape(x.shape[:-1] + (n,))
 
@@ -322,8 +343,7 @@ def _cands(args, kwargs):
 
 
 def _is_legal(bs, args, kwargs):
-  from lepton_jax.pallas_kernels._registry import resolve_backend
-  impl = resolve_backend(kwargs["backend"]).impl if "backend" in kwargs else "gpu"
+  impl = _registry.resolve_backend(kwargs["backend"]).impl if "backend" in kwargs else "gpu"
   return _legal(bs, impl, args[0].dtype)
 
 

@@ -14,7 +14,7 @@ from lepton_jax.pallas_kernels import _registry
 from jax import lax
 
 from lepton_jax.pallas_kernels._common import (
-    interpret_arg,
+    interpret_arg, mgpu, mgpu_interpret,
     check_array, compiler_params, cost_estimate, is_pow2, nbytes, next_pow2, pad_axis, round_up,
     shapes_dtypes, stat_lanes, sublanes)
 
@@ -68,6 +68,13 @@ def _legal(bs, impl, features, rows=None, dtype=None):
   return True, ""
 
 
+def mosaic_supported(rows: int, features: int, dtype) -> bool:
+  """The Mosaic GPU norm kernels serve rows and features that are multiples of 64 (64-row
+  tiles, feature chunks of 64-256 columns; no padded copy of x). Otherwise: Triton."""
+  return (rows > 0 and rows % 64 == 0 and features % 64 == 0
+          and jnp.dtype(dtype) in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)))
+
+
 def rms_norm_reference(x, scale, *, eps=1e-6):
   """``x * rsqrt(mean(x**2, -1) + eps) * scale`` in float32, cast back to ``x.dtype``."""
   xf = x.astype(jnp.float32)
@@ -99,6 +106,7 @@ class _Cfg:
   features: int
   block_rows: int
   num_warps: int | None
+  gpu_flavor: str = "triton"   # "mosaic": the Mosaic GPU kernels (sm_90+), 64-row tiles
 
   def interpret_arg(self):
     return interpret_arg(self.interpret)
@@ -170,8 +178,18 @@ def _prep(cfg, x2):
   return dp, br, rp
 
 
+def _mgpu_cost(x2, bwd):
+  """Mosaic GPU norms walk the features twice: forward reads x twice and writes y; backward
+  reads x and dy twice and writes dx."""
+  r = x2.shape[0]
+  return cost_estimate((14 if bwd else 8) * x2.size, r, (5 if bwd else 3) * nbytes(x2) + 8 * r)
+
+
 def _pallas_fwd(cfg, x2, scale, bias):
   from jax.experimental import pallas as pl
+  if cfg.gpu_flavor == "mosaic":
+    return mgpu().norm_fwd(x2, scale, bias, kind=cfg.kind, eps=cfg.eps, features=cfg.features,
+                           interpret=mgpu_interpret(cfg.interpret), cost_estimate=_mgpu_cost(x2, False))
   dp, br, rp = _prep(cfg, x2)
   L = stat_lanes(cfg.impl)
   xp = pad_axis(pad_axis(x2, 0, rp), 1, dp)
@@ -195,6 +213,11 @@ def _pallas_fwd(cfg, x2, scale, bias):
 
 def _pallas_bwd(cfg, x2, scale, mean, rstd, dy):
   from jax.experimental import pallas as pl
+  if cfg.gpu_flavor == "mosaic":
+    dx, ds, db = mgpu().norm_bwd(x2, scale, mean, rstd, dy, kind=cfg.kind, features=cfg.features,
+                                 interpret=mgpu_interpret(cfg.interpret),
+                                 cost_estimate=_mgpu_cost(x2, True))
+    return dx, ds.sum(0), db.sum(0)
   dp, br, rp = _prep(cfg, x2)
   L = stat_lanes(cfg.impl)
   xp = pad_axis(pad_axis(x2, 0, rp), 1, dp)
@@ -276,8 +299,12 @@ def _run(kind, api, x, scale, bias, eps, backend, block_sizes, tune_fn):
     if kind == "rms":
       return rms_norm_reference(x, scale, eps=eps)
     return layer_norm_reference(x, scale, bias, eps=eps)
+  flavor = "triton"
+  if (resolved.impl == "gpu" and _registry.use_mosaic(resolved.interpret)
+      and mosaic_supported(rows, d, x.dtype)):
+    flavor = "mosaic"
   cfg = _Cfg(kind, resolved.impl, "" if resolved.interpret is False else resolved.impl, eps, d,
-             block_sizes.block_rows, block_sizes.num_warps)
+             block_sizes.block_rows, block_sizes.num_warps, flavor)
   s = scale if scale is not None else jnp.ones((d,), jnp.float32)
   b = bias if bias is not None else jnp.zeros((d,), jnp.float32)
   y = _norm_pallas(cfg, x.reshape(rows, d), s, b)
@@ -332,8 +359,7 @@ def _cands(args, kwargs):
 
 
 def _is_legal(bs, args, kwargs):
-  from lepton_jax.pallas_kernels._registry import resolve_backend
-  impl = resolve_backend(kwargs["backend"]).impl if "backend" in kwargs else "gpu"
+  impl = _registry.resolve_backend(kwargs["backend"]).impl if "backend" in kwargs else "gpu"
   x = args[0]
   return _legal(bs, impl, x.shape[-1], int(x.size // max(1, x.shape[-1])), x.dtype)
 

@@ -40,7 +40,7 @@ import jax
 from lepton_jax._errors import KernelError
 
 __all__ = [
-    "BACKENDS", "GPU_FLAVORS", "abstract_tpu_mesh", "gpu_flavor", "Backend", "Dispatch", "DispatchLog", "record_dispatches", "resolve_backend",
+    "BACKENDS", "GPU_FLAVORS", "abstract_tpu_mesh", "gpu_flavor", "use_mosaic", "Backend", "Dispatch", "DispatchLog", "record_dispatches", "resolve_backend",
 ]
 
 Backend = Literal["auto", "pallas_gpu", "pallas_tpu", "xla", "interpret", "interpret_tpu"]
@@ -142,6 +142,20 @@ def gpu_flavor() -> str:
   except ValueError:   # ROCm "gfx..." names: Mosaic GPU does not support AMD
     return "triton"
   return "mosaic" if major >= 9 else "triton"
+
+
+def use_mosaic(interpret) -> bool:
+  """Whether a GPU kernel with a Mosaic GPU implementation should use it.
+
+  Compiled (``backend="pallas_gpu"`` / ``"auto"`` on a GPU): :func:`gpu_flavor` decides.
+  ``backend="interpret"``: the Triton kernels in the generic interpreter, unless
+  ``LEPTON_PALLAS_GPU=mosaic`` is set explicitly, which runs the Mosaic GPU kernels in
+  Mosaic GPU's own interpreter (how CPU tests check their values).
+  """
+  import os
+  if interpret is False:
+    return gpu_flavor() == "mosaic"
+  return os.environ.get(_GPU_FLAVOR_ENV, "").strip().lower() == "mosaic"
 
 
 def abstract_tpu_mesh(device_kind: str = "TPU v5p", num_cores: int | None = None):
