@@ -64,6 +64,18 @@ def get_config() -> ml_collections.ConfigDict:
   config.transforms.remat_budget = ""  # "" off; "0.5" (fraction) or "512MiB"
   config.transforms.pallas_kernels = True  # cross-entropy kernel for the loss
 
+  # Compression (lj.mixed_precision, lj.prune, lj.quantize); see experiments/imagenet/compression.py.
+  config.compression = ml_collections.ConfigDict()
+  # auto: on where the device has bf16 matrix units (TPU, GPU with compute capability >= 8.0),
+  # off on CPU (XLA:CPU converts bf16 matmuls back to float32: no gain); on | off force it.
+  config.compression.mixed_precision = "auto"
+  config.compression.prune = ""  # "" off | "2:4" | "unstructured": after training, then finetune
+  config.compression.sparsity = 0.5  # unstructured only (2:4 is 0.5 by construction)
+  config.compression.finetune_epochs = 1.0  # masked finetuning after pruning
+  config.compression.finetune_lr_scale = 0.1  # finetune peak lr = learning_rate * this, cosine to 0
+  config.compression.quantize = ""  # "" off | int8 | int4 | fp8: post-training, weight-only, at the end
+  config.compression.group_size = 128  # int4 group length along the input axis
+
   # Checkpoints (tiered: fast local + durable persistent). Resume is automatic.
   config.checkpoint = ml_collections.ConfigDict()
   config.checkpoint.enabled = True  # False: no checkpoints and no resume (throughput runs)

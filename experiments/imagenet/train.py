@@ -31,6 +31,9 @@ from absl import logging
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+import lepton_jax as lj
+
+from experiments.imagenet import compression
 from experiments.imagenet import input_pipeline
 from experiments.imagenet import models
 from experiments.imagenet import toolkit
@@ -42,8 +45,9 @@ __all__ = ["train_and_evaluate", "create_optimizer", "read_metrics", "plot_metri
 TIMING_KEYS = ("steps_per_sec", "images_per_sec", "time")
 
 
-def create_optimizer(config: ml_collections.ConfigDict, total_steps: int,
-                     steps_per_epoch: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
+def create_optimizer(config: ml_collections.ConfigDict, total_steps: int, steps_per_epoch: int, *,
+                     schedule: optax.Schedule | None = None
+                     ) -> tuple[optax.GradientTransformation, optax.Schedule]:
   """SGD + momentum or AdamW, linear warm-up then cosine decay, weight decay on kernels only.
 
   >>> import ml_collections
@@ -53,11 +57,12 @@ def create_optimizer(config: ml_collections.ConfigDict, total_steps: int,
   >>> round(float(schedule(10)), 6)
   0.1
   """
-  warmup = int(round(config.warmup_epochs * steps_per_epoch))
-  warmup = min(warmup, max(total_steps - 1, 0))
-  schedule = optax.warmup_cosine_decay_schedule(
-      init_value=0.0, peak_value=config.learning_rate, warmup_steps=warmup,
-      decay_steps=max(total_steps, warmup + 1), end_value=0.0)
+  if schedule is None:
+    warmup = int(round(config.warmup_epochs * steps_per_epoch))
+    warmup = min(warmup, max(total_steps - 1, 0))
+    schedule = optax.warmup_cosine_decay_schedule(
+        init_value=0.0, peak_value=config.learning_rate, warmup_steps=warmup,
+        decay_steps=max(total_steps, warmup + 1), end_value=0.0)
   mask = lambda params: jax.tree.map(lambda p: p.ndim > 1, params)  # noqa: E731
   if config.optimizer == "sgd":
     tx = optax.chain(optax.add_decayed_weights(config.weight_decay, mask),
@@ -76,7 +81,14 @@ def _topk_correct(logits, labels, k):
   return jnp.any(topk == labels[:, None], axis=-1).astype(jnp.float32)
 
 
-def _make_steps(graphdef_train, graphdef_eval, tx, schedule, config, choices):
+def _make_steps(graphdef_train, graphdef_eval, tx, schedule, config, choices, *, mixed_precision=False,
+                keep_zeros=None):
+  """``(train_step, eval_step, forward)``.
+
+  ``mixed_precision``: the loss and the eval forward run under ``lj.mixed_precision`` (bf16
+  matmuls/convs, float32 accumulation). ``keep_zeros``: a bool tree of pruned leaves whose zero
+  entries stay zero (masked finetuning after ``lj.prune``).
+  """
   kernel = choices["pallas_kernels"].impl if choices["pallas_kernels"].backend == "lepton_jax" else None
   smoothing = float(config.label_smoothing)
 
@@ -87,12 +99,25 @@ def _make_steps(graphdef_train, graphdef_eval, tx, schedule, config, choices):
     new_stats = nnx.to_pure_dict(nnx.state(model, nnx.BatchStat))
     return loss, (logits, new_stats)
 
+  def forward(params, batch_stats, images):
+    return nnx.merge(graphdef_eval, params, batch_stats)(images)
+
+  if mixed_precision:
+    loss_fn = lj.mixed_precision(loss_fn)
+    run_forward = lj.mixed_precision(forward)
+  else:
+    run_forward = forward
   grad_fn = jax.value_and_grad(toolkit.wrap_loss(loss_fn, choices), has_aux=True)
 
   def train_step(state, images, labels):
     (loss, (logits, new_stats)), grads = grad_fn(state["params"], state["batch_stats"], images, labels)
+    if keep_zeros is not None:
+      masks = compression.masked(state["params"], keep_zeros)
+      grads = lj.prune.apply_masks(grads, masks)
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
+    if keep_zeros is not None:  # momentum / weight decay must not revive pruned weights
+      params = lj.prune.apply_masks(params, masks)
     metrics = {
         "loss": loss,
         "top1": jnp.mean(_topk_correct(logits, labels, 1)),
@@ -104,16 +129,15 @@ def _make_steps(graphdef_train, graphdef_eval, tx, schedule, config, choices):
                  "opt_state": opt_state}
     return new_state, metrics
 
-  def eval_step(state, images, labels, mask):
-    model = nnx.merge(graphdef_eval, state["params"], state["batch_stats"])
-    logits = model(images)
+  def eval_step(state, images, labels, mask, forward=run_forward):
+    logits = forward(state["params"], state["batch_stats"], images)
     loss = toolkit.cross_entropy(logits, labels, label_smoothing=0.0, kernel=kernel)
     return {"loss": jnp.sum(loss * mask),
             "top1": jnp.sum(_topk_correct(logits, labels, 1) * mask),
             "top5": jnp.sum(_topk_correct(logits, labels, 5) * mask),
             "count": jnp.sum(mask)}
 
-  return train_step, eval_step
+  return train_step, eval_step, forward
 
 
 def read_metrics(workdir: str) -> list[dict[str, Any]]:
@@ -133,7 +157,8 @@ def read_metrics(workdir: str) -> list[dict[str, Any]]:
 
 def _truncate_metrics(workdir: str, step: int) -> None:
   """Keeps only records at or before ``step`` (what the restored checkpoint had seen)."""
-  kept = [r for r in read_metrics(workdir) if r["step"] <= step]
+  # "compression" records summarise the end of a run and are always recomputed.
+  kept = [r for r in read_metrics(workdir) if r["step"] <= step and r["split"] != "compression"]
   path = os.path.join(workdir, "metrics.jsonl")
   tmp = path + ".tmp"
   with open(tmp, "w") as f:
@@ -310,6 +335,63 @@ def _checkpoint_on_interrupt(ckpt, state, workdir: str) -> None:
                     "resumes from the newest checkpoint in %s.", type(e).__name__, e, ckpt.directory)
 
 
+def _prune_state(state, plan, tx_ft, replicated, train_steps, ft_steps):
+  """``lj.prune`` of the trained kernels; the finetune optimizer starts fresh (momentum reset)."""
+  params, pruned, skipped = compression.prune_params(state["params"], plan)
+  logging.info("Step %d: lj.prune(structure=%r, sparsity=%s) of %d kernels%s; finetuning %d steps with the "
+               "masks kept.", train_steps, plan.prune, plan.sparsity, len(pruned),
+               f" ({len(skipped)} left dense: {', '.join(skipped)})" if skipped else "", ft_steps)
+  state = dict(state, params=params)
+  if tx_ft is not None:
+    state["opt_state"] = tx_ft.init(params)
+  return jax.device_put(state, replicated)
+
+
+def _eval_record_at(workdir: str, step: int) -> dict[str, Any] | None:
+  for r in read_metrics(workdir):
+    if r["split"] == "eval" and r["step"] == step:
+      return r
+  return None
+
+
+def _compression_results(plan, state, last_eval, prunable, train_steps, ft_steps, workdir, forward,
+                         eval_step, dataset, place) -> dict[str, Any] | None:
+  """Top-1 before/after pruning + finetuning and post-training quantization (``None``: both off)."""
+  if not (plan.prune or plan.quantize) or last_eval is None:
+    return None
+  out: dict[str, Any] = {"mixed_precision": plan.mixed_precision}
+  if plan.prune:
+    before = _eval_record_at(workdir, train_steps)
+    out.update(prune=plan.prune, finetune_steps=ft_steps,
+               top1_before_prune=None if before is None else before["top1"],
+               top1_after_finetune=last_eval["top1"],
+               **compression.pruned_stats(state["params"], prunable, plan.prune))
+  if plan.quantize:
+    freeze, q_forward = compression.quantized_eval(forward, plan)
+    frozen = freeze(state["params"])
+    before_b, after_b = compression.weight_bytes(frozen)
+    q_eval = jax.jit(lambda st, x, y, m: eval_step(st, x, y, m, forward=q_forward))
+    ev = _evaluate(q_eval, {"params": frozen, "batch_stats": state["batch_stats"]}, dataset, place)
+    out.update(quantize=plan.quantize, weight_bytes_before=before_b, weight_bytes_after=after_b,
+               weight_compression=before_b / after_b if after_b else None,
+               top1_before_quantize=last_eval["top1"], top1_after_quantize=ev["top1"],
+               loss_before_quantize=last_eval["loss"], loss_after_quantize=ev["loss"])
+  return out
+
+
+def _compression_line(plan, comp) -> str:
+  parts = [f"mixed precision {'bf16' if plan.mixed_precision else 'off'}"]
+  if comp and plan.prune:
+    b = comp["top1_before_prune"]
+    parts.append(f"{plan.prune} pruning (sparsity {comp['sparsity']:.2f}): top-1 "
+                 f"{'?' if b is None else f'{100 * b:.2f}%'} -> {100 * comp['top1_after_finetune']:.2f}% "
+                 f"after {comp['finetune_steps']} finetune steps")
+  if comp and plan.quantize:
+    parts.append(f"{plan.quantize} weights ({comp['weight_compression']:.2f}x fewer weight bytes): top-1 "
+                 f"{100 * comp['top1_before_quantize']:.2f}% -> {100 * comp['top1_after_quantize']:.2f}%")
+  return "; compression: " + "; ".join(parts)
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Trains and evaluates; resumes automatically from the newest complete checkpoint.
 
@@ -322,6 +404,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   """
   t_start = time.time()
   _quiet_third_party_logs()
+  plan = compression.resolve(config)  # config.compression checked before anything is written
   workdir = os.path.abspath(workdir)
   os.makedirs(workdir, exist_ok=True)
   claim_workdir(config, workdir)  # before anything is written: another run's workdir is refused
@@ -343,6 +426,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   total_steps = schedule_steps  # max_steps stops early without changing the schedule
   if config.max_steps > 0:
     total_steps = min(total_steps, int(config.max_steps))
+  # Prune-and-finetune: the main training ends at train_steps, lj.prune runs there, and the
+  # masked finetuning continues the step count up to total_steps.
+  train_steps = total_steps
+  ft_steps = int(round(plan.finetune_epochs * steps_per_epoch)) if plan.prune else 0
+  total_steps = train_steps + ft_steps
 
   model = models.create_model(config.model, num_classes=dataset.num_classes,
                               num_filters=config.num_filters, stage_sizes=config.stage_sizes,
@@ -367,9 +455,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   state = jax.device_put(state, replicated)
   state_sharding = jax.tree.map(lambda _: replicated, state)
 
-  train_step, eval_step = _make_steps(graphdef_train, graphdef_eval, tx, schedule, config, choices)
+  train_step, eval_step, forward = _make_steps(graphdef_train, graphdef_eval, tx, schedule, config, choices,
+                                               mixed_precision=plan.mixed_precision)
   p_train = toolkit.compile_step(train_step, choices, mesh=mesh, state_sharding=state_sharding,
                                  batch_sharding=batch_sharding, transforms=config.transforms)
+  p_finetune = tx_ft = None
+  prunable = compression.prunable_tree(params, plan.prune) if plan.prune else None
+  if plan.prune and ft_steps:
+    # The same optimizer (so the checkpointed state keeps its structure), restarted at
+    # learning_rate * finetune_lr_scale with a cosine decay to 0 over the finetune steps.
+    tx_ft, ft_schedule = create_optimizer(
+        config, ft_steps, steps_per_epoch,
+        schedule=optax.cosine_decay_schedule(config.learning_rate * plan.finetune_lr_scale, ft_steps))
+    ft_step, _, _ = _make_steps(graphdef_train, graphdef_eval, tx_ft,
+                                lambda s: ft_schedule(s - train_steps), config, choices,
+                                mixed_precision=plan.mixed_precision, keep_zeros=prunable)
+    p_finetune = toolkit.compile_step(ft_step, choices, mesh=mesh, state_sharding=state_sharding,
+                                      batch_sharding=batch_sharding, transforms=config.transforms)
   p_eval = toolkit.compile_eval(eval_step, choices, mesh=mesh, state_sharding=state_sharding,
                                 batch_sharding=batch_sharding)
 
@@ -401,8 +503,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       ("optimizer", f"{config.optimizer} lr {config.learning_rate} warmup {config.warmup_epochs} ep "
                     f"+ cosine, wd {config.weight_decay}, label smoothing {config.label_smoothing}"),
       ("schedule", f"batch {config.batch_size} ({config.batch_size // n_dev}/device), "
-                   f"{steps_per_epoch} steps/epoch, {total_steps} steps ({config.num_epochs} epochs)"),
+                   f"{steps_per_epoch} steps/epoch, {train_steps} steps ({config.num_epochs} epochs)"
+                   + (f" + {ft_steps} finetune steps after pruning" if plan.prune else "")),
   ] + [(f"transform {k}", f"[{c.backend}] {c.detail}") for k, c in choices.items()] + [
+      (f"compression {k}", v) for k, v in plan.summary()] + [
       ("checkpoints", f"[{ckpt_choice.backend}] {ckpt_choice.detail}" + (
           f"; every {ckpt.local_every}/{ckpt.persistent_every} steps -> {ckpt.directory}"
           if ckpt.enabled else "")),
@@ -432,13 +536,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       logging.info("Training already complete (step %d of %d)%s.", start_step, total_steps,
                    "; evaluating the restored state" if do_eval else "")
     for step in range(start_step, total_steps):
+      if step == train_steps and plan.prune:  # the main training is done: prune, then finetune
+        state = _prune_state(state, plan, tx_ft, replicated, train_steps, ft_steps)
       images, labels = prefetch.get(step)
-      state, metrics = p_train(state, place(images), place(labels))
+      step_fn = p_train if step < train_steps else p_finetune
+      state, metrics = step_fn(state, place(images), place(labels))
       window.append(metrics)
       window_steps += 1
       s = step + 1
-      epoch_end = s % steps_per_epoch == 0 or s == total_steps
-      save_now = ckpt.enabled and (ckpt.should_save(s) or s == total_steps)
+      epoch_end = s % steps_per_epoch == 0 or s == total_steps or s == train_steps
+      save_now = ckpt.enabled and (ckpt.should_save(s) or s in (train_steps, total_steps))
       if s % config.log_every_steps == 0 or epoch_end or save_now:
         host = jax.device_get(window)
         elapsed = time.perf_counter() - window_start
@@ -460,11 +567,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                   f"top-5 {ev['top5']:.2%}  loss {ev['loss']:.4f}")
         window_start = time.perf_counter()
       if save_now:
-        ckpt.save(s, state, force=s == total_steps)  # intervals honoured; the final step is durable
+        ckpt.save(s, state, force=s in (train_steps, total_steps))  # intervals honoured; phase ends durable
         if s == config.debug_kill_at_step:  # testing: a hard crash, possibly mid-save
           os.kill(os.getpid(), signal.SIGKILL)
       final_step = s
       bar.update(1)
+    if plan.prune and not ft_steps:  # pruning without finetuning: prune the final weights
+      state = _prune_state(state, plan, None, replicated, train_steps, 0)
+      last_eval = None
+    if last_eval is None and do_eval:  # nothing left to train (or just pruned): evaluate
+      ev = _evaluate(p_eval, state, dataset, place)
+      last_eval = {"step": final_step, "split": "eval", **ev}
+    comp = _compression_results(plan, state, last_eval, prunable, train_steps, ft_steps, workdir,
+                                forward, eval_step, dataset, place)
+    if comp is not None:
+      writer.write({"step": last_eval["step"], "split": "compression", **comp})
   except KeyboardInterrupt:
     _checkpoint_on_interrupt(ckpt, state, workdir)
     raise
@@ -476,9 +593,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     ckpt.close()
     writer.close()
 
-  if last_eval is None and do_eval:  # nothing left to train: evaluate what was restored
-    ev = _evaluate(p_eval, state, dataset, place)
-    last_eval = {"step": start_step, "split": "eval", **ev}
   records = read_metrics(workdir)
   if config.plot and jax.process_index() == 0 and records:
     path = os.path.join(workdir, "curves.png")
@@ -500,10 +614,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                  "Metrics: %s", time.time() - t_start, final_step, speed, metrics_path)
     return {"step": final_step, "eval_loss": None, "eval_top1": None, "eval_top5": None,
             "resumed_from": resumed_from, "seconds": time.time() - t_start, "images_per_sec": img_s,
-            "skipped_images": len(skipped)}
-  logging.info("Done in %.1f s: held-out top-1 %.2f%%, top-5 %.2f%% at step %d (%d examples)%s. "
+            "skipped_images": len(skipped), "compression": None}
+  logging.info("Done in %.1f s: held-out top-1 %.2f%%, top-5 %.2f%% at step %d (%d examples)%s%s. "
                "Metrics: %s", time.time() - t_start, 100 * last_eval["top1"],
-               100 * last_eval["top5"], last_eval["step"], last_eval["examples"], speed, metrics_path)
+               100 * last_eval["top5"], last_eval["step"], last_eval["examples"], speed,
+               _compression_line(plan, comp), metrics_path)
   return {"step": last_eval["step"], "eval_loss": last_eval["loss"], "eval_top1": last_eval["top1"],
           "eval_top5": last_eval["top5"], "resumed_from": resumed_from,
-          "seconds": time.time() - t_start, "images_per_sec": img_s, "skipped_images": len(skipped)}
+          "seconds": time.time() - t_start, "images_per_sec": img_s, "skipped_images": len(skipped),
+          "compression": comp}
