@@ -47,6 +47,7 @@ PLATFORMS = ["tpu", "cuda"]
 
 
 def _gpu_tags(platform, mosaic_fwd=False):
+  """Expected custom calls; ``mosaic_fwd``: on cuda the Mosaic GPU kernels (sm_90)."""
   if platform == "tpu":
     return TAGS["tpu"], TAGS["tpu"]
   if mosaic_fwd:
@@ -90,25 +91,54 @@ def test_triton_forward_when_asked(monkeypatch):
     _registry.gpu_flavor()
 
 
+def _no_triton(*texts):
+  for text in texts:
+    assert TAGS["triton"][0] not in text, "a deprecated Triton call is left on Hopper"
+
+
 @pytest.mark.parametrize("platform", PLATFORMS)
 @pytest.mark.parametrize("dtype", [BF, F32])
-def test_norms_lower(platform, dtype):
+def test_norms_lower(platform, dtype, monkeypatch):
+  monkeypatch.delenv("LEPTON_PALLAS_GPU", raising=False)
   x, s = S((8192, 4096), dtype), S((4096,), dtype)
-  tags = _gpu_tags(platform)
-  _assert_lowers(lambda x, s, backend: lpk.rms_norm(x, s, backend=backend), (x, s), (0, 1), platform, *tags)
-  _assert_lowers(lambda x, s, backend: lpk.layer_norm(x, s, s, backend=backend), (x, s), (0, 1), platform,
-                 *tags)
+  tags = _gpu_tags(platform, mosaic_fwd=True)    # Mosaic GPU norms on sm_90, fwd and bwd
+  texts = _assert_lowers(lambda x, s, backend: lpk.rms_norm(x, s, backend=backend), (x, s), (0, 1),
+                         platform, *tags)
+  texts += _assert_lowers(lambda x, s, backend: lpk.layer_norm(x, s, s, backend=backend), (x, s), (0, 1),
+                          platform, *tags)
+  if platform == "cuda":
+    _no_triton(*texts)
 
 
 @pytest.mark.parametrize("platform", PLATFORMS)
-def test_softmax_cross_entropy_lowers_without_padded_logits(platform):
-  n, v = 8192, 32000                        # V = 32k, not a multiple of the vocabulary chunk
+def test_softmax_cross_entropy_lowers_without_padded_logits(platform, monkeypatch):
+  monkeypatch.delenv("LEPTON_PALLAS_GPU", raising=False)
+  n, v = 8192, 32000                        # V = 32k, not a multiple of the TPU vocabulary chunk
   lg, lab = S((n, v), BF), S((n,), jnp.int32)
   fwd, bwd = _assert_lowers(lambda lg, lab, backend: lpk.softmax_cross_entropy(lg, lab, backend=backend),
-                            (lg, lab), (0,), platform, *_gpu_tags(platform))
+                            (lg, lab), (0,), platform, *_gpu_tags(platform, mosaic_fwd=True))
   # no padded [N, V'] copy of the logits in either module
   for text in (fwd, bwd):
     assert "stablehlo.pad" not in text
+  if platform == "cuda":
+    _no_triton(fwd, bwd)
+
+
+def test_gpu_fallbacks_to_triton_where_mosaic_cannot_serve(monkeypatch):
+  """Shapes off the Mosaic GPU tiles (V = 50257, 100 rows, K = 100) and float32 matmul keep
+  the Triton kernels (no padded copies); the selection is per call."""
+  monkeypatch.delenv("LEPTON_PALLAS_GPU", raising=False)
+  cases = [
+      (lambda lg, lab, backend: lpk.softmax_cross_entropy(lg, lab, backend=backend),
+       (S((256, 50257), BF), S((256,), jnp.int32)), (0,)),
+      (lambda x, s, backend: lpk.layer_norm(x, s, s, backend=backend), (S((100, 1024), BF), S((1024,), BF)),
+       (0,)),
+      (lambda x, w, backend: lpk.matmul(x, w, backend=backend), (S((256, 100), BF), S((100, 256), BF)), (0,)),
+      (lambda x, w, backend: lpk.matmul(x, w, backend=backend), (S((256, 256), F32), S((256, 256), F32)), (0,)),
+  ]
+  for fn, args, argnums in cases:
+    fwd, bwd = _assert_lowers(fn, args, argnums, "cuda", TAGS["triton"])
+    assert "mosaic_gpu" not in fwd and "mosaic_gpu" not in bwd
 
 
 @pytest.mark.parametrize("platform", PLATFORMS)
@@ -119,10 +149,15 @@ def test_linear_cross_entropy_lowers(platform):
 
 
 @pytest.mark.parametrize("platform", PLATFORMS)
-def test_matmul_lowers(platform):
+def test_matmul_lowers(platform, monkeypatch):
+  monkeypatch.delenv("LEPTON_PALLAS_GPU", raising=False)
   x, w, b = S((4096, 4096), BF), S((4096, 11008), BF), S((11008,), BF)
   fn = lambda x, w, b, backend: lpk.matmul(x, w, bias=b, activation="gelu", backend=backend)
-  _assert_lowers(fn, (x, w, b), (0, 1, 2), platform, *_gpu_tags(platform))
+  fwd, bwd = _assert_lowers(fn, (x, w, b), (0, 1, 2), platform, *_gpu_tags(platform, mosaic_fwd=True))
+  if platform == "cuda":   # wgmma kernel, fwd (with the pre-activation) and both bwd matmuls
+    _no_triton(fwd, bwd)
+    assert bwd.count("lepton_matmul_mgpu") >= 3
+    assert "stablehlo.transpose" not in bwd     # x^T / w^T are read transposed, not copied
 
 
 def test_tpu_lowering_enforces_block_tiling():
