@@ -33,14 +33,37 @@ import numpy as np
 import jax
 from lepton_jax.jaxpr import _compat as core
 from lepton_jax.jaxpr._driver import LevelBuilder, Rewrite, location, rewrite_nested, trace_eqns
-from lepton_jax.jaxpr._registry import local_flops
-from lepton_jax.transforms.passes._hoist import _movable
+from lepton_jax.jaxpr._registry import local_flops, primitive_info, subjaxpr_params
 
 __all__ = ["accumulate"]
 
 _UNARY = frozenset("""neg transpose reshape broadcast_in_dim squeeze expand_dims reduce_sum copy
 copy_p rev convert_element_type""".split())
 _SUMS = frozenset({"add", "add_any"})
+# Random primitives that are pure functions of their (key) inputs.
+_PURE_RANDOM = frozenset("""random_bits random_wrap random_unwrap random_fold_in random_split
+random_seed threefry2x32 iota_2x32_shape rng_bit_generator""".split())
+_BAD_KINDS = frozenset({"effect", "collective", "state", "opaque", "other"})
+
+
+def _movable(eqn) -> bool:
+  """Effect-free and deterministic, here and in every nested jaxpr."""
+  if eqn.effects:
+    return False
+  info = primitive_info(eqn)
+  name = eqn.primitive.name
+  if info.kind == "random":
+    if name not in _PURE_RANDOM:
+      return False
+  elif info.kind in _BAD_KINDS:
+    return False
+  for _, _, sub in subjaxpr_params(eqn):
+    j = getattr(sub, "jaxpr", sub)
+    if j.effects or not all(_movable(e) for e in j.eqns):
+      return False
+  return True
+
+
 
 
 def _is_float(aval) -> bool:

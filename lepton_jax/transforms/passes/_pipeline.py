@@ -7,21 +7,22 @@ given order. A list entry is a pass name or ``(name, {option: value})``, e.g.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable, Sequence
 
 from lepton_jax.jaxpr import _compat as core
-from lepton_jax.jaxpr._compiled import compiled_figures
+from lepton_jax.jaxpr._compiled import CompiledFigures, compiled_figures
 from lepton_jax.jaxpr._driver import Rewrite
 from lepton_jax.transforms.passes._accumulate import accumulate
 from lepton_jax.transforms.passes._cond import cond
 from lepton_jax.transforms.passes._cse import cse
 from lepton_jax.transforms.passes._dce import dce
 from lepton_jax.transforms.passes._fold import fold
-from lepton_jax.transforms.passes._hoist import hoist
 from lepton_jax.transforms.passes._route_kernels import route_kernels
 from lepton_jax.transforms.passes._simplify import simplify
 
-__all__ = ["PASSES", "DEFAULT_PASSES", "normalize_passes", "run_passes", "run_pipeline"]
+__all__ = ["PASSES", "DEFAULT_PASSES", "normalize_passes", "run_passes", "run_pipeline",
+           "PipelineResult", "pass_gains"]
 
 PassFn = Callable[..., tuple[core.ClosedJaxpr, list[Rewrite]]]
 
@@ -32,21 +33,21 @@ PASSES: dict[str, PassFn] = {
     "simplify": simplify,
     "cond": cond,
     "route_kernels": route_kernels,
-    "hoist": hoist,
     "accumulate": accumulate,
 }
 
 #: Default order: fold constants so predicates become static, drop static branches,
-#: simplify, merge duplicates, drop dead code, then route hotspots, move loop-invariant work out
-#: of loops and linear accumulator work after them (the two rewrites XLA does not do itself,
-#: measured on the compiled program), and clean up. XLA already removes dead code, duplicates,
-#: dead loop carries and outputs on its own: the passes before routing exist so that routing
-#: sees clean patterns and explain() reports what was dead, not for compiled savings.
+#: simplify, merge duplicates (also outer values recomputed inside ``cond`` branches), drop dead
+#: code, route hotspots, move linear accumulator work after ``scan`` loops, and clean up.
+#: Measured on the compiled program (XLA:CPU): XLA itself removes dead code, duplicates within
+#: a computation, dead loop carries and outputs, and hoists loop-invariant work (dots, RNG,
+#: iota-built tables); it does not reuse outer values inside ``cond`` branches nor move linear
+#: work out of loops -- the two rewrites here that change what XLA compiles.
 DEFAULT_PASSES: tuple[str, ...] = ("fold", "cond", "simplify", "cse", "dce", "route_kernels",
-                                   "hoist", "accumulate", "dce")
+                                   "accumulate", "dce")
 
 _OPTIONS = {"fold": {"max_elements"}, "simplify": {"nan_unsafe"}, "dce": set(), "cse": set(),
-            "cond": set(), "route_kernels": {"spot_check"}, "hoist": set(), "accumulate": set()}
+            "cond": set(), "route_kernels": {"spot_check"}, "accumulate": set()}
 
 
 def normalize_passes(passes: Any, *, api: str = "adaptive_jit") -> tuple[tuple[str, tuple], ...]:
@@ -103,8 +104,32 @@ def run_passes(closed: core.ClosedJaxpr, passes: tuple[tuple[str, tuple], ...], 
   return closed, records
 
 
+@dataclasses.dataclass(frozen=True)
+class PipelineResult:
+  """What :func:`run_pipeline` decided, with the compiled figures it read on the way.
+
+  Unpacks like the ``(closed, records)`` pair it used to be: ``new, records = run_pipeline(...)``.
+
+  Attributes:
+    closed: the rewritten program (the routed or the unrouted candidate).
+    records: every rewrite applied to it (plus a ``rejected_by_compiled_memory`` note when the
+      routed candidate lost).
+    figures: XLA's :class:`~lepton_jax.jaxpr._compiled.CompiledFigures` of ``closed``, compiled
+      for the default backend while deciding (or because ``figures=True`` was asked); ``None``
+      when nothing was compiled (no routing and ``figures=False``, or traced constants).
+    other_figures: the figures of the candidate that was not chosen, when both were compiled.
+  """
+  closed: core.ClosedJaxpr
+  records: list
+  figures: CompiledFigures | None = None
+  other_figures: CompiledFigures | None = None
+
+  def __iter__(self):
+    return iter((self.closed, self.records))
+
+
 def run_pipeline(closed: core.ClosedJaxpr, passes: tuple[tuple[str, tuple], ...], *,
-                 kernels: str | None = "auto") -> tuple[core.ClosedJaxpr, list[Rewrite]]:
+                 kernels: str | None = "auto", figures: bool = False) -> PipelineResult:
   """:func:`run_passes`, with kernel routing kept only if the compiled program is not worse.
 
   When routing replaced something, the program is also rewritten without routing and both are
@@ -112,16 +137,21 @@ def run_pipeline(closed: core.ClosedJaxpr, passes: tuple[tuple[str, tuple], ...]
   unrouted one (XLA's ``memory_analysis``), the unrouted program is used and a
   ``("route_kernels", "rejected_by_compiled_memory")`` record says so (its location holds both
   figures). Programs with traced constants are not compiled here (routing is kept).
+
+  Returns a :class:`PipelineResult` (unpacks as ``(closed, records)``) whose ``figures`` are the
+  compiled figures of the chosen program when they were read; ``figures=True`` compiles the
+  chosen program when the decision did not already (so a caller never compiles it twice).
   """
   names = [n for n, _ in passes]
   cut = names.index("route_kernels") if "route_kernels" in names else len(names)
+  traced_consts = any(isinstance(c, core.Tracer) for c in closed.consts)
   # The passes before routing run once; the two candidates differ only from routing on.
   start, records = run_passes(closed, passes[:cut], kernels=kernels)
   new, routed_records = run_passes(start, passes[cut:], kernels=kernels)
-  if kernels is None or not any(r.pass_name == "route_kernels" for r in routed_records):
-    return new, records + routed_records
-  if any(isinstance(c, core.Tracer) for c in closed.consts):
-    return new, records + routed_records
+  if (kernels is None or traced_consts
+      or not any(r.pass_name == "route_kernels" for r in routed_records)):
+    fig = compiled_figures(new) if figures and not traced_consts else None
+    return PipelineResult(new, records + routed_records, fig)
   plain, plain_records = run_passes(start, passes[cut:], kernels=None)
   routed_fig, plain_fig = compiled_figures(new), compiled_figures(plain)
   if routed_fig.temp_bytes > plain_fig.temp_bytes:
@@ -129,5 +159,23 @@ def run_pipeline(closed: core.ClosedJaxpr, passes: tuple[tuple[str, tuple], ...]
     note = Rewrite("route_kernels", "rejected_by_compiled_memory",
                    f"{', '.join(tried)}: temp {routed_fig.temp_bytes} B routed > "
                    f"{plain_fig.temp_bytes} B unrouted", 0)
-    return plain, records + plain_records + [note]
-  return new, records + routed_records
+    return PipelineResult(plain, records + plain_records + [note], plain_fig, routed_fig)
+  return PipelineResult(new, records + routed_records, routed_fig, plain_fig)
+
+
+def pass_gains(closed: core.ClosedJaxpr, passes: tuple[tuple[str, tuple], ...], *,
+               kernels: str | None = None) -> list[tuple[str, int, CompiledFigures]]:
+  """Compiled figures after each pass: ``[(name, rewrites, figures), ...]``, starting with
+  ``("input", 0, figures of closed)``. A measuring tool (one compile per pass), not used when
+  running the pipeline.
+
+  >>> import jax, jax.numpy as jnp
+  >>> cj = jax.make_jaxpr(lambda x: jnp.sin(x) * 1.0)(jnp.ones(3))
+  >>> [(n, k) for n, k, _ in pass_gains(cj, normalize_passes(["simplify"]))]
+  [('input', 0), ('simplify', 1)]
+  """
+  out = [("input", 0, compiled_figures(closed))]
+  for name, opts in passes:
+    closed, recs = run_passes(closed, ((name, opts),), kernels=kernels)
+    out.append((name, len(recs), compiled_figures(closed)))
+  return out
