@@ -19,6 +19,7 @@ from lepton_jax._errors import KernelError
 from lepton_jax.pallas_kernels import _autotune
 from lepton_jax.pallas_kernels import _registry
 from lepton_jax.pallas_kernels._common import (
+    call_params, fitted_pallas_call,
     mgpu_attention, mgpu_interpret,
     interpret_arg,
     FLOAT_DTYPES, FLOAT_NAMES, GPU_SMEM_BYTES, MASK_VALUE, STAT_LANES_TPU, cdiv, check_array,
@@ -409,14 +410,14 @@ def _pallas_fwd(cfg: _Cfg, q, k, v, bias, mask):
     args.append(mask)
   o_shape = (B, N, tp, dp) if lay.tpu else (B, tp, N, dp)
   num_warps = cfg.bs.num_warps or (4 if dp <= 64 else 8)
-  o, lse = pl.pallas_call(
+  o, lse = fitted_pallas_call(
       functools.partial(_fwd_kernel, cfg=cfg, bq=bq, bk=bk, nk=nk, kv_padded=sp != cfg.kv_len),
       grid=(nq, B, N),
       in_specs=in_specs,
       out_specs=[lay.seq(bq, dp, lambda a: a, lambda h: h), _row_spec(bq, lambda a: a)],
       out_shape=[jax.ShapeDtypeStruct(o_shape, q.dtype),
                  jax.ShapeDtypeStruct((B, N, tp), jnp.float32)],
-      compiler_params=compiler_params(cfg.impl, ("parallel",) * 3, num_warps, cfg.bs.num_stages),
+      **call_params(cfg.impl, ("parallel",) * 3, num_warps, cfg.bs.num_stages),
       cost_estimate=cost_estimate(*_attn_cost(cfg, B, N, T, cfg.kv_len, D, q.dtype.itemsize, 2)),
       interpret=cfg.interpret_arg(),
       name="lepton_flash_attention_fwd",
@@ -463,10 +464,10 @@ def _pallas_bwd(cfg: _Cfg, q, k, v, bias, mask, o, lse, do):
   if bias is not None:
     out_specs.append(_bh_spec(tp, bkb, True, True, lambda a: 0, lambda a: a))
     out_shape.append(jax.ShapeDtypeStruct((B, N, tp, sp), jnp.float32))
-  outs = pl.pallas_call(
+  outs = fitted_pallas_call(
       functools.partial(_bwd_dkv_kernel, cfg=cfg, bq=bqb, bk=bkb, nq=nqb, kv_padded=kv_padded),
       grid=(nkb, B, N), in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
-      compiler_params=compiler_params(cfg.impl, ("parallel",) * 3, num_warps, cfg.bs.num_stages),
+      **call_params(cfg.impl, ("parallel",) * 3, num_warps, cfg.bs.num_stages),
       cost_estimate=cost_estimate(*_attn_cost(cfg, B, N, T, S, D, q.dtype.itemsize, 4)),
       interpret=interp, name="lepton_flash_attention_bwd_dkv",
   )(*args)
@@ -492,12 +493,12 @@ def _pallas_bwd(cfg: _Cfg, q, k, v, bias, mask, o, lse, do):
                _row_spec(bq, lambda a: a)]
   args += [doL, lse, delta]
   q_shape = (B, N, tp, dp) if lay.tpu else (B, tp, N, dp)
-  dq = pl.pallas_call(
+  dq = fitted_pallas_call(
       functools.partial(_bwd_dq_kernel, cfg=cfg, bq=bq, bk=bk, nk=nk, kv_padded=kv_padded),
       grid=(nq, B, N), in_specs=in_specs,
       out_specs=lay.seq(bq, dp, lambda a: a, lambda h: h),
       out_shape=jax.ShapeDtypeStruct(q_shape, q.dtype),
-      compiler_params=compiler_params(cfg.impl, ("parallel",) * 3, num_warps, cfg.bs.num_stages),
+      **call_params(cfg.impl, ("parallel",) * 3, num_warps, cfg.bs.num_stages),
       cost_estimate=cost_estimate(*_attn_cost(cfg, B, N, T, S, D, q.dtype.itemsize, 3)),
       interpret=interp, name="lepton_flash_attention_bwd_dq",
   )(*args)
@@ -731,7 +732,7 @@ def _tpu_fwd(cfg: _Cfg, q, k, v, bias, mask):
     in_specs.append(bh(bq, bk, cfg.mask_b, cfg.mask_h, "a"))
     args.append(mask)
   flops, trans, byts = _attn_cost(cfg, B, N, T, cfg.kv_len, D, q.dtype.itemsize, 2)
-  o, lse = pl.pallas_call(
+  o, lse = fitted_pallas_call(
       functools.partial(_tpu_fwd_kernel, cfg=cfg, bq=bq, bk=bk, nk=nk, kv_padded=sp != cfg.kv_len),
       grid=(B, N, nq, nk), in_specs=in_specs,
       out_specs=[rows(bq, "a"), stat(bq, "a")],
@@ -740,7 +741,7 @@ def _tpu_fwd(cfg: _Cfg, q, k, v, bias, mask):
       scratch_shapes=[pltpu.VMEM((bq, STAT_LANES_TPU), jnp.float32),
                       pltpu.VMEM((bq, STAT_LANES_TPU), jnp.float32),
                       pltpu.VMEM((bq, dp), jnp.float32)],
-      compiler_params=compiler_params("tpu", ("parallel", "parallel", "parallel", "arbitrary")),
+      **call_params("tpu", ("parallel", "parallel", "parallel", "arbitrary")),
       cost_estimate=cost_estimate(flops, trans, byts + nbytes(bias, mask)),
       interpret=cfg.interpret_arg(), name="lepton_flash_attention_fwd",
   )(*args)
@@ -783,11 +784,11 @@ def _tpu_bwd(cfg: _Cfg, q, k, v, bias, mask, o, lse, do):
     out_specs.append(bh(bqb, bkb, True, True, "c"))
     out_shape.append(jax.ShapeDtypeStruct((B, N, tp, sp), jnp.float32))
   flops, trans, byts = _attn_cost(cfg, B, N, T, S, D, item, 4)
-  outs = pl.pallas_call(
+  outs = fitted_pallas_call(
       functools.partial(_tpu_dkv_kernel, cfg=cfg, bq=bqb, bk=bkb, nq=nqb, kv_padded=kv_padded),
       grid=(B, N, nkb, nqb), in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
       scratch_shapes=[pltpu.VMEM((bkb, dp), jnp.float32), pltpu.VMEM((bkb, dp), jnp.float32)],
-      compiler_params=compiler_params("tpu", ("parallel", "parallel", "parallel", "arbitrary")),
+      **call_params("tpu", ("parallel", "parallel", "parallel", "arbitrary")),
       cost_estimate=cost_estimate(flops, trans, byts + nbytes(bias, mask)),
       interpret=interp, name="lepton_flash_attention_bwd_dkv",
   )(*args)
@@ -810,12 +811,12 @@ def _tpu_bwd(cfg: _Cfg, q, k, v, bias, mask, o, lse, do):
   in_specs += [rows(bq, "a"), stat(bq, "a"), stat(bq, "a")]
   args += [doL, lse, delta]
   flops, trans, byts = _attn_cost(cfg, B, N, T, S, D, item, 3)
-  dq = pl.pallas_call(
+  dq = fitted_pallas_call(
       functools.partial(_tpu_dq_kernel, cfg=cfg, bq=bq, bk=bk, nk=nk, kv_padded=kv_padded),
       grid=(B, N, nq, nk), in_specs=in_specs, out_specs=rows(bq, "a"),
       out_shape=jax.ShapeDtypeStruct((B, N, tp, dp), q.dtype),
       scratch_shapes=[pltpu.VMEM((bq, dp), jnp.float32)],
-      compiler_params=compiler_params("tpu", ("parallel", "parallel", "parallel", "arbitrary")),
+      **call_params("tpu", ("parallel", "parallel", "parallel", "arbitrary")),
       cost_estimate=cost_estimate(flops, trans, byts + nbytes(bias, mask)),
       interpret=interp, name="lepton_flash_attention_bwd_dq",
   )(*args)

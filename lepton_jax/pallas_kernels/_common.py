@@ -182,3 +182,100 @@ def dot_tn(a, b):
 def mm_dtype(x):
   """Dtype to feed matmul units: keep low precision inputs, float32 otherwise."""
   return x.dtype
+
+
+# ----------------------------------------------------------------------------- TPU VMEM budget
+# Scoped VMEM a Mosaic TPU kernel may use by default (XLA's scoped-VMEM limit): 16 MiB on
+# v4 / v5e / v5p, 32 MiB on v6e. Defaults are chosen to fit the smallest (16 MiB).
+TPU_SCOPED_VMEM_BYTES = {"TPU v4": 16 << 20, "TPU v5 lite": 16 << 20, "TPU v5e": 16 << 20,
+                         "TPU v5p": 16 << 20, "TPU v5": 16 << 20, "TPU v6 lite": 32 << 20,
+                         "TPU v6e": 32 << 20}
+TPU_VMEM_DEFAULT_BUDGET = 16 << 20
+
+
+def tpu_padded_bytes(shape, dtype) -> int:
+  """Bytes of a VMEM buffer: the last two dims padded to the (sublanes, 128) Mosaic tile."""
+  shape = [int(d) for d in shape] or [1]
+  if len(shape) == 1:
+    shape = [1] + shape
+  *lead, r, c = shape
+  return math.prod(lead) * round_up(r, sublanes(dtype)) * round_up(c, 128) * jnp.dtype(dtype).itemsize
+
+
+def tpu_vmem_bytes(in_out_blocks, scratch=()) -> int:
+  """VMEM of a pipelined TPU kernel: every in/out block double-buffered, plus scratch.
+
+  ``in_out_blocks`` / ``scratch``: (shape, dtype) pairs (squeezed block dims left out).
+  """
+  return (2 * sum(tpu_padded_bytes(s, d) for s, d in in_out_blocks)
+          + sum(tpu_padded_bytes(s, d) for s, d in scratch))
+
+
+def pallas_tpu_vmem(jaxpr) -> list[tuple[str, int]]:
+  """(kernel name, VMEM bytes) of every ``pallas_call`` in a (closed) jaxpr, read from the
+  calls' own block shapes and scratch (:func:`tpu_vmem_bytes`)."""
+  found = []
+
+  def walk(j):
+    for eqn in j.eqns:
+      if eqn.primitive.name == "pallas_call":
+        gm = eqn.params["grid_mapping"]
+        blocks = [(bm.block_aval.shape, bm.block_aval.dtype) for bm in gm.block_mappings]
+        scratch = [(a.shape, a.dtype) for a in gm.scratch_avals if hasattr(a, "shape")]
+        name = getattr(eqn.params.get("name_and_src_info"), "name", None) or eqn.params.get("name", "?")
+        found.append((str(name), tpu_vmem_bytes(blocks, scratch)))
+      for p in eqn.params.values():
+        for sub in (p if isinstance(p, (tuple, list)) else (p,)):
+          inner = getattr(sub, "jaxpr", None)
+          if inner is not None:
+            walk(inner if hasattr(inner, "eqns") else inner.jaxpr)
+          elif hasattr(sub, "eqns"):
+            walk(sub)
+  walk(jaxpr.jaxpr if hasattr(jaxpr, "jaxpr") else jaxpr)
+  return found
+
+
+def _block_of(spec, shape_dtype):
+  bs = getattr(spec, "block_shape", None)
+  shape = shape_dtype.shape if bs is None else tuple(d for d in bs if isinstance(d, int))
+  return shape, shape_dtype.dtype
+
+
+def tpu_call_params(semantics, in_specs, in_arrays, out_specs, out_shapes, scratch_shapes=()):
+  """``pltpu.CompilerParams`` for one TPU ``pallas_call``, raising the scoped-VMEM limit only
+  when its blocks (double-buffered) + scratch exceed the 16 MiB default (defaults are chosen
+  to fit; an explicit large ``block_sizes`` or an extreme shape -- e.g. 64k features -- may
+  not). Returns ``(params, vmem_bytes)``."""
+  from jax.experimental.pallas import tpu as pltpu
+  blocks = [_block_of(s, a) for s, a in zip(in_specs, in_arrays)]
+  blocks += [_block_of(s, a) for s, a in zip(out_specs, out_shapes)]
+  vmem = tpu_vmem_bytes(blocks, [(s.shape, s.dtype) for s in scratch_shapes])
+  kw = {}
+  if vmem > TPU_VMEM_DEFAULT_BUDGET:
+    kw["vmem_limit_bytes"] = round_up(int(vmem * 1.25) + (1 << 20), 1 << 20)
+  return pltpu.CompilerParams(dimension_semantics=tuple(semantics), **kw), vmem
+
+
+def call_params(impl: str, semantics, num_warps=None, num_stages=None) -> dict:
+  """Keyword arguments of :func:`fitted_pallas_call` (the old ``compiler_params`` arguments)."""
+  return dict(impl=impl, semantics=tuple(semantics), num_warps=num_warps, num_stages=num_stages)
+
+
+def fitted_pallas_call(kernel, *, impl, semantics, num_warps=None, num_stages=None, **kw):
+  """``pl.pallas_call`` with the backend's compiler params; on TPU the scoped-VMEM limit is
+  raised when the call's blocks + scratch need more than the 16 MiB default
+  (:func:`tpu_call_params`)."""
+  from jax.experimental import pallas as pl
+
+  def call(*args):
+    if impl == "tpu":
+      out_shape = kw["out_shape"]
+      outs = list(out_shape) if isinstance(out_shape, (list, tuple)) else [out_shape]
+      out_specs = kw["out_specs"]
+      ospecs = list(out_specs) if isinstance(out_specs, (list, tuple)) else [out_specs]
+      params, _ = tpu_call_params(semantics, kw["in_specs"], args, ospecs, outs,
+                                  kw.get("scratch_shapes", ()))
+    else:
+      params = compiler_params(impl, semantics, num_warps, num_stages)
+    return pl.pallas_call(kernel, compiler_params=params, **kw)(*args)
+  return call

@@ -19,6 +19,8 @@ from lepton_jax._errors import KernelError
 from lepton_jax.pallas_kernels import _autotune
 from lepton_jax.pallas_kernels import _registry
 from lepton_jax.pallas_kernels._common import (
+    TPU_VMEM_DEFAULT_BUDGET, tpu_vmem_bytes,
+    call_params, fitted_pallas_call,
     interpret_arg, mgpu, mgpu_interpret,
     cdiv, check_array, compiler_params, cost_estimate, dot_nn, dot_nt, dot_tn, is_pow2, nbytes,
     next_pow2, pad_axis, round_up, shapes_dtypes, stat_lanes, sublanes)
@@ -44,16 +46,25 @@ class CEBlockSizes:
 
   @classmethod
   def get_default(cls, *, rows: int | None = None, vocab: int | None = None,
-                  impl: str = "gpu", dtype=None) -> "CEBlockSizes":
+                  impl: str = "gpu", dtype=None, features: int | None = None) -> "CEBlockSizes":
     """GPU: 16 x 512 tiles (registers). TPU: 128 x 2048 tiles (1 MiB float32 in VMEM), rows a
-    multiple of the dtype's sublane tile, vocabulary chunk a multiple of 128 lanes."""
+    multiple of the dtype's sublane tile, vocabulary chunk a multiple of 128 lanes; with
+    ``features`` (the fused linear CE's D) the vocabulary chunk, then the rows, shrink until the
+    [D, block_v] weight blocks fit the 16 MiB scoped VMEM (:func:`lce_tpu_vmem_estimate`)."""
     if impl == "tpu":
-      sub = sublanes(dtype or jnp.float32)
+      dt = dtype or jnp.float32
+      sub = sublanes(dt)
       br, bv = 128, 2048
       if rows is not None:
         br = max(sub, min(br, round_up(rows, sub)))
       if vocab is not None:
         bv = max(128, min(bv, round_up(vocab, 128)))
+      if features is not None:
+        while bv > 128 and lce_tpu_vmem_estimate(br, bv, features, dt) > TPU_VMEM_DEFAULT_BUDGET:
+          bv //= 2
+        bv = max(128, round_up(bv, 128))
+        while br > sub and lce_tpu_vmem_estimate(br, bv, features, dt) > TPU_VMEM_DEFAULT_BUDGET:
+          br = max(sub, round_up(br // 2, sub))
       return cls(br, bv)
     br, bv = 16, 512
     if rows is not None and br:
@@ -61,6 +72,18 @@ class CEBlockSizes:
     if vocab is not None:
       bv = max(16, min(bv, next_pow2(vocab)))
     return cls(br, bv)
+
+
+def lce_tpu_vmem_estimate(br: int, bv: int, d: int, dtype) -> int:
+  """VMEM bytes of the largest fused linear-CE TPU kernel (forward, dx or dw): x [br, D] and
+  w [D, bv] blocks double-buffered, plus the dx [br, D] / dw [D, bv] outputs and float32
+  accumulators."""
+  f32, i32 = jnp.float32, jnp.int32
+  common = [((br, d), dtype), ((d, bv), dtype), ((br, 1), i32)]
+  fwd = tpu_vmem_bytes(common + [((br, 128), f32)] * 2, [((br, 1), f32)] * 3)
+  dx = tpu_vmem_bytes(common + [((br, 128), f32), ((br, 1), f32), ((br, d), dtype)], [((br, d), f32)])
+  dw = tpu_vmem_bytes(common + [((br, 128), f32), ((br, 1), f32), ((d, bv), dtype)], [((d, bv), f32)])
+  return max(fwd, dx, dw)
 
 
 def _legal(bs, impl, dtype=None):
@@ -207,21 +230,21 @@ def _ce_pallas_fwd(cfg, logits, labels):
     from jax.experimental.pallas import tpu as pltpu
     L = stat_lanes("tpu")
     out = pl.BlockSpec((br, L), lambda i, j: (i, 0))
-    loss, lse = pl.pallas_call(
+    loss, lse = fitted_pallas_call(
         functools.partial(_ce_fwd_tpu_kernel, cfg=cfg, nv=nv), grid=(nr, nv),
         in_specs=[x_spec, lab_spec], out_specs=[out, out],
         out_shape=[jax.ShapeDtypeStruct((n, L), jnp.float32)] * 2,
         scratch_shapes=[pltpu.VMEM((br, 1), jnp.float32)] * 3,
-        compiler_params=compiler_params("tpu", ("parallel", "arbitrary")),
+        **call_params("tpu", ("parallel", "arbitrary")),
         cost_estimate=cost, interpret=cfg.interpret_arg(), name="lepton_softmax_ce_fwd",
     )(logits, lab)
     return loss[:, 0], lse
   part = pl.BlockSpec((None, br, 1), lambda i, j: (j, i, 0))
-  m, l, ll = pl.pallas_call(
+  m, l, ll = fitted_pallas_call(
       functools.partial(_ce_fwd_part_kernel, cfg=cfg), grid=(nr, nv),
       in_specs=[x_spec, lab_spec], out_specs=[part] * 3,
       out_shape=[jax.ShapeDtypeStruct((nv, n, 1), jnp.float32)] * 3,
-      compiler_params=compiler_params(cfg.impl, ("parallel", "parallel"), cfg.num_warps),
+      **call_params(cfg.impl, ("parallel", "parallel"), cfg.num_warps),
       cost_estimate=cost, interpret=cfg.interpret_arg(), name="lepton_softmax_ce_fwd",
   )(logits, lab)
   mx = jnp.max(m, axis=0)
@@ -242,11 +265,11 @@ def _ce_pallas_bwd(cfg, logits, labels, lse, g):
   x_spec = pl.BlockSpec((br, bv), lambda i, j: (i, j))
   col = pl.BlockSpec((br, 1), lambda i, j: (i, 0))
   sem = ("parallel", "parallel")
-  return pl.pallas_call(
+  return fitted_pallas_call(
       functools.partial(_ce_bwd_kernel, cfg=cfg), grid=(nr, nv),
       in_specs=[x_spec, col, pl.BlockSpec((br, L), lambda i, j: (i, 0)), col], out_specs=x_spec,
       out_shape=jax.ShapeDtypeStruct((n, v), logits.dtype),
-      compiler_params=compiler_params(cfg.impl, sem, cfg.num_warps),
+      **call_params(cfg.impl, sem, cfg.num_warps),
       cost_estimate=cost_estimate(4 * n * v, n * v, 2 * nbytes(logits) + 4 * n * (L + 2)),
       interpret=cfg.interpret_arg(), name="lepton_softmax_ce_bwd",
   )(logits, labels.reshape(n, 1), lse, g.astype(jnp.float32).reshape(n, 1))
@@ -347,12 +370,12 @@ def _lce_pallas_fwd(cfg, x, w, labels):
   xp = pad_axis(pad_axis(x, 0, rp), 1, dp)
   wp = pad_axis(pad_axis(w, 0, dp), 1, vp)
   r1 = pl.BlockSpec((br,), lambda i: (i,))
-  loss, lse = pl.pallas_call(
+  loss, lse = fitted_pallas_call(
       functools.partial(_lce_fwd_kernel, cfg=cfg, nv=vp // bv, padded=vp != cfg.vocab),
       grid=(rp // br,),
       in_specs=[pl.BlockSpec((br, dp), lambda i: (i, 0)), pl.BlockSpec((dp, vp), lambda i: (0, 0)), r1],
       out_specs=[r1, r1], out_shape=[jax.ShapeDtypeStruct((rp,), jnp.float32)] * 2,
-      compiler_params=compiler_params(cfg.impl, ("parallel",), cfg.num_warps),
+      **call_params(cfg.impl, ("parallel",), cfg.num_warps),
       interpret=cfg.interpret_arg(), name="lepton_linear_ce_fwd",
   )(xp, wp, pad_axis(labels, 0, rp))
   return loss[:n], lse
@@ -367,23 +390,23 @@ def _lce_pallas_bwd(cfg, x, w, labels, lse, g):
   gp = pad_axis(g.astype(jnp.float32), 0, rp)   # padded rows get zero weight
   padded = vp != cfg.vocab
   r1 = pl.BlockSpec((br,), lambda i: (i,))
-  dx = pl.pallas_call(
+  dx = fitted_pallas_call(
       functools.partial(_lce_dx_kernel, cfg=cfg, nv=vp // bv, padded=padded), grid=(rp // br,),
       in_specs=[pl.BlockSpec((br, dp), lambda i: (i, 0)), pl.BlockSpec((dp, vp), lambda i: (0, 0)),
                 r1, r1, r1],
       out_specs=pl.BlockSpec((br, dp), lambda i: (i, 0)),
       out_shape=jax.ShapeDtypeStruct((rp, dp), x.dtype),
-      compiler_params=compiler_params(cfg.impl, ("parallel",), cfg.num_warps),
+      **call_params(cfg.impl, ("parallel",), cfg.num_warps),
       interpret=cfg.interpret_arg(), name="lepton_linear_ce_dx",
   )(xp, wp, lp, lse, gp)
   full = pl.BlockSpec((rp,), lambda j: (0,))
-  dw = pl.pallas_call(
+  dw = fitted_pallas_call(
       functools.partial(_lce_dw_kernel, cfg=cfg, nr=rp // br, padded=padded), grid=(vp // bv,),
       in_specs=[pl.BlockSpec((rp, dp), lambda j: (0, 0)), pl.BlockSpec((dp, bv), lambda j: (0, j)),
                 full, full, full],
       out_specs=pl.BlockSpec((dp, bv), lambda j: (0, j)),
       out_shape=jax.ShapeDtypeStruct((dp, vp), w.dtype),
-      compiler_params=compiler_params(cfg.impl, ("parallel",), cfg.num_warps),
+      **call_params(cfg.impl, ("parallel",), cfg.num_warps),
       interpret=cfg.interpret_arg(), name="lepton_linear_ce_dw",
   )(xp, wp, lp, lse, gp)
   return dx[:n, :d], dw[:d, : cfg.vocab]
@@ -475,13 +498,13 @@ def _lce_tpu_fwd(cfg, x, w, labels):
   lab = pad_axis(labels, 0, rp).reshape(rp, 1)
   nr, nv = rp // br, vp // bv
   out = pl.BlockSpec((br, L), lambda i, j: (i, 0))
-  loss, lse = pl.pallas_call(
+  loss, lse = fitted_pallas_call(
       functools.partial(_lce_tpu_fwd_kernel, cfg=cfg, nv=nv, padded=vp != cfg.vocab), grid=(nr, nv),
       in_specs=[pl.BlockSpec((br, d), lambda i, j: (i, 0)), pl.BlockSpec((d, bv), lambda i, j: (0, j)),
                 pl.BlockSpec((br, 1), lambda i, j: (i, 0))],
       out_specs=[out, out], out_shape=[jax.ShapeDtypeStruct((rp, L), jnp.float32)] * 2,
       scratch_shapes=[pltpu.VMEM((br, 1), jnp.float32)] * 3,
-      compiler_params=compiler_params("tpu", ("parallel", "arbitrary")),
+      **call_params("tpu", ("parallel", "arbitrary")),
       cost_estimate=cost_estimate(2 * n * d * cfg.vocab, n * cfg.vocab, nbytes(x, w) + 8 * n),
       interpret=cfg.interpret_arg(), name="lepton_linear_ce_fwd",
   )(xp, wp, lab)
@@ -501,7 +524,7 @@ def _lce_tpu_bwd(cfg, x, w, labels, lse, g):
   padded = vp != cfg.vocab
   cost = cost_estimate(4 * n * d * cfg.vocab, n * cfg.vocab, 2 * nbytes(x, w) + 12 * n)
   # dx: grid (row block i, vocab block j), j arbitrary
-  dx = pl.pallas_call(
+  dx = fitted_pallas_call(
       functools.partial(_lce_tpu_dx_kernel, cfg=cfg, nv=nv, padded=padded), grid=(nr, nv),
       in_specs=[pl.BlockSpec((br, d), lambda i, j: (i, 0)), pl.BlockSpec((d, bv), lambda i, j: (0, j)),
                 pl.BlockSpec((br, 1), lambda i, j: (i, 0)), pl.BlockSpec((br, L), lambda i, j: (i, 0)),
@@ -509,11 +532,11 @@ def _lce_tpu_bwd(cfg, x, w, labels, lse, g):
       out_specs=pl.BlockSpec((br, d), lambda i, j: (i, 0)),
       out_shape=jax.ShapeDtypeStruct((rp, d), x.dtype),
       scratch_shapes=[pltpu.VMEM((br, d), jnp.float32)],
-      compiler_params=compiler_params("tpu", ("parallel", "arbitrary")),
+      **call_params("tpu", ("parallel", "arbitrary")),
       cost_estimate=cost, interpret=cfg.interpret_arg(), name="lepton_linear_ce_dx",
   )(xp, wp, lab, lse, gp)
   # dw: grid (vocab block j, row block i), i arbitrary
-  dw = pl.pallas_call(
+  dw = fitted_pallas_call(
       functools.partial(_lce_tpu_dw_kernel, cfg=cfg, nr=nr, padded=padded), grid=(nv, nr),
       in_specs=[pl.BlockSpec((br, d), lambda j, i: (i, 0)), pl.BlockSpec((d, bv), lambda j, i: (0, j)),
                 pl.BlockSpec((br, 1), lambda j, i: (i, 0)), pl.BlockSpec((br, L), lambda j, i: (i, 0)),
@@ -521,7 +544,7 @@ def _lce_tpu_bwd(cfg, x, w, labels, lse, g):
       out_specs=pl.BlockSpec((d, bv), lambda j, i: (0, j)),
       out_shape=jax.ShapeDtypeStruct((d, vp), w.dtype),
       scratch_shapes=[pltpu.VMEM((d, bv), jnp.float32)],
-      compiler_params=compiler_params("tpu", ("parallel", "arbitrary")),
+      **call_params("tpu", ("parallel", "arbitrary")),
       cost_estimate=cost, interpret=cfg.interpret_arg(), name="lepton_linear_ce_dw",
   )(xp, wp, lab, lse, gp)
   return dx[:n], dw[:, : cfg.vocab]
@@ -617,8 +640,9 @@ def _blocks(api, tune_fn, args, kwargs, block_sizes, resolved, rows, vocab):
     block_sizes = _autotune.lookup(tune_fn._lepton_tune_spec, args, kwargs, resolved.backend)
     src = "autotune-cache"
     if block_sizes is None:
+      features = args[0].shape[-1] if len(args) > 1 else None     # fused linear CE: x [.., D]
       block_sizes, src = CEBlockSizes.get_default(rows=rows, vocab=vocab, impl=resolved.impl,
-                                                  dtype=args[0].dtype), "default"
+                                                  dtype=args[0].dtype, features=features), "default"
   if not isinstance(block_sizes, CEBlockSizes):
     raise KernelError(f"{api}: block_sizes must be a CEBlockSizes, got {type(block_sizes).__name__}")
   ok, reason = _legal(block_sizes, resolved.impl, args[0].dtype)

@@ -14,6 +14,7 @@ from lepton_jax._errors import KernelError
 from lepton_jax.pallas_kernels import _autotune
 from lepton_jax.pallas_kernels import _registry
 from lepton_jax.pallas_kernels._common import (
+    call_params, fitted_pallas_call,
     interpret_arg, mgpu, mgpu_interpret,
     cdiv, check_array, compiler_params, cost_estimate, dot_nn, is_pow2, next_pow2, pad_axis, round_up,
     shapes_dtypes, sublanes)
@@ -183,11 +184,11 @@ def _pallas_mm_tpu(cfg, x, w, bias, *, save_z):
   out_spec = pl.BlockSpec((bm, bn), lambda i, j, kk: (i, j))
   out_shape = [jax.ShapeDtypeStruct((m, n), x.dtype)] * (2 if save_z else 1)
   nk = kp // bk
-  return pl.pallas_call(
+  return fitted_pallas_call(
       functools.partial(_mm_tpu_kernel, cfg=cfg, nk=nk, save_z=save_z),
       grid=(cdiv(m, bm), cdiv(n, bn), nk), in_specs=in_specs, out_specs=[out_spec] * len(out_shape),
       out_shape=out_shape, scratch_shapes=[pltpu.VMEM((bm, bn), jnp.float32)],
-      compiler_params=compiler_params("tpu", ("parallel", "parallel", "arbitrary")),
+      **call_params("tpu", ("parallel", "parallel", "arbitrary")),
       cost_estimate=_mm_cost(cfg, m, n, k, x, save_z),
       interpret=cfg.interpret_arg(), name="lepton_matmul",
   )(*args)
@@ -224,11 +225,11 @@ def _pallas_mm(cfg, x, w, bias, *, activation, save_z, x_t=False, w_t=False):
   out_shape = [jax.ShapeDtypeStruct((mp, np_), x.dtype)]
   if save_z:
     out_shape.append(jax.ShapeDtypeStruct((mp, np_), x.dtype))
-  outs = pl.pallas_call(
+  outs = fitted_pallas_call(
       functools.partial(_mm_kernel, cfg=cfg, nk=kp // bk, bk=bk, save_z=save_z),
       grid=(mp // bm, np_ // bn), in_specs=in_specs, out_specs=[out_spec] * len(out_shape),
       out_shape=out_shape,
-      compiler_params=compiler_params(cfg.impl, ("parallel", "parallel"), bs.num_warps, bs.num_stages),
+      **call_params(cfg.impl, ("parallel", "parallel"), bs.num_warps, bs.num_stages),
       cost_estimate=_mm_cost(cfg, m, n, k, x, save_z),
       interpret=cfg.interpret_arg(), name="lepton_matmul",
   )(*args)

@@ -14,6 +14,8 @@ from lepton_jax.pallas_kernels import _registry
 from jax import lax
 
 from lepton_jax.pallas_kernels._common import (
+    TPU_VMEM_DEFAULT_BUDGET, tpu_vmem_bytes,
+    call_params, fitted_pallas_call,
     interpret_arg, mgpu, mgpu_interpret,
     check_array, compiler_params, cost_estimate, is_pow2, nbytes, next_pow2, pad_axis, round_up,
     shapes_dtypes, stat_lanes, sublanes)
@@ -47,12 +49,24 @@ class NormBlockSizes:
       br = max(sub, 1 << (br.bit_length() - 1))
       if rows is not None:
         br = max(sub, min(br, next_pow2(rows)))
+      while br > sub and tpu_vmem_estimate(br, dp, dtype or jnp.float32) > TPU_VMEM_DEFAULT_BUDGET:
+        br //= 2    # fit the 16 MiB scoped VMEM (v4 / v5e / v5p)
       return cls(block_rows=br)
     dp = max(16, next_pow2(features or 1024))
     br = max(1, min(16, 16384 // dp))
     if rows is not None:
       br = min(br, next_pow2(rows))
     return cls(block_rows=max(1, br))
+
+
+def tpu_vmem_estimate(br: int, dp: int, dtype) -> int:
+  """VMEM bytes of the larger of the TPU norm kernels (backward: x, dy, dx row blocks, the
+  scale row, two lane-dense statistics, two float32 partial rows; all double-buffered)."""
+  f32 = jnp.float32
+  fwd = tpu_vmem_bytes([((br, dp), dtype)] * 2 + [((1, dp), dtype)] * 2 + [((br, 128), f32)] * 2)
+  bwd = tpu_vmem_bytes([((br, dp), dtype)] * 3 + [((1, dp), dtype)] + [((br, 128), f32)] * 2
+                       + [((1, dp), f32)] * 2)
+  return max(fwd, bwd)
 
 
 def _legal(bs, impl, features, rows=None, dtype=None):
@@ -199,12 +213,12 @@ def _pallas_fwd(cfg, x2, scale, bias):
   vec = pl.BlockSpec((1, dp), lambda i: (0, 0))
   stat = pl.BlockSpec((br, L), lambda i: (i, 0))
   n = rp * dp
-  y, mean, rstd = pl.pallas_call(
+  y, mean, rstd = fitted_pallas_call(
       functools.partial(_fwd_kernel, cfg=cfg), grid=(rp // br,),
       in_specs=[row, vec, vec], out_specs=[row, stat, stat],
       out_shape=[jax.ShapeDtypeStruct((rp, dp), x2.dtype), jax.ShapeDtypeStruct((rp, L), jnp.float32),
                  jax.ShapeDtypeStruct((rp, L), jnp.float32)],
-      compiler_params=compiler_params(cfg.impl, ("parallel",), cfg.num_warps),
+      **call_params(cfg.impl, ("parallel",), cfg.num_warps),
       cost_estimate=cost_estimate(8 * n, rp, 2 * nbytes(xp) + nbytes(sp, bp) + 2 * rp * L * 4),
       interpret=cfg.interpret_arg(), name=f"lepton_{cfg.kind}_norm_fwd",
   )(xp, sp, bp)
@@ -228,12 +242,12 @@ def _pallas_bwd(cfg, x2, scale, mean, rstd, dy):
   vec = pl.BlockSpec((1, dp), lambda i: (0, 0))
   stat = pl.BlockSpec((br, L), lambda i: (i, 0))
   part = pl.BlockSpec((None, 1, dp), lambda i: (i, 0, 0))
-  dx, ds, db = pl.pallas_call(
+  dx, ds, db = fitted_pallas_call(
       functools.partial(_bwd_kernel, cfg=cfg), grid=(nr,),
       in_specs=[row, vec, row, stat, stat], out_specs=[row, part, part],
       out_shape=[jax.ShapeDtypeStruct((rp, dp), x2.dtype), jax.ShapeDtypeStruct((nr, 1, dp), jnp.float32),
                  jax.ShapeDtypeStruct((nr, 1, dp), jnp.float32)],
-      compiler_params=compiler_params(cfg.impl, ("parallel",), cfg.num_warps),
+      **call_params(cfg.impl, ("parallel",), cfg.num_warps),
       cost_estimate=cost_estimate(14 * rp * dp, 0,
                                   3 * nbytes(xp) + nbytes(sp) + 2 * rp * L * 4 + 2 * nr * dp * 4),
       interpret=cfg.interpret_arg(), name=f"lepton_{cfg.kind}_norm_bwd",

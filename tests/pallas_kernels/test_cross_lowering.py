@@ -223,3 +223,64 @@ def test_cost_estimates_attached():
   # and on TPU the estimate reaches the lowered custom call (XLA's cost model reads it)
   text = _lower_text(lambda x, s: lpk.rms_norm(x, s, backend="pallas_tpu"), (x, s), "tpu")
   assert "cost_estimate" in text and '\\22flops\\22:0' not in text.replace(" ", "")
+
+
+def _tpu_vmem(fn, args, argnums):
+  """(kernel, VMEM bytes, scoped-VMEM limit asked for) of every TPU pallas_call, fwd and bwd."""
+  from lepton_jax.pallas_kernels._common import pallas_tpu_vmem
+  rows = []
+  for f in (fn, _grad(fn, argnums)):
+    jaxpr = jax.make_jaxpr(f)(*args)
+    rows += pallas_tpu_vmem(jaxpr)
+  return rows
+
+
+# float16 has bfloat16's itemsize and sublane tile, so the same blocks: not repeated.
+@pytest.mark.parametrize("dtype", [F32, BF])
+def test_tpu_default_blocks_fit_scoped_vmem(dtype):
+  """Default TPU blocks: every kernel's in/out blocks (double-buffered, padded to the Mosaic
+  tiles) + scratch fit the 16 MiB scoped VMEM of v4 / v5e / v5p, for head_dim 64-256 and the
+  realistic shapes of the cross-lowering tests (and the fused CE at D = 4096, where the
+  [D, block_v] weight block forces a smaller vocabulary chunk)."""
+  budget = 16 << 20
+  cases = []
+  for d in (64, 128, 256):
+    q = S((1, 4096, 8, d), dtype)
+    cases.append((lambda q, k, v: lpk.flash_attention(q, k, v, is_causal=True, backend="pallas_tpu"),
+                  (q, q, q), (0, 1, 2)))
+  q, bias = S((1, 2048, 8, 256), dtype), S((1, 8, 2048, 2048), dtype)
+  cases.append((lambda q, k, v, b: lpk.flash_attention(q, k, v, bias=b, backend="pallas_tpu"),
+                (q, q, q, bias), (0, 1, 2, 3)))
+  x, s = S((8192, 8192), dtype), S((8192,), dtype)
+  cases.append((lambda x, s: lpk.layer_norm(x, s, s, backend="pallas_tpu"), (x, s), (0, 1)))
+  cases.append((lambda lg: lpk.softmax_cross_entropy(lg, jnp.zeros((8192,), jnp.int32), backend="pallas_tpu"),
+                (S((8192, 128256), dtype),), (0,)))
+  cases.append((lambda x, w: lpk.linear_softmax_cross_entropy(x, w, jnp.zeros((8192,), jnp.int32),
+                                                              backend="pallas_tpu"),
+                (S((8192, 4096), dtype), S((4096, 32000), dtype)), (0, 1)))
+  cases.append((lambda x, w, b: lpk.matmul(x, w, bias=b, activation="gelu", backend="pallas_tpu"),
+                (S((4096, 4096), dtype), S((4096, 11008), dtype), S((11008,), dtype)), (0, 1, 2)))
+  for fn, args, argnums in cases:
+    rows = _tpu_vmem(fn, args, argnums)
+    assert rows
+    for name, vmem in rows:
+      assert vmem <= budget, (name, vmem / 2 ** 20)
+
+
+def test_tpu_scoped_vmem_raised_only_beyond_the_budget():
+  """Where no legal block fits 16 MiB (layer norm over 65536 bf16 features: 16 rows minimum),
+  the call asks Mosaic for a larger scoped-VMEM limit; calls that fit leave the default."""
+  from jax.experimental.pallas import tpu as pltpu
+  from lepton_jax.pallas_kernels import _common
+  spec = lambda shape: type("Spec", (), {"block_shape": shape})()
+  big = S((16, 65536), BF)
+  params, vmem = _common.tpu_call_params(("parallel",), [spec((16, 65536))] * 3, [big] * 3,
+                                         [spec((16, 65536))] * 2, [big] * 2)   # 5 blocks x 2 MiB x 2
+  assert vmem == 5 * 2 * 16 * 65536 * 2 and params.vmem_limit_bytes >= vmem
+  params, vmem = _common.tpu_call_params(("parallel",), [spec((16, 4096))], [S((16, 4096), BF)],
+                                         [spec((16, 4096))], [S((16, 4096), BF)])
+  assert vmem == 4 * 16 * 4096 * 2 and params.vmem_limit_bytes is None
+  assert isinstance(params, pltpu.CompilerParams)
+  # the padding is Mosaic's: a (1, 4096) float32 row occupies an (8, 4096) tile band
+  assert _common.tpu_padded_bytes((1, 4096), F32) == 8 * 4096 * 4
+  assert _common.tpu_padded_bytes((40, 100), BF) == 48 * 128 * 2
