@@ -14,7 +14,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from lepton_jax import jaxpr as ljx
 from lepton_jax._errors import ShardingError
 from lepton_jax._nnx import is_graph_node, nnx_module
-from lepton_jax._utils import parse_bytes
+from lepton_jax._utils import format_bytes, parse_bytes
 from lepton_jax.sharding import _cost_model as cm
 from lepton_jax.sharding._compiled import cached_lowered, compile_candidate, jaxpr_body
 from lepton_jax.sharding._dims import analyze_dims
@@ -29,9 +29,11 @@ _COMM_WEIGHT = 0.5
 _COLL_SLACK = 1.1
 _ACT_MIN_BYTES = 1 << 20
 _ACT_TOP_K = 64
-_SELECTION_RULE = ("rule: compiled memory <= the best baseline's and collectives <= 1.1x that "
-                   "baseline's; no involuntary rematerialization if possible; then min memory + 0.5 x "
-                   "collective bytes")
+_SELECTION_RULE = ("rule: compiled argument + temp bytes <= the best baseline's and collectives <= "
+                   "1.1x that baseline's; no involuntary rematerialization if possible; then min "
+                   "argument + temp + 0.5 x collective bytes. Screening: candidates are compiled in "
+                   "order of argument bytes; one whose exact argument bytes already exceed the best "
+                   "compiled argument + temp is not compiled (it cannot be better)")
 _BUDGET_RULE = ("rule: compiled memory and estimate within memory_budget; then min collective bytes, "
                 "then memory; if none fits, min compiled memory")
 
@@ -85,42 +87,47 @@ class _Candidate(typing.NamedTuple):
   jitted: Any
   lowered: Any
   compiled: Any
-  figures: Any
+  figures: Any          # CompiledFigures, or None when the candidate was screened out
   baseline: bool
-  chosen: list = None   # [bool] set by _choose (a NamedTuple field must stay immutable)
+  chosen: list = None   # [bool, note] set by _choose (a NamedTuple field must stay immutable)
+  arg_bytes: int = 0    # exact per-device argument bytes of its input placement
+  skipped: str = ""     # why it was not compiled
 
   def to_dict(self) -> dict:
     return {"name": self.name, "baseline": self.baseline, "chosen": bool(self.chosen and self.chosen[0]),
             "estimated_memory_bytes": int(self.core.memory["total"]),
             "estimated_collective_bytes": int(self.core.collectives["total"]),
+            "argument_bytes_per_device": int(self.arg_bytes),
             "activation_constraints": len(self.constraints),
-            "compiled": self.figures.to_dict(), "note": (self.chosen[1] if self.chosen else "")}
+            "compiled": None if self.figures is None else self.figures.to_dict(),
+            "note": self.skipped or (self.chosen[1] if self.chosen else "")}
 
 
 def _choose(cands: list, budget, core_budget_ok) -> None:
-  """Marks one candidate chosen (see ``_SELECTION_RULE`` / ``_BUDGET_RULE``)."""
-  mem = lambda c: c.figures.memory
+  """Marks one compiled candidate chosen (see ``_SELECTION_RULE`` / ``_BUDGET_RULE``)."""
+  mem = lambda c: c.figures.arg_temp
+  dev = lambda c: c.figures.memory
   coll = lambda c: c.figures.collectives["total"]
   order = {id(c): k for k, c in enumerate(cands)}
+  done = [c for c in cands if c.figures is not None]
   if budget is None:
-    bases = [c for c in cands if c.baseline] or cands
+    bases = [c for c in done if c.baseline] or done
     ref = min(bases, key=lambda c: (mem(c), coll(c), order[id(c)]))
-    ok = [c for c in cands if mem(c) <= mem(ref) and coll(c) <= _COLL_SLACK * coll(ref)]
+    ok = [c for c in done if mem(c) <= mem(ref) and coll(c) <= _COLL_SLACK * coll(ref)]
     clean = [c for c in ok if c.figures.remat_warnings == 0]
     pool = clean or ok
     best = min(pool, key=lambda c: (mem(c) + _COMM_WEIGHT * coll(c), order[id(c)]))
-    note = f"best baseline by compiled memory: {ref.name}"
+    note = f"best baseline by compiled argument + temp bytes: {ref.name}"
   else:
-    fit = [c for c in cands if mem(c) <= budget and core_budget_ok(c)]
+    fit = [c for c in done if dev(c) <= budget and core_budget_ok(c)]
     if fit:
-      best = min(fit, key=lambda c: (coll(c), mem(c), order[id(c)]))
+      best = min(fit, key=lambda c: (coll(c), dev(c), order[id(c)]))
       note = "fits memory_budget"
     else:
-      best = min(cands, key=lambda c: (mem(c), coll(c), order[id(c)]))
+      best = min(done, key=lambda c: (dev(c), coll(c), order[id(c)]))
       note = "no candidate fits memory_budget when compiled: least memory"
   for k, c in enumerate(cands):
     cands[k] = c._replace(chosen=[c is best, note if c is best else ""])
-
 
 
 def _norm_argnums(v, name) -> tuple:
@@ -330,8 +337,17 @@ class AutoShardFunction:
       chosen = next(c for c in cands if c.chosen[0])
       compiled_fig = chosen.figures.to_dict()
       cand_dicts = tuple(c.to_dict() for c in cands)
+      n_comp = sum(c.figures is not None for c in cands)
       search = (f"{core.search}; compiled check of {len(cands)} candidates kept '{chosen.name}' "
                 f"({_SELECTION_RULE if budget is None else _BUDGET_RULE})")
+      validation = (f"{n_comp} of {len(cands)} candidates compiled for the mesh's devices "
+                    f"({len(cands) - n_comp} screened out by the argument-bytes bound); kept "
+                    f"'{chosen.name}'")
+    elif mi.abstract:
+      validation = ("skipped: the mesh is an AbstractMesh (no devices to compile for); the plan is "
+                    "the cost model's choice and was not checked against a compiled program")
+    else:
+      validation = f"none: strategy='{self.strategy}' is a named baseline (planned, not searched)"
     act_desc = tuple((an.intermediates[_inter_index(an, k, j)].primitive,
                       list(an.intermediates[_inter_index(an, k, j)].shape), spec_str(
                           tuple(() if e is None else e for e in spec)))
@@ -354,7 +370,7 @@ class AutoShardFunction:
         planning_seconds=time.perf_counter() - t0,
         plan_hash=ShardingPlan.compute_hash(self.strategy, mi.describe(), in_plans, out_plans),
         role_basis=core.role_basis, activation_constraints=act_desc, compiled=compiled_fig,
-        candidates=cand_dicts)
+        candidates=cand_dicts, validation=validation)
     if cands is not None:
       chosen = next(c for c in cands if c.chosen[0])
       return _Entry(plan, chosen.in_sh, chosen.out_sh, chosen.jitted, dyn_tree, out_tree, nnx_info,
@@ -403,17 +419,34 @@ class AutoShardFunction:
     cons = _activation_constraints(an, cores[best_model], mi)
     if cons:
       variants.append((names[best_model] + "+act", cores[best_model], cons))
-    out = []
-    for name, core, cons in variants:
+    # Screening (no budget): compile in order of per-device argument bytes (exact, from the specs);
+    # XLA's argument + temp is at least the argument bytes, so a candidate whose argument bytes
+    # exceed the best compiled argument + temp cannot be better and is not compiled. The bound is
+    # trusted only while every compiled candidate's argument bytes equal the computed ones.
+    nbytes = [x[3] for x in in_info]
+    arg_of = lambda core: int(sum(cm.per_device_bytes(nb, sp, mi) for nb, sp in zip(nbytes, core.in_specs)))
+    order = sorted(range(len(variants)), key=lambda k: (arg_of(variants[k][1]), k))
+    out = [None] * len(variants)
+    best, exact = None, True
+    for k in order:
+      name, core, cons = variants[k]
       in_sh = tuple(NamedSharding(mesh, spec_to_pspec(sp)) for sp in core.in_specs)
       out_sh = tuple(NamedSharding(mesh, spec_to_pspec(sp)) for sp in core.out_specs)
+      is_base = any(part in _baselines(mi) for part in name.split("="))
+      ab = arg_of(core)
+      if budget is None and exact and best is not None and ab > best:
+        out[k] = _Candidate(name, core, cons, in_sh, out_sh, None, None, None, None, is_base, None, ab,
+                            f"not compiled: its argument bytes {format_bytes(ab)} already exceed the "
+                            f"best compiled argument + temp {format_bytes(best)}")
+        continue
       jitted = self._make_jit(jaxpr_body(traced.closed_jaxpr, cons, mesh, mi.explicit), in_sh, out_sh,
                               None, sorted(donated))
       abstract = [jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s, weak_type=getattr(a, "weak_type", False))
                   for a, s in zip(traced.in_avals, in_sh)]
       lowered, compiled, figs = compile_candidate(jitted, abstract, mesh)
-      is_base = any(part in _baselines(mi) for part in name.split("="))
-      out.append(_Candidate(name, core, cons, in_sh, out_sh, jitted, lowered, compiled, figs, is_base))
+      exact = exact and figs.argument == ab
+      best = figs.arg_temp if best is None else min(best, figs.arg_temp)
+      out[k] = _Candidate(name, core, cons, in_sh, out_sh, jitted, lowered, compiled, figs, is_base, None, ab)
     _choose(out, budget, core_budget_ok=lambda c: budget is None or c.core.memory["total"] <= budget)
     return out
 

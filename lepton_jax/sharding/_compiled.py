@@ -3,9 +3,11 @@
 Every candidate placement is lowered with ``jax.jit(body, in_shardings, out_shardings)`` and
 compiled; what is read back:
 
-* **memory per device** = ``argument + output + temp - alias`` bytes of
-  ``compiled.memory_analysis()`` (the SPMD-partitioned program is per device; aliased bytes are
-  outputs that reuse donated argument buffers, counted once);
+* **memory per device**, read through :func:`lepton_jax.jaxpr._compiled.read_compiled` from
+  ``compiled.memory_analysis()`` (the SPMD-partitioned program is per device):
+  ``argument + temp`` bytes (``arg_temp``: what a step holds when its outputs reuse the donated
+  inputs -- the figure candidates are ranked by) and ``argument + output + temp - alias``
+  (``memory``: without donation, outputs next to their inputs; what ``memory_budget`` bounds);
 * **collective bytes per device** = operand bytes of every ``all-reduce``, ``all-gather``,
   ``reduce-scatter``, ``all-to-all`` and ``collective-permute`` (``*-start`` counted,
   ``*-done`` not; an op inside a loop body counts once) in the optimized HLO text;
@@ -35,6 +37,7 @@ import tempfile
 import jax
 from jax.sharding import NamedSharding, PartitionSpec
 
+from lepton_jax.jaxpr._compiled import read_compiled
 from lepton_jax.jaxpr._eval import bind_eqn, eval_jaxpr
 
 __all__ = ["CompiledFigures", "jaxpr_body", "compile_candidate", "cached_lowered", "collective_bytes",
@@ -137,8 +140,14 @@ class CompiledFigures:
   collectives: dict      # collective_bytes() of the optimized HLO
   remat_warnings: int    # "Involuntary full rematerialization" lines while compiling
 
+  @property
+  def arg_temp(self) -> int:
+    """argument + temp bytes per device (outputs in donated buffers)."""
+    return int(self.argument + self.temp)
+
   def to_dict(self) -> dict:
-    return {"memory_bytes": int(self.memory), "argument_bytes": int(self.argument),
+    return {"memory_bytes": int(self.memory), "arg_temp_bytes": self.arg_temp,
+            "argument_bytes": int(self.argument),
             "output_bytes": int(self.output), "temp_bytes": int(self.temp),
             "alias_bytes": int(self.alias), "collective_bytes": dict(self.collectives),
             "remat_warnings": int(self.remat_warnings)}
@@ -227,14 +236,9 @@ def compile_candidate(jitted, abstract_args, mesh):
       os.write(2, (rest + "\n").encode())
     except OSError:
       pass
-  ma = compiled.memory_analysis()
-  if ma is None:
-    figs = CompiledFigures(-1, -1, -1, -1, -1, collective_bytes(compiled.as_text()), remat)
-  else:
-    arg, out = int(ma.argument_size_in_bytes), int(ma.output_size_in_bytes)
-    tmp, alias = int(ma.temp_size_in_bytes), int(ma.alias_size_in_bytes)
-    figs = CompiledFigures(arg + out + tmp - alias, arg, out, tmp, alias,
-                           collective_bytes(compiled.as_text()), remat)
+  fig = read_compiled(compiled)   # zeros where a backend has no memory analysis
+  figs = CompiledFigures(fig.device_bytes, fig.argument_bytes, fig.output_bytes, fig.temp_bytes,
+                         fig.alias_bytes, collective_bytes(compiled.as_text()), remat)
   value = (lowered, compiled, figs)
   _COMPILED.put(key, value)
   return value

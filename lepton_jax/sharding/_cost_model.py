@@ -21,7 +21,7 @@ import math
 
 import numpy as np
 
-__all__ = ["leaf_shard_factor", "per_device_bytes", "param_option_comm", "estimate_collectives"]
+__all__ = ["leaf_shard_factor", "per_device_bytes", "param_option_comm", "estimate_collectives", "DotIndex"]
 
 
 def leaf_shard_factor(spec: tuple, mi) -> int:
@@ -50,29 +50,46 @@ def _same_classes(a: tuple, b: tuple) -> bool:
   return len(a) == len(b) and sorted(a) == sorted(b)
 
 
-def param_option_comm(leaf_ids, spec, classes, nbytes_of, an, class_axes, batch_classes, mi) -> float:
+class DotIndex:
+  """The dots of an analysis indexed for :func:`param_option_comm` (built once per plan).
+
+  ``by_root``: input leaf -> ``[(dot, fraction of the leaf it reads)]`` of dots reading a view
+  of it (a scan step reads ``1/L`` of a stacked ``[L, ...]`` leaf);
+  ``wgrads``: sorted output classes -> dots that contract a batch class into an output with no
+  batch class (weight gradients), with the batch classes they contract.
+  """
+
+  def __init__(self, an, batch_classes):
+    self.by_root: dict = {}
+    self.wgrads: dict = {}
+    for d in an.dots:
+      for r, frac in zip(d.lhs_roots + d.rhs_roots, d.fracs()):
+        self.by_root.setdefault(r, []).append((d, frac))
+      bat = [c for c in d.contract if c in batch_classes]
+      if bat and not any(c in batch_classes for c in d.out_classes):
+        self.wgrads.setdefault(tuple(sorted(d.out_classes)), []).append((d, tuple(bat)))
+
+
+def param_option_comm(leaf_ids, spec, classes, nbytes_of, an, class_axes, batch_classes, mi,
+                      index: DotIndex | None = None) -> float:
   """Collective bytes attributable to storing the leaves ``leaf_ids`` with ``spec``."""
+  if index is None:
+    index = DotIndex(an, batch_classes)
   total = 0.0
   keep, gather = _compute_factor(spec, classes, class_axes, mi)
-  ids = set(leaf_ids)
   if gather:
     n_keep, n_g = mi.size(keep), mi.size(gather)
-    for d in an.dots:
-      for r in d.lhs_roots + d.rhs_roots:
-        if r in ids:
-          total += _ring(nbytes_of[r] / n_keep, n_g) * d.multiplier
+    for r in leaf_ids:
+      for d, frac in index.by_root.get(r, ()):
+        total += _ring(nbytes_of[r] * frac / n_keep, n_g) * d.multiplier
   spec_axes = {a for e in spec for a in e}
-  for d in an.dots:
-    bat = [c for c in d.contract if c in batch_classes]
-    if not bat or any(c in batch_classes for c in d.out_classes):
-      continue
-    if not _same_classes(d.out_classes, classes):
-      continue
+  n_keep = max(1, mi.size(keep))
+  for d, bat in index.wgrads.get(tuple(sorted(classes)), ()):
     axes = sorted({a for c in bat for a in class_axes.get(c, ())})
     if not axes:
       continue
     n = mi.size(axes)
-    out_local = d.out_bytes / max(1, mi.size(keep))
+    out_local = d.out_bytes / n_keep
     if set(axes) <= spec_axes:
       total += _ring(out_local, n) * d.multiplier
     else:
@@ -100,12 +117,12 @@ def estimate_collectives(an, mi, class_axes: dict, batch_classes, in_specs, role
         rs += _ring(out_local, n) * m
       else:
         ar += 2 * _ring(out_local, n) * m
-    for r in d.lhs_roots + d.rhs_roots:
+    for r, frac in zip(d.lhs_roots + d.rhs_roots, d.fracs()):
       if roles[r] != "param":
         continue
       keep, gather = _compute_factor(in_specs[r], an.in_classes[r], class_axes, mi)
       if gather:
-        ag += _ring(in_bytes[r] / mi.size(keep), mi.size(gather)) * m
+        ag += _ring(in_bytes[r] * frac / mi.size(keep), mi.size(gather)) * m
   for red in an.reduces:
     axes = sorted({a for c in red.reduced for a in class_axes.get(c, ())})
     if axes:

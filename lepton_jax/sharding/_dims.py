@@ -41,6 +41,13 @@ class DotRecord:
   out_bytes: int
   lhs_roots: tuple           # input-leaf indices the lhs is a (view of), or ()
   rhs_roots: tuple
+  root_frac: tuple = ()      # per entry of lhs_roots + rhs_roots: the fraction of the leaf read
+  # (1 for a view of the whole leaf; 1/L for one layer's slice of a [L, ...] leaf that a scan
+  # over L steps passes as ``xs``)
+
+  def fracs(self) -> tuple:
+    roots = self.lhs_roots + self.rhs_roots
+    return self.root_frac if len(self.root_frac) == len(roots) else (1.0,) * len(roots)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,6 +125,12 @@ class _Builder:
     self.nodes: dict = {}   # Var -> list of node ids (one per dim)
     self.sizes: list = []
     self.root_of: dict = {}  # Var -> input leaf index (for plain views of inputs)
+    self.root_frac: dict = {}  # Var -> fraction of that leaf it holds (scan slices of stacked leaves)
+
+  def share_root(self, src, dst, scale: float = 1.0) -> None:
+    if _is_var(src) and src in self.root_of and _is_var(dst):
+      self.root_of[dst] = self.root_of[src]
+      self.root_frac[dst] = self.root_frac.get(src, 1.0) * scale
 
   def dims(self, v) -> list:
     if not _is_var(v):
@@ -156,11 +169,13 @@ def _bind_sub(b: _Builder, eqn, sub) -> None:
     for k, (o, iv) in enumerate(zip(ins, inner.invars)):
       if k < nc + nk:
         b.unify_all(o, iv)
-        if k < nc and o in b.root_of:
-          b.root_of[iv] = b.root_of[o]
-      else:  # xs: outer has a leading scan axis
+        if k < nc:
+          b.share_root(o, iv)
+      else:  # xs: outer has a leading scan axis; the body reads one slice of it per step
         for d in range(len(_shape(iv))):
           b.unify(o, d + 1, iv, d)
+        length = _shape(o)[0] if _shape(o) else 1
+        b.share_root(o, iv, 1.0 / max(1, int(length)))
     for k, (o, ov) in enumerate(zip(outs, inner.outvars)):
       if k < nk:
         b.unify_all(o, ov)
@@ -186,13 +201,12 @@ def _bind_sub(b: _Builder, eqn, sub) -> None:
   if len(ins) == len(inner.invars):
     for o, iv in zip(ins, inner.invars):
       b.unify_all(o, iv)
-      if _is_var(o) and o in b.root_of and _shape(o) == _shape(iv):
-        b.root_of[iv] = b.root_of[o]
+      if _shape(o) == _shape(iv):
+        b.share_root(o, iv)
   if len(outs) == len(inner.outvars):
     for o, ov in zip(outs, inner.outvars):
       b.unify_all(o, ov)
-      if _is_var(ov) and ov in b.root_of and _is_var(o):
-        b.root_of[o] = b.root_of[ov]
+      b.share_root(ov, o)
 
 
 def _unify_eqn(b: _Builder, eqn) -> None:
@@ -328,8 +342,7 @@ def analyze_dims(closed_jaxpr) -> DimAnalysis:
     name = eqn.primitive.name
     if primitive_info(name).view and eqn.invars and _is_var(eqn.invars[0]) and eqn.invars[0] in b.root_of:
       for o in eqn.outvars:
-        if _is_var(o):
-          b.root_of[o] = b.root_of[eqn.invars[0]]
+        b.share_root(eqn.invars[0], o)
   # Second pass: records (after all unifications, so class ids are final).
   dots, reduces = [], []
   free = set()
@@ -356,10 +369,11 @@ def analyze_dims(closed_jaxpr) -> DimAnalysis:
         contract = tuple(sorted(({lcl[dn.lhs_spec[1]]} & {rcl[dn.rhs_spec[1]]}) - set(ocl)))
       lr = (b.root_of[lhs],) if _is_var(lhs) and lhs in b.root_of else ()
       rr = (b.root_of[rhs],) if _is_var(rhs) and rhs in b.root_of else ()
+      fr = tuple(b.root_frac.get(v, 1.0) for v, r in ((lhs, lr), (rhs, rr)) if r)
       for r in lr + rr:
         weight_uses[r] = weight_uses.get(r, 0) + ref.multiplier
       dots.append(DotRecord(ref.id, ref.multiplier, contract, lcl, rcl, ocl,
-                            ljx.aval_bytes(outs[0]), lr, rr))
+                            ljx.aval_bytes(outs[0]), lr, rr, fr))
     elif _is_reduce(name) and outs and name not in ("argmax", "argmin"):
       icl = b.cls(eqn.invars[0])
       axes = eqn.params.get("axes", ())

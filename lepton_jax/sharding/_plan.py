@@ -100,12 +100,16 @@ class ShardingPlan:
     role_basis: how parameters and batch were told apart (data flow or shapes).
     activation_constraints: ``[primitive, shape, partition spec]`` of each top-level
       intermediate given a ``with_sharding_constraint`` (batch dimension over the data axes).
-    compiled: XLA's figures for the chosen placement (``memory_bytes`` = argument + output +
+    compiled: XLA's figures for the chosen placement (``arg_temp_bytes`` = argument + temp bytes
+      per device, the figure candidates are ranked by; ``memory_bytes`` = argument + output +
       temp - alias bytes per device, ``collective_bytes`` from the optimized HLO,
       ``remat_warnings``), or ``None`` when nothing was compiled (abstract mesh, baselines).
-    candidates: for ``strategy="auto"`` on a concrete mesh, every compiled candidate (cost-model
-      plans, the named baselines, activation-constraint variants): its name, the model's
-      estimate, XLA's figures, and whether it was chosen.
+    candidates: for ``strategy="auto"`` on a concrete mesh, every candidate (cost-model plans, the
+      named baselines, activation-constraint variants): its name, the model's estimate, its exact
+      per-device argument bytes, XLA's figures (``None`` when screened out without compiling: its
+      argument bytes alone exceed the best compiled argument + temp), and whether it was chosen.
+    validation: how the plan was checked against the compiled program, or why it was not
+      (an ``AbstractMesh`` has no devices to compile for: then the plan is the cost model's).
   """
   strategy: str
   mesh: list
@@ -130,6 +134,7 @@ class ShardingPlan:
   activation_constraints: tuple = ()
   compiled: dict | None = None
   candidates: tuple = ()
+  validation: str = ""
 
   @staticmethod
   def compute_hash(strategy, mesh, inputs, outputs) -> str:
@@ -161,6 +166,7 @@ class ShardingPlan:
         "activation_constraints": [list(a) for a in self.activation_constraints],
         "compiled": None if self.compiled is None else dict(self.compiled),
         "candidates": [dict(c) for c in self.candidates],
+        "validation": self.validation,
     }
 
   def __str__(self) -> str:
@@ -196,18 +202,26 @@ class ShardingPlan:
       lines.append(f"roles from {self.role_basis}")
     if self.compiled is not None:
       c = self.compiled
-      lines.append(f"compiled (XLA, per device): memory {format_bytes(c['memory_bytes'])} (argument "
-                   f"{format_bytes(c['argument_bytes'])} + output {format_bytes(c['output_bytes'])} + temp "
-                   f"{format_bytes(c['temp_bytes'])} - alias {format_bytes(c['alias_bytes'])}), collectives "
+      lines.append(f"compiled (XLA, per device): argument + temp {format_bytes(c['arg_temp_bytes'])}; memory "
+                   f"{format_bytes(c['memory_bytes'])} (argument {format_bytes(c['argument_bytes'])} + output "
+                   f"{format_bytes(c['output_bytes'])} + temp {format_bytes(c['temp_bytes'])} - alias "
+                   f"{format_bytes(c['alias_bytes'])}), collectives "
                    f"{format_bytes(c['collective_bytes']['total'])} in {c['collective_bytes']['count']} ops, "
                    f"involuntary rematerializations {c['remat_warnings']}")
+    if self.validation:
+      lines.append(f"compiled validation: {self.validation}")
     if self.candidates:
       lines.append("candidates (model estimate | XLA compiled, per device):")
       for c in self.candidates:
         cm_ = c["compiled"]
+        head = (f"  {'*' if c['chosen'] else ' '} {c['name']:<18} est mem "
+                f"{format_bytes(c['estimated_memory_bytes']):>10} coll "
+                f"{format_bytes(c['estimated_collective_bytes']):>10} | ")
+        if cm_ is None:
+          lines.append(head + f"arg {format_bytes(c['argument_bytes_per_device']):>10}  [{c['note']}]")
+          continue
         lines.append(
-            f"  {'*' if c['chosen'] else ' '} {c['name']:<18} est mem {format_bytes(c['estimated_memory_bytes']):>10}"
-            f" coll {format_bytes(c['estimated_collective_bytes']):>10} | mem {format_bytes(cm_['memory_bytes']):>10}"
+            head + f"arg+temp {format_bytes(cm_['arg_temp_bytes']):>10} mem {format_bytes(cm_['memory_bytes']):>10}"
             f" (temp {format_bytes(cm_['temp_bytes'])}) coll {format_bytes(cm_['collective_bytes']['total']):>10}"
             f" remat {cm_['remat_warnings']}" + (f"  [{c['note']}]" if c.get("note") else ""))
     lines.append(f"planning time {self.planning_seconds:.3f} s")

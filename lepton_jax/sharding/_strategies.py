@@ -346,6 +346,7 @@ def plan_placement(an, mi, in_info, out_info, strategy: str, budget, donated: se
       out_groups.setdefault(key, []).append(j)
 
   group_opts = []
+  dot_index = cm.DotIndex(an, batch_classes)
   for key in gkeys:
     shape, classes = key
     if strategy in ("auto", "fsdp"):
@@ -366,7 +367,7 @@ def plan_placement(an, mi, in_info, out_info, strategy: str, budget, donated: se
       f = cm.leaf_shard_factor(spec, mi)
       mem = (gb + outs_b) / f
       comm = cm.param_option_comm(members, spec, classes, dict(enumerate(nbytes)), an,
-                                  class_axes, batch_classes, mi)
+                                  class_axes, batch_classes, mi, dot_index)
       scored.append((mem, comm, spec, why))
     group_opts.append(scored)
 

@@ -3,8 +3,15 @@
 Usage: python -m tests.sharding._mp_worker PROCESS_ID NUM_PROCESSES PORT OUT_DIR
 
 The parent sets XLA_FLAGS (2 CPU devices per process) and JAX_PLATFORMS=cpu.
-Prints one JSON line ``{"process": i, "plan_hash": ..., "loss": ...}`` and writes
-the gathered parameters to OUT_DIR/params_<i>.npz.
+Prints a JSON line ``{"process": i, "plan_hash": ..., "loss": ...}``, writes the gathered
+parameters to OUT_DIR/params_<i>.npz, then prints ``CKPT_PHASE <name>`` lines and a JSON line
+``{"process": i, "checkpoint": ...}``.
+
+After the step, the sharded state (parameters and optimizer state, spread over both processes'
+devices) is saved with ``lj.checkpoint.TieredCheckpointManager`` (local tier per process under
+OUT_DIR/local_<i>, persistent tier shared in OUT_DIR/persistent) and restored onto the same
+shardings; ``"checkpoint"`` reports ``{"ok": true, "max_abs_diff": ...}`` or the exception
+(type, message, the phase it happened in) so the parent can say exactly what failed.
 """
 
 import json
@@ -64,8 +71,53 @@ def _run(jax, pid, nproc, port, out_dir):
     print(json.dumps({"process": pid, "plan_hash": plan.plan_hash, "loss": float(loss),
                       "param_sum": float(sum(v.sum() for v in flat.values())),
                       "x_spec": str(plan.inputs[-2].spec)}), flush=True)
+    ckpt = _checkpoint_roundtrip(jax, multihost_utils, np, {"params": new_ps, "opt": new_st}, pid, out_dir)
+    print(json.dumps({"process": pid, "checkpoint": ckpt}), flush=True)
   finally:
     jax.distributed.shutdown()
+
+
+def _checkpoint_roundtrip(jax, multihost_utils, np, state, pid, out_dir) -> dict:
+  """Save + restore of the sharded ``state`` across the processes; never raises."""
+  import traceback
+
+  phase = "import"
+
+  def enter(name):
+    print(f"CKPT_PHASE {name}", flush=True)   # the parent reports the last phase if this hangs
+    return name
+
+  import faulthandler
+  faulthandler.dump_traceback_later(30, exit=False)   # a hang shows where it waits (stderr)
+  try:
+    from lepton_jax.checkpoint import TieredCheckpointManager
+    phase = enter("open")
+    mgr = TieredCheckpointManager(os.path.join(out_dir, f"local_{pid}"), os.path.join(out_dir, "persistent"),
+                                  local_every=1, persistent_every=1, async_save=False)
+    with mgr:
+      phase = enter("save")
+      saved = mgr.save(1, state, force=True)
+      mgr.wait()
+      phase = enter("latest_step")
+      latest = mgr.latest_step()
+      phase = enter("restore")
+      target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+      got = mgr.restore(1, target=target)
+    phase = enter("compare")
+    same_sharding = all(a.sharding == b.sharding for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(state)))
+    a = multihost_utils.process_allgather(got, tiled=True)
+    b = multihost_utils.process_allgather(state, tiled=True)
+    diff = max(float(np.max(np.abs(np.asarray(x) - np.asarray(y)))) if np.size(x) else 0.0
+               for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+    return {"ok": bool(saved) and latest == 1 and same_sharding and diff == 0.0, "saved": bool(saved),
+            "latest_step": latest, "same_sharding": same_sharding, "max_abs_diff": diff}
+  except Exception as e:  # noqa: BLE001 - reported to the parent test, which says what failed
+    tb = traceback.extract_tb(e.__traceback__)
+    where = [f"{f.filename.split('lepton_jax/')[-1]}:{f.lineno} {f.name}" for f in tb
+             if "lepton_jax/checkpoint" in f.filename][-3:]
+    return {"ok": False, "phase": phase, "error": f"{type(e).__name__}: {str(e)[:600]}", "where": where}
+  finally:
+    faulthandler.cancel_dump_traceback_later()
 
 
 if __name__ == "__main__":

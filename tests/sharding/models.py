@@ -386,3 +386,41 @@ def resnet_case(seed=0, batch=8, image=8, **kw):
 
 
 CASES = {"gemma": gemma_case, "lm1b": lm1b_case, "vit": vit_case, "resnet": resnet_case}
+
+
+def scanned_lm_case(seed=0, batch=8, seq=8, vocab=64, d=32, heads=4, ff=64, layers=2):
+  """A decoder whose layers are stacked on a leading axis and run with ``jax.lax.scan``
+  (every weight is ``[layers, ...]``), with an optax.adamw train step."""
+  rng = np.random.default_rng(seed)
+  hd = d // heads
+  p = {"embed": _normal(rng, (vocab, d), 0.02), "ln_f": jnp.zeros((d,)),
+       "layers": {"ln1": jnp.zeros((layers, d)), "ln2": jnp.zeros((layers, d)),
+                  "wq": _normal(rng, (layers, d, heads, hd), d ** -0.5),
+                  "wk": _normal(rng, (layers, d, heads, hd), d ** -0.5),
+                  "wv": _normal(rng, (layers, d, heads, hd), d ** -0.5),
+                  "wo": _normal(rng, (layers, heads, hd, d), d ** -0.5),
+                  "w1": _normal(rng, (layers, d, ff), d ** -0.5),
+                  "w2": _normal(rng, (layers, ff, d), ff ** -0.5)}}
+
+  def apply(p, tokens):
+    t = tokens.shape[1]
+    causal = jnp.tril(jnp.ones((t, t), bool))
+
+    def layer(x, lp):
+      h = _rms_norm(x, lp["ln1"])
+      q, k, v = (jnp.einsum("btd,dnh->btnh", h, lp[w]) for w in ("wq", "wk", "wv"))
+      s = jnp.where(causal, jnp.einsum("bqnh,bknh->bnqk", q, k) * hd ** -0.5, -1e9)
+      o = jnp.einsum("bnqk,bknh->bqnh", jax.nn.softmax(s, -1), v)
+      x = x + jnp.einsum("btnh,nhd->btd", o, lp["wo"])
+      h = _rms_norm(x, lp["ln2"])
+      return x + jax.nn.gelu(h @ lp["w1"]) @ lp["w2"], None
+
+    x, _ = jax.lax.scan(layer, p["embed"][tokens], p["layers"])
+    return _rms_norm(x, p["ln_f"]) @ p["embed"].T
+
+  tx = optax.adamw(1e-3, weight_decay=0.1)
+  x, y = _tokens(seed + 1, batch, seq, vocab)
+  return _train_step(_lm_loss(apply), tx), (p, tx.init(p), x, y)
+
+
+CASES["scanned_lm"] = scanned_lm_case

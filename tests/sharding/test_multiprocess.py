@@ -27,6 +27,7 @@ def _free_port() -> int:
 
 
 def _run_workers(nproc, out_dir):
+  """Runs the workers; returns ``[(returncode or None if killed, stdout, stderr)]``."""
   env = dict(os.environ)
   env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"   # overrides the conftest's 8
   env["JAX_PLATFORMS"] = "cpu"
@@ -37,28 +38,47 @@ def _run_workers(nproc, out_dir):
                             stderr=subprocess.PIPE, text=True) for i in range(nproc)]
   end = time.monotonic() + _DEADLINE_S
   results = []
-  try:
-    for p in procs:
+  for p in procs:
+    try:
       out, err = p.communicate(timeout=max(1.0, end - time.monotonic()))
       results.append((p.returncode, out, err))
-  except subprocess.TimeoutExpired:
-    for p in procs:
-      if p.poll() is None:
-        p.kill()
-    logs = "\n".join((p.communicate()[1] or "")[-2000:] for p in procs)
-    pytest.fail(f"2-process auto_shard run took longer than {_DEADLINE_S} s; stderr:\n{logs}")
+    except subprocess.TimeoutExpired:
+      p.kill()
+      out, err = p.communicate()
+      results.append((None, out, err))
   return results
 
 
-def test_two_process_gloo_plan_and_result(tmp_path):
+def _stack_of_interest(err):
+  """The lines of a worker's stderr that name lepton_jax / orbax frames or an error, else its tail."""
+  keep = [l.strip() for l in err.splitlines()
+          if "lepton_jax" in l or "orbax" in l or "Error" in l or "Check failed" in l or "Thread" in l]
+  return "\n".join(keep[-40:]) or err[-800:]
+
+
+def _json_lines(out, key):
+  return [json.loads(l) for l in out.splitlines() if l.startswith("{") and key in l]
+
+
+@pytest.fixture(scope="module")
+def two_process_run(tmp_path_factory):
+  """One 2-process run shared by the tests below (the auto_shard step, then the checkpoint)."""
   nproc = 2
-  results = _run_workers(nproc, tmp_path)
+  tmp = tmp_path_factory.mktemp("mp")
+  results = _run_workers(nproc, tmp)
   if any(rc == _mp_worker.GLOO_UNAVAILABLE for rc, _, _ in results):
     pytest.skip("gloo CPU collectives are not available in this jaxlib: "
                 + " ".join(o.strip() for _, o, _ in results))
+  return nproc, tmp, results
+
+
+def test_two_process_gloo_plan_and_result(two_process_run):
+  nproc, tmp_path, results = two_process_run
+  reports = []
   for i, (rc, out, err) in enumerate(results):
-    assert rc == 0, f"process {i} exited with {rc}:\n{out}\n{err[-3000:]}"
-  reports = [json.loads([l for l in out.splitlines() if l.startswith("{")][-1]) for _, out, _ in results]
+    got = _json_lines(out, '"plan_hash"')
+    assert got, f"process {i} (exit {rc}) printed no step result:\n{out}\n{err[-3000:]}"
+    reports.append(got[-1])
   assert [r["process"] for r in reports] == list(range(nproc))
   assert len({r["plan_hash"] for r in reports}) == 1, reports       # the same plan on every process
   assert "data" in reports[0]["x_spec"]                               # batch split across processes
@@ -77,3 +97,29 @@ def test_two_process_gloo_plan_and_result(tmp_path):
     assert sorted(got.files) == sorted(ref)
     for k in ref:
       np.testing.assert_allclose(got[k], ref[k], rtol=1e-5, atol=1e-6, err_msg=k)
+
+
+def test_two_process_tiered_checkpoint_of_sharded_state(two_process_run):
+  """TieredCheckpointManager save + restore of the state sharded over both processes' devices."""
+  nproc, tmp_path, results = two_process_run
+  problems, lock_refused = [], False
+  for i, (rc, out, err) in enumerate(results):
+    got = _json_lines(out, '"checkpoint"')
+    if got and got[-1]["checkpoint"].get("phase") == "open" and got[-1]["checkpoint"]["error"].startswith(
+        "CheckpointLockError"):
+      lock_refused = True
+    if not got:
+      phases = [l.split(" ", 1)[1] for l in out.splitlines() if l.startswith("CKPT_PHASE ")]
+      problems.append(f"process {i}: no checkpoint result ({'killed after the deadline' if rc is None else f'exit {rc}'}"
+                      f", last phase {phases[-1] if phases else 'none'}); stderr: {_stack_of_interest(err)}")
+    elif not got[-1]["checkpoint"]["ok"]:
+      problems.append(f"process {i}: {got[-1]['checkpoint']}")
+  if lock_refused:
+    # Known limitation of lepton_jax/checkpoint (not owned here): its per-directory writer lock is
+    # per process, so the second process of one jax.distributed job is refused the shared
+    # persistent directory; the process that holds the lock then waits in Orbax's cross-process
+    # save for a peer that never joins.
+    pytest.xfail("TieredCheckpointManager refuses the 2nd process of a jax.distributed job: "
+                 + "; ".join(problems)[:1500])
+  assert not problems, "\n".join(problems)
+  assert all(rc == 0 for rc, _, _ in results), [rc for rc, _, _ in results]
