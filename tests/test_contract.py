@@ -391,18 +391,16 @@ def test_adaptive_jit_buckets_reuse_and_mask(sizes):
   info = g.cache_info()
   assert info.compiles == 1 and info.hits == 3
 
-  # Reductions over the bucketed axis: padding is not provably exact, so adaptive_jit warns and
-  # runs at the exact shape (never a wrong answer). Masked reductions are not implemented yet.
+  # Reductions over the bucketed axis (a mean, a softmax over it) are masked to the true length.
   def reduce_fn(params, x):
     return jnp.mean(per_token(params, x) ** 2) + jnp.sum(jax.nn.softmax(x, axis=1)[:, 0])
 
   h = lj.adaptive_jit(reduce_fn, buckets={"argnum": 1, "axis": 1, "sizes": sizes})
   for s in (5, 7):
     x = jax.random.normal(jax.random.key(s), (2, s, 16))
-    with pytest.warns(RuntimeWarning, match="not bucketing"):
-      out = h(params, x)
-    close(out, jax.jit(reduce_fn)(params, x))
-    close(jax.grad(h)(params, x), jax.grad(reduce_fn)(params, x))  # under grad: no bucketing
+    close(h(params, x), jax.jit(reduce_fn)(params, x))
+  assert h.cache_info().compiles == 1 and h.cache_info().bucket_fallbacks == 0
+  close(jax.grad(h)(params, x), jax.grad(reduce_fn)(params, x))  # under grad: exact shapes
 
 
 # ============================================================================================

@@ -192,6 +192,8 @@ class AdaptiveJitted:
                          static_argnames=self._static_argnames,
                          donate_argnums=self._donate_argnums)
     self._plain_treedefs: dict = {}   # treedef -> True when it holds no NNX graph node
+    # Buckets: the bucket's masked program (static, one executable per bucket), true length n.
+    self._masked = jax.jit(self._masked_impl, static_argnums=(0, 1), donate_argnums=(3,))
 
   # -- descriptor: usable as a method ------------------------------------------------
   def __get__(self, obj, objtype=None):
@@ -297,6 +299,15 @@ class AdaptiveJitted:
     outs = eval_jaxpr(new.jaxpr, new.consts, *leaves, *state_leaves)
     return jax.tree_util.tree_unflatten(out_tree, outs)
 
+  def _masked_impl(self, static: _Static, bucketed, n, donated, kept, state):
+    """A bucket's program: the masked jaxpr (first input: the true length ``n``)."""
+    self._compiles += 1
+    leaves = _interleave(static.donate_mask, donated, kept)
+    state_leaves = jax.tree_util.tree_leaves(state) if state is not None else []
+    new, _ = run_pipeline(bucketed.program.closed, self._passes, kernels=self._kernels)
+    outs = eval_jaxpr(new.jaxpr, new.consts, n, *leaves, *state_leaves)
+    return jax.tree_util.tree_unflatten(bucketed.out_tree, outs)
+
   def _fast_impl(self, *args, **kwargs):
     """Traced by ``self._fast``: the same pipeline as ``_impl`` on the user's arguments."""
     self._compiles += 1
@@ -336,15 +347,19 @@ class AdaptiveJitted:
     return plain
 
   def _prepare(self, args, kwargs):
-    """Bucketing (padding) + splitting. Returns (static, donated, kept, nodes, state, post)."""
-    post = None
+    """Bucketing (padding) + splitting.
+
+    Returns ``(static, donated, kept, nodes, state, post, bucketed)``; ``bucketed`` is ``None``
+    or ``(Bucketed, n)`` (run the bucket's masked program with true length ``n``).
+    """
+    post = bucketed = None
     if self._buckets is not None:
-      args, kwargs, post, fell_back = _buckets.maybe_pad(self._bucket_ctx, args, kwargs)
+      args, kwargs, post, fell_back, bucketed = _buckets.maybe_pad(self._bucket_ctx, args, kwargs)
       self._bucket_fallbacks += fell_back
     static, leaves, nodes, state = self._split(args, kwargs)
     donated = [x for x, d in zip(leaves, static.donate_mask) if d]
     kept = [x for x, d in zip(leaves, static.donate_mask) if not d]
-    return static, donated, kept, nodes, state, post
+    return static, donated, kept, nodes, state, post, bucketed
 
   # -- public API ----------------------------------------------------------------------
   def __call__(self, *args, **kwargs):
@@ -355,9 +370,12 @@ class AdaptiveJitted:
       if self._compiles == before:
         self._hits += 1
       return out
-    static, donated, kept, nodes, state, post = self._prepare(args, kwargs)
+    static, donated, kept, nodes, state, post, bucketed = self._prepare(args, kwargs)
     before = self._compiles
-    out, new_state = self._jitted(static, donated, kept, state)
+    if bucketed is not None:
+      out, new_state = self._masked(static, bucketed[0], bucketed[1], donated, kept, state)
+    else:
+      out, new_state = self._jitted(static, donated, kept, state)
     self._calls += 1
     if self._compiles == before:
       self._hits += 1
@@ -384,23 +402,47 @@ class AdaptiveJitted:
     [2.0, 2.0, 2.0]
     """
     if self._buckets is not None:
-      args, kwargs, _, _ = _buckets.maybe_pad(self._bucket_ctx, args, kwargs)
+      args, kwargs, _, _, bucketed = _buckets.maybe_pad(self._bucket_ctx, args, kwargs)
+      if bucketed is not None:
+        return self._lower_bucketed(bucketed, args, kwargs)
     try:
       return self._fast.lower(*args, **kwargs)
     except TypeError:
       if self._is_plain(args, kwargs):
         raise
     # NNX objects that are not registered pytrees (older Flax): the internal signature.
-    static, donated, kept, _, state, _ = self._prepare(args, kwargs)
+    static, donated, kept, _, state, _, _ = self._prepare(args, kwargs)
     return self._jitted.lower(static, donated, kept, state)
 
+  def _lower_bucketed(self, bucketed, args, kwargs):
+    """The bucket's program on the padded user arguments, with the true length fixed."""
+    plan, n = bucketed
+
+    def fn(*args, **kwargs):
+      static, leaves, _, state = self._split(args, kwargs)
+      state_leaves = jax.tree_util.tree_leaves(state) if state is not None else []
+      new, _ = run_pipeline(plan.program.closed, self._passes, kernels=self._kernels)
+      outs = eval_jaxpr(new.jaxpr, new.consts, n, *leaves, *state_leaves)
+      return jax.tree_util.tree_unflatten(plan.out_tree, outs)[0]
+
+    return jax.jit(fn, static_argnums=self._static_argnums,
+                   static_argnames=self._static_argnames).lower(*args, **kwargs)
+
   def rewritten_jaxpr(self, *args, **kwargs) -> tuple["jax.extend.core.ClosedJaxpr", "jax.extend.core.ClosedJaxpr"]:
-    """``(original, rewritten)`` closed jaxprs for these arguments (flat interface)."""
-    static, donated, kept, _, state, _ = self._prepare(args, kwargs)
-    leaves = _interleave(static.donate_mask, _abstract(donated), _abstract(kept))
-    closed, _, _ = self._trace(static, leaves, _abstract(state) if state is not None else None)
+    """``(original, rewritten)`` closed jaxprs for these arguments (flat interface; with
+    buckets, the bucket's masked program, whose first input is the true length)."""
+    closed = self._closed_for(args, kwargs)
     new, _ = run_pipeline(closed, self._passes, kernels=self._kernels)
     return closed, new
+
+  def _closed_for(self, args, kwargs):
+    """The traced program these arguments run (the bucket's masked program when bucketed)."""
+    static, donated, kept, _, state, _, bucketed = self._prepare(args, kwargs)
+    if bucketed is not None:
+      return bucketed[0].program.closed
+    leaves = _interleave(static.donate_mask, _abstract(donated), _abstract(kept))
+    closed, _, _ = self._trace(static, leaves, _abstract(state) if state is not None else None)
+    return closed
 
   def explain(self, *args, **kwargs) -> ExplainReport:
     """Reports each rewrite, and the compiled program's temp bytes and FLOPs before and after
@@ -414,9 +456,7 @@ class AdaptiveJitted:
     bucket_info = None
     if self._buckets is not None:
       bucket_info = _buckets.describe(self._bucket_ctx, args, kwargs)
-    static, donated, kept, _, state, _ = self._prepare(args, kwargs)
-    leaves = _interleave(static.donate_mask, _abstract(donated), _abstract(kept))
-    closed, _, _ = self._trace(static, leaves, _abstract(state) if state is not None else None)
+    closed = self._closed_for(args, kwargs)
     with warnings.catch_warnings(record=True) as caught:
       warnings.simplefilter("always")
       new, records = run_pipeline(closed, self._passes, kernels=self._kernels)

@@ -1,20 +1,20 @@
-"""Shape buckets for ``adaptive_jit``: pad one axis to a bucket size, slice outputs back.
+"""Shape buckets for ``adaptive_jit``: pad one axis to a bucket size, mask, slice outputs back.
 
-Padding is only applied when it provably cannot change the unpadded results:
+A call whose bucketed axis has true length ``n`` runs the bucket's program at size ``P >= n`` with
+``n`` passed at run time (a traced int32 scalar, not a static shape), so every length in a bucket
+shares one compiled executable. The bucket's program is built by :mod:`._bucket_mask` from the
+function's trace at ``P`` and at a probe length: position-wise operations pass the padded axis
+along, operations that mix positions along it (reductions, softmax, means, contractions such as
+attention's ``P @ V`` or a weight gradient, embedding-gradient scatter-adds, reverse cumulative
+ops) are rewritten to ignore the padding, length-dependent literals become functions of ``n``,
+and outputs along the axis are sliced back to the true length. Values and gradients equal the
+unpadded computation (``adaptive_jit(jax.value_and_grad(loss), buckets=...)`` included).
 
-1. *Position-wise flow*: a dependency analysis of the jaxpr traced at the bucket size
-   tracks where the padded axis goes. Every operation touching it must treat positions
-   independently (elementwise ops, broadcasts, transposes, reductions/contractions over
-   *other* axes, reshapes that keep the axis whole, ...). Anything that mixes positions
-   along it (a reduction, softmax or contraction over it, a scan, sort, gather, conv,
-   cumulative op, ...) makes bucketing unsafe.
-2. *Length independence*: the jaxpr traced at the true length and at the bucket size
-   must be identical up to that size (same equations, parameters and literal values), so
-   no value depends on the length itself (e.g. ``x / x.shape[1]``).
-
-Every output that carries the padded axis is sliced back to the true length; outputs
-without it must have the same shape at both sizes. When a check fails the call runs at
-its exact shape and a warning names the reason (once per signature).
+Each new true length is traced once (no compile) and checked against the bucket's program; a
+program that cannot be bucketed exactly (the axis merged with another by a reshape, a sort or a
+convolution along it, random numbers drawn along it, ...) is refused once per function and
+argument structure, with the reason and the equation's source line, and is remembered: later
+calls run at their exact shape without analysing again.
 """
 
 from __future__ import annotations
@@ -27,21 +27,18 @@ import jax
 import numpy as np
 from lepton_jax import _nnx
 from lepton_jax.jaxpr import _compat as core
-from lepton_jax.jaxpr._registry import primitive_info, subjaxpr_params
+from lepton_jax.transforms._bucket_mask import MaskedProgram, UnsafeBucketing, build_masked
 
-__all__ = ["BucketSpec", "BucketCache", "maybe_pad", "describe", "bucket_size",
-           "position_flow", "UnsafeBucketing"]
-
-
-class UnsafeBucketing(Exception):
-  """Padding could change results (the message says why)."""
+__all__ = ["BucketSpec", "BucketCache", "BucketContext", "Bucketed", "maybe_pad", "describe",
+           "bucket_size", "UnsafeBucketing"]
 
 
 @dataclasses.dataclass(frozen=True)
 class BucketSpec:
+  """A parsed ``buckets=`` spec. ``sizes``: ``"pow2"``, a sorted tuple, or ``("multiple", m)``."""
   argnum: int
   axis: int
-  sizes: str | tuple[int, ...]
+  sizes: Any
 
   @staticmethod
   def parse(spec: Any, *, api: str = "adaptive_jit") -> "BucketSpec | None":
@@ -61,16 +58,22 @@ class BucketSpec:
     if argnum < 0:
       raise ValueError(f"{api}: buckets['argnum'] must be >= 0 (a positional argument), got "
                        f"{argnum}")
+    valid = ("use 'pow2', a list of positive ints such as [64, 128, 256], or "
+             "{'multiple': 64}")
     if isinstance(sizes, str):
       if sizes != "pow2":
-        raise ValueError(f"{api}: buckets['sizes']={sizes!r} is not valid; use 'pow2' or a list "
-                         "of positive ints such as [64, 128, 256]")
+        raise ValueError(f"{api}: buckets['sizes']={sizes!r} is not valid; {valid}")
       return BucketSpec(argnum, axis, "pow2")
+    if isinstance(sizes, dict):
+      m = sizes.get("multiple")
+      if set(sizes) != {"multiple"} or not isinstance(m, int) or isinstance(m, bool) or m <= 0:
+        raise ValueError(f"{api}: buckets['sizes']={sizes!r} is not valid; {valid}")
+      return BucketSpec(argnum, axis, ("multiple", m))
     try:
       lst = sorted({int(s) for s in sizes})
     except (TypeError, ValueError):
-      raise TypeError(f"{api}: buckets['sizes'] must be 'pow2' or a list of positive ints, got "
-                      f"{sizes!r}") from None
+      raise TypeError(f"{api}: buckets['sizes'] must be 'pow2', a list of positive ints or "
+                      f"{{'multiple': m}}, got {sizes!r}") from None
     if not lst or lst[0] <= 0 or any(isinstance(s, bool) or int(s) != s for s in sizes):
       raise ValueError(f"{api}: buckets['sizes'] must be a non-empty list of positive ints, got "
                        f"{sizes!r}")
@@ -82,240 +85,46 @@ def bucket_size(spec: BucketSpec, n: int) -> int:
 
   >>> bucket_size(BucketSpec(0, 0, "pow2"), 33)
   64
+  >>> bucket_size(BucketSpec(0, 0, ("multiple", 64)), 65)
+  128
   """
+  n = int(n)
   if spec.sizes == "pow2":
-    return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()
+    return 1 if n <= 1 else 1 << (n - 1).bit_length()
+  if isinstance(spec.sizes, tuple) and spec.sizes and spec.sizes[0] == "multiple":
+    m = spec.sizes[1]
+    return max(m, -(-n // m) * m)
   for s in spec.sizes:
     if s >= n:
       return s
   return n
 
 
+def _probe_length(spec: BucketSpec, P: int) -> int | None:
+  """Another length in bucket ``P`` (to build its program when the first call is at ``P``)."""
+  q = P - 1
+  return q if q >= 1 and bucket_size(spec, q) == P else None
+
+
 class BucketCache:
-  """Per-function cache of bucketing decisions (explicit and clearable)."""
+  """Per-function bucketing state (explicit and clearable).
+
+  Attributes:
+    plans: padded signature -> :class:`Bucketed` (the bucket's masked program), or the refusal
+      reason (a str).
+    lengths: true-length signature -> the bucket's :class:`Bucketed`, or a refusal reason.
+    refused: signature with the bucketed size erased -> reason: refused once, never analysed again.
+  """
 
   def __init__(self):
-    self.decisions: dict = {}
-    self.traces: dict = {}     # traces at a bucket size, shared by all lengths in it
+    self.plans: dict = {}
+    self.lengths: dict = {}
+    self.refused: dict = {}
 
   def clear(self):
-    self.decisions.clear()
-    self.traces.clear()
-
-
-# ------------------------------------------------------------------------------------
-# Position-wise dependency analysis
-# ------------------------------------------------------------------------------------
-
-def _tag_of(a, tags):
-  return None if isinstance(a, core.Literal) else tags.get(a)
-
-
-def position_flow(jaxpr: core.Jaxpr, in_tags: list[int | None]) -> list[int | None]:
-  """Propagates the padded-axis position through ``jaxpr``; raises UnsafeBucketing."""
-  tags: dict = {v: t for v, t in zip(jaxpr.invars, in_tags) if t is not None}
-  for eqn in jaxpr.eqns:
-    ins = [_tag_of(a, tags) for a in eqn.invars]
-    if all(t is None for t in ins):
-      continue
-    outs = _eqn_flow(eqn, ins)
-    for v, t in zip(eqn.outvars, outs):
-      if t is not None and not isinstance(v, core.DropVar):
-        tags[v] = t
-  return [_tag_of(a, tags) for a in jaxpr.outvars]
-
-
-def _eqn_flow(eqn: core.JaxprEqn, ins: list[int | None]) -> list[int | None]:
-  name = eqn.primitive.name
-  p = eqn.params
-  tagged = [(i, t) for i, t in enumerate(ins) if t is not None]
-  d = tagged[0][1]
-  where = f"'{name}'"
-  kind = primitive_info(name).kind
-  if kind == "elementwise":
-    if any(t != d for _, t in tagged):
-      raise UnsafeBucketing(f"{where} combines the padded axis at different positions")
-    out = eqn.outvars[0].aval
-    if len(out.shape) != len(eqn.invars[tagged[0][0]].aval.shape):
-      raise UnsafeBucketing(f"{where} changes rank around the padded axis")
-    return [d] * len(eqn.outvars)
-  if name == "broadcast_in_dim":
-    bd = tuple(p["broadcast_dimensions"])
-    return [bd[d]]
-  if name == "transpose":
-    return [tuple(p["permutation"]).index(d)]
-  if kind == "reduction":
-    axes = tuple(p.get("axes", p.get("dimensions", ())))
-    if d in axes:
-      raise UnsafeBucketing(f"{where} reduces over the padded axis")
-    return [d - sum(1 for a in axes if a < d)] * len(eqn.outvars)
-  if name == "squeeze":
-    dims = tuple(p["dimensions"])
-    if d in dims:
-      raise UnsafeBucketing(f"{where} squeezes the padded axis")
-    return [d - sum(1 for a in dims if a < d)]
-  if name == "reshape":
-    if p.get("dimensions") not in (None, ()):
-      raise UnsafeBucketing(f"{where} with dimensions is not supported along the padded axis")
-    ishape = eqn.invars[0].aval.shape
-    oshape = eqn.outvars[0].aval.shape
-    pre = int(np.prod(ishape[:d]))
-    acc = 1
-    for k, s in enumerate(oshape):
-      if acc == pre and s == ishape[d] and int(np.prod(oshape[k + 1:])) == int(np.prod(ishape[d + 1:])):
-        return [k]
-      acc *= s
-    raise UnsafeBucketing(f"{where} merges or splits the padded axis")
-  if name == "dot_general":
-    (lc, rc), (lb, rb) = p["dimension_numbers"]
-    lr = len(eqn.invars[0].aval.shape)
-    rr = len(eqn.invars[1].aval.shape)
-    nb = len(lb)
-    lfree = [i for i in range(lr) if i not in lc and i not in lb]
-    rfree = [i for i in range(rr) if i not in rc and i not in rb]
-    outs = set()
-    for i, t in tagged:
-      c, b, free, off = (lc, lb, lfree, nb) if i == 0 else (rc, rb, rfree, nb + len(lfree))
-      if t in c:
-        raise UnsafeBucketing(f"{where} contracts over the padded axis")
-      outs.add(b.index(t) if t in b else off + free.index(t))
-    if len(outs) != 1:
-      raise UnsafeBucketing(f"{where} pairs the padded axis with a different axis")
-    return [outs.pop()]
-  if name == "slice":
-    start, limit = p["start_indices"], p["limit_indices"]
-    strides = p["strides"] or (1,) * len(start)
-    size = eqn.invars[0].aval.shape[d]
-    if start[d] != 0 or limit[d] != size or strides[d] != 1:
-      raise UnsafeBucketing(f"{where} slices along the padded axis")
-    return [d]
-  if name == "concatenate":
-    if p["dimension"] == d or any(t != d for _, t in tagged):
-      raise UnsafeBucketing(f"{where} concatenates along the padded axis")
-    return [d]
-  if name == "pad":
-    lo, hi, interior = p["padding_config"][d]
-    if (lo, hi, interior) != (0, 0, 0) or tagged[0][0] != 0:
-      raise UnsafeBucketing(f"{where} pads along the padded axis")
-    return [d]
-  if kind == "cumulative":
-    if p["axis"] == d:
-      raise UnsafeBucketing(f"{where} accumulates along the padded axis")
-    return [d]
-  subs = subjaxpr_params(eqn) if kind == "call" else []
-  if len(subs) == 1:
-    sub = subs[0][2]
-    sub_jaxpr = sub.jaxpr if isinstance(sub, core.ClosedJaxpr) else sub
-    if len(sub_jaxpr.invars) != len(ins):
-      raise UnsafeBucketing(f"{where}: unexpected sub-jaxpr arity")
-    return position_flow(sub_jaxpr, ins)
-  if name == "cond":
-    if ins[0] is not None:
-      raise UnsafeBucketing(f"{where} branches on a value along the padded axis")
-    results = [position_flow(b.jaxpr, ins[1:]) for b in p["branches"]]
-    if any(r != results[0] for r in results):
-      raise UnsafeBucketing(f"{where} branches disagree on the padded axis")
-    return results[0]
-  raise UnsafeBucketing(f"'{name}' is not known to be position-wise along the padded axis")
-
-
-# ------------------------------------------------------------------------------------
-# Length independence: jaxpr at length L == jaxpr at bucket P (modulo L -> P)
-# ------------------------------------------------------------------------------------
-
-def _map_ints(v, L, P):
-  if isinstance(v, bool):
-    return v
-  if isinstance(v, (int, np.integer)):
-    return P if int(v) == L else v
-  if isinstance(v, tuple):
-    return tuple(_map_ints(x, L, P) for x in v)
-  if isinstance(v, list):
-    return [_map_ints(x, L, P) for x in v]
-  return v
-
-
-def _same_aval(a, b, L, P) -> bool:
-  sa, sb = getattr(a, "shape", None), getattr(b, "shape", None)
-  if sa is None or sb is None:
-    return str(a) == str(b)
-  return tuple(_map_ints(tuple(sa), L, P)) == tuple(sb) and a.dtype == b.dtype
-
-
-def _same_param(x, y, L, P) -> bool:
-  if isinstance(x, core.ClosedJaxpr) and isinstance(y, core.ClosedJaxpr):
-    return _same_jaxpr(x.jaxpr, y.jaxpr, L, P, x.consts, y.consts)
-  if isinstance(x, core.Jaxpr) and isinstance(y, core.Jaxpr):
-    return _same_jaxpr(x, y, L, P, (), ())
-  if isinstance(x, (tuple, list)) and isinstance(y, (tuple, list)):
-    return len(x) == len(y) and all(_same_param(a, b, L, P) for a, b in zip(x, y))
-  if isinstance(x, np.ndarray) or isinstance(y, np.ndarray):
-    return False
-  if hasattr(x, "shape") and hasattr(x, "dtype") and hasattr(y, "shape"):
-    return _same_aval(x, y, L, P)
-  try:
-    return bool(_map_ints(x, L, P) == y)
-  except Exception:
-    return x is y
-
-
-def _same_const(a, b) -> bool:
-  if isinstance(a, core.Tracer) or isinstance(b, core.Tracer):
-    return a is b
-  try:
-    a, b = np.asarray(a), np.asarray(b)
-  except Exception:
-    return a is b
-  return a.shape == b.shape and a.dtype == b.dtype and np.array_equal(a, b, equal_nan=True)
-
-
-# Derivative-rule params of custom_jvp/custom_vjp calls: callables re-created on every
-# trace, so they never compare equal. They are only used when the call is differentiated,
-# and bucketing only runs on concrete (untransformed) arguments, where the executable
-# evaluates ``call_jaxpr`` alone (under ``jax.grad(adaptive_jit(f))`` inputs are tracers
-# and run at the exact shape; in ``adaptive_jit(jax.grad(f))`` the rules are already
-# applied in the traced jaxpr). ``call_jaxpr`` itself is still compared.
-_RULE_PARAMS = {
-    "custom_jvp_call": ("jvp_jaxpr_fun", "jvp_jaxpr_thunk", "jvp"),
-    "custom_vjp_call": ("fwd_jaxpr_thunk", "bwd", "out_trees", "fwd", "fun_jaxpr_thunk"),
-    "custom_vjp_call_jaxpr": ("fwd_jaxpr_thunk", "bwd", "out_trees"),
-}
-
-
-def _same_jaxpr(j1: core.Jaxpr, j2: core.Jaxpr, L, P, c1, c2) -> bool:
-  if (len(j1.eqns) != len(j2.eqns) or len(j1.invars) != len(j2.invars)
-      or len(j1.outvars) != len(j2.outvars) or len(j1.constvars) != len(j2.constvars)):
-    return False
-  if not all(_same_const(a, b) for a, b in zip(c1, c2)):
-    return False
-  vmap = {}
-  for a, b in zip(list(j1.constvars) + list(j1.invars), list(j2.constvars) + list(j2.invars)):
-    if not _same_aval(a.aval, b.aval, L, P):
-      return False
-    vmap[a] = b
-
-  def same_atom(a, b):
-    if isinstance(a, core.Literal) or isinstance(b, core.Literal):
-      return (isinstance(a, core.Literal) and isinstance(b, core.Literal)
-              and _same_const(a.val, b.val))
-    return vmap.get(a) is b
-
-  for e1, e2 in zip(j1.eqns, j2.eqns):
-    if e1.primitive is not e2.primitive or len(e1.invars) != len(e2.invars):
-      return False
-    if not all(same_atom(a, b) for a, b in zip(e1.invars, e2.invars)):
-      return False
-    if set(e1.params) != set(e2.params):
-      return False
-    skip = _RULE_PARAMS.get(e1.primitive.name, ())
-    if not all(_same_param(e1.params[k], e2.params[k], L, P) for k in e1.params
-               if k not in skip):
-      return False
-    for a, b in zip(e1.outvars, e2.outvars):
-      if not _same_aval(a.aval, b.aval, L, P):
-        return False
-      vmap[a] = b
-  return all(same_atom(a, b) for a, b in zip(j1.outvars, j2.outvars))
+    self.plans.clear()
+    self.lengths.clear()
+    self.refused.clear()
 
 
 # ------------------------------------------------------------------------------------
@@ -431,112 +240,172 @@ def _signature_key(args, kwargs):
   return (treedef, tuple(key))
 
 
-def _decide(jitted: BucketContext, args, kwargs, L, P):
-  """Returns (ok, reason, out_tags) for padding argument argnum from L to P."""
+def _erased_key(args, kwargs, argnum, axis):
+  """The call signature with the bucketed argument's size along ``axis`` erased."""
+  rest = tuple(None if i == argnum else a for i, a in enumerate(args))
+  shapes = []
+  for x in jax.tree_util.tree_leaves(args[argnum]):
+    shape = list(np.shape(x))
+    shape[axis if axis >= 0 else len(shape) + axis] = -1
+    shapes.append((tuple(shape), str(jax.numpy.result_type(x))))
+  return (_signature_key(rest, kwargs), jax.tree_util.tree_structure(args[argnum]), tuple(shapes))
+
+
+@dataclasses.dataclass(eq=False)
+class Bucketed:
+  """A bucket's program: the masked program and how its flat outputs map back to pytrees.
+
+  Hashed by identity: it is a static argument of the wrapper's inner jit (one executable per
+  bucket and argument structure).
+  """
+  program: MaskedProgram
+  out_tree: Any
+  n_user_out: int
+  trace_p: Any = None   # the trace at the bucket size (reused to check new lengths)
+
+  def __hash__(self):
+    return id(self)
+
+  def __eq__(self, other):
+    return self is other
+
+
+def _in_tags(jitted: BucketContext, static, args_p, kwargs, n_invars):
+  """``{axis: 0}`` for the flat inputs that are leaves of the bucketed argument, ``{}`` else."""
   spec = jitted.spec
+  dyn_args = list(args_p)
+  for j, _ in static.static_pos:
+    dyn_args[j] = None
+  dyn_kwargs = {k: v for k, v in kwargs.items() if k not in dict(static.static_kw)}
+  flat, _ = jax.tree_util.tree_flatten((tuple(dyn_args), dyn_kwargs), is_leaf=_nnx.is_graph_node)
+  owners = _nnx.leaf_owners(dyn_args, dyn_kwargs)
+  tags = []
+  for i, x in enumerate(flat):
+    if i in static.node_pos:
+      continue
+    if owners[i] == spec.argnum:
+      tags.append({spec.axis if spec.axis >= 0 else len(np.shape(x)) + spec.axis: 0})
+    else:
+      tags.append({})
+  return tags + [{}] * (n_invars - len(tags))
+
+
+def _build(jitted: BucketContext, args, kwargs, P: int, Q: int, trace_p=None):
+  """The bucket's :class:`Bucketed` from the traces at ``P`` and ``Q`` (raises UnsafeBucketing)."""
+  spec = jitted.spec
+  args_p = list(args)
+  args_p[spec.argnum] = _abstract_pad(args[spec.argnum], spec.axis, P)
+  args_q = list(args)
+  args_q[spec.argnum] = _abstract_pad(args[spec.argnum], spec.axis, Q)
   try:
-    key = (_signature_key(args, kwargs), L, P)
-    hash(key)
-  except TypeError:
-    key = None
-  cache = jitted.cache.decisions
-  if key is not None and key in cache:
-    return cache[key]
-  try:
-    args_l = list(args)
-    args_l[spec.argnum] = _abstract(args[spec.argnum])
-    args_p = list(args)
-    args_p[spec.argnum] = _abstract_pad(args[spec.argnum], spec.axis, P)
-    traces = []
-    for a in (args_l, args_p):
-      tkey = None
-      if a is args_p and key is not None:
-        tkey = _signature_key(tuple(a), kwargs)
-        if tkey in jitted.cache.traces:
-          traces.append(jitted.cache.traces[tkey])
-          continue
-      traces.append(jitted.trace(tuple(a), kwargs))
-      if tkey is not None:
-        jitted.cache.traces[tkey] = traces[-1]
-    (st_l, cl_l, tree_l), (st_p, cl_p, tree_p) = traces
-    if tree_l != tree_p or not _same_jaxpr(cl_l.jaxpr, cl_p.jaxpr, L, P, cl_l.consts, cl_p.consts):
-      raise UnsafeBucketing("the computation depends on the length itself (the jaxprs at the "
-                            f"true length {L} and at the bucket {P} differ beyond that size)")
-    # Input tags: leaves of the bucketed argument carry the axis.
-    dyn_args = list(args_p)
-    for j, _ in st_p.static_pos:
-      dyn_args[j] = None
-    flat, _ = jax.tree_util.tree_flatten((tuple(dyn_args), {k: v for k, v in kwargs.items()
-                                                            if k not in dict(st_p.static_kw)}),
-                                         is_leaf=_nnx.is_graph_node)
-    owners = _nnx.leaf_owners(dyn_args, {k: v for k, v in kwargs.items()
-                                         if k not in dict(st_p.static_kw)})
-    in_tags = []
-    for i, x in enumerate(flat):
-      if i in st_p.node_pos:
-        continue
-      if owners[i] == spec.argnum:
-        in_tags.append(spec.axis if spec.axis >= 0 else len(np.shape(x)) + spec.axis)
-      else:
-        in_tags.append(None)
-    in_tags += [None] * (len(cl_p.jaxpr.invars) - len(in_tags))
-    out_tags = position_flow(cl_p.jaxpr, in_tags)
-    n_user_out = tree_p.children()[0].num_leaves
-    for i, (t, vl, vp) in enumerate(zip(out_tags, cl_l.out_avals, cl_p.out_avals)):
-      if t is None and tuple(vl.shape) != tuple(vp.shape):
-        raise UnsafeBucketing(f"output {i} has a length-dependent shape not tied to the padded axis")
-      if t is not None and i >= n_user_out:
-        raise UnsafeBucketing("an updated Flax NNX state depends on the padded axis")
-    result = (True, "", tuple(out_tags[:n_user_out]))
-  except UnsafeBucketing as e:
-    result = (False, str(e), ())
+    st_p, cl_p, tree_p = trace_p or jitted.trace(tuple(args_p), kwargs)
+    _, cl_q, tree_q = jitted.trace(tuple(args_q), kwargs)
+  except UnsafeBucketing:
+    raise
   except Exception as e:  # tracing at the bucket size failed
-    result = (False, f"tracing at the bucket size failed: {type(e).__name__}: {e}", ())
-  if key is not None:
-    cache[key] = result
-    if not result[0]:
-      warnings.warn(f"adaptive_jit({jitted.name}): not bucketing argument {spec.argnum} axis "
-                    f"{spec.axis} ({L} -> {P}) because padding could change the results: "
-                    f"{result[1]}. Running at the exact shape.", RuntimeWarning, stacklevel=4)
-  return result
+    raise UnsafeBucketing(f"tracing at another length failed: {type(e).__name__}: {e}") from None
+  if tree_p != tree_q:
+    raise UnsafeBucketing("the output structure changes with the length")
+  tags = _in_tags(jitted, st_p, args_p, kwargs, len(cl_p.jaxpr.invars))
+  program = build_masked(cl_p, cl_q, P, Q, tags)
+  n_user = tree_p.children()[0].num_leaves
+  for t in program.out_tags[n_user:]:
+    if t:
+      raise UnsafeBucketing("an updated Flax NNX state has the padded axis")
+  return Bucketed(program, tree_p, n_user, (st_p, cl_p, tree_p))
+
+
+def _warn(jitted: BucketContext, L, P, reason):
+  spec = jitted.spec
+  warnings.warn(f"adaptive_jit({jitted.name}): not bucketing argument {spec.argnum} axis "
+                f"{spec.axis} ({L} -> {P}) because padding could change the results: {reason}. "
+                "Running at the exact shape (this function and argument structure will not be "
+                "analysed again).", RuntimeWarning, stacklevel=5)
+
+
+def _plan_for(jitted: BucketContext, args, kwargs, L: int, P: int):
+  """The :class:`Bucketed` to run length ``L`` in bucket ``P``, or a refusal reason (str)."""
+  spec = jitted.spec
+  cache = jitted.cache
+  try:
+    base = _erased_key(args, kwargs, spec.argnum, spec.axis)
+    hash(base)
+  except TypeError:
+    return "the arguments' structure is not hashable"
+  if base in cache.refused:
+    return cache.refused[base]
+  args_p = list(args)
+  args_p[spec.argnum] = _abstract_pad(args[spec.argnum], spec.axis, P)
+  key_p = _signature_key(tuple(args_p), kwargs)
+  key_l = _signature_key(tuple(args), kwargs)
+  if key_l in cache.lengths:
+    return cache.lengths[key_l]
+  plan = cache.plans.get(key_p)
+  try:
+    if plan is None:
+      probe = L if L != P else _probe_length(spec, P)
+      if probe is None:
+        return "the bucket has a single length"
+      plan = _build(jitted, args, kwargs, P, probe)
+      cache.plans[key_p] = plan
+    elif L != P:
+      # A new length in a known bucket: its rules must be the bucket's (one trace, no compile).
+      other = _build(jitted, args, kwargs, P, L, trace_p=plan.trace_p)
+      if other.program.rules != plan.program.rules:
+        raise UnsafeBucketing(f"the program at length {L} differs from the one at the other "
+                              f"lengths of bucket {P} beyond its size")
+  except UnsafeBucketing as e:
+    reason = str(e)
+    cache.refused[base] = reason
+    _warn(jitted, L, P, reason)
+    return reason
+  cache.lengths[key_l] = plan
+  return plan
 
 
 def maybe_pad(jitted: BucketContext, args, kwargs):
-  """Pads the bucketed argument if safe.
+  """Pads the bucketed argument when the bucket's masked program applies.
 
-  Returns ``(args, kwargs, post_fn | None, fell_back)``: ``fell_back`` is True when padding was
-  refused (the call runs at the exact shape).
+  Returns ``(args, kwargs, post, fell_back, bucketed)``: ``bucketed`` is ``(Bucketed, n)`` to run
+  the bucket's program with true length ``n`` on the padded ``args`` (then ``post`` slices the
+  outputs back), or ``None`` to run the function as is; ``fell_back`` is True when bucketing was
+  refused.
   """
   spec = jitted.spec
   all_leaves = jax.tree_util.tree_leaves((args, kwargs))
   if any(isinstance(x, core.Tracer) for x in all_leaves):
-    return args, kwargs, None, False   # under an outer transformation: exact shapes
+    return args, kwargs, None, False, None   # under an outer transformation: exact shapes
   _, L = _bucket_leaves(jitted, args)
   P = bucket_size(spec, L)
-  if P == L:
-    return args, kwargs, None, False
-  ok, _, out_tags = _decide(jitted, args, kwargs, L, P)
-  if not ok:
-    return args, kwargs, None, True
+  plan = _plan_for(jitted, args, kwargs, L, P)
+  if isinstance(plan, str):
+    return args, kwargs, None, plan != "the bucket has a single length", None
   new_args = list(args)
   new_args[spec.argnum] = _pad_tree(args[spec.argnum], spec.axis, P)
+  out_tags = plan.program.out_tags[:plan.n_user_out]
 
   def post(out):
     leaves, treedef = jax.tree_util.tree_flatten(out)
-    sliced = [x if t is None else _slice_back(x, L, t)
-              for x, t in zip(leaves, out_tags)]
+    sliced = []
+    for x, t in zip(leaves, out_tags):
+      for d, c in t.items():
+        x = _slice_back(x, L + c, d)
+      sliced.append(x)
     return jax.tree_util.tree_unflatten(treedef, sliced)
 
-  return tuple(new_args), kwargs, post, False
+  return tuple(new_args), kwargs, post, False, (plan, np.int32(L))
 
 
 def describe(jitted: BucketContext, args, kwargs) -> dict | None:
-  """Bucket info for ``explain`` (``None`` when no padding applies)."""
+  """Bucket info for ``explain`` (``None`` under an outer transformation)."""
   spec = jitted.spec
   if any(isinstance(x, core.Tracer) for x in jax.tree_util.tree_leaves((args, kwargs))):
     return None
   _, L = _bucket_leaves(jitted, args)
   P = bucket_size(spec, L)
-  ok = True if P == L else _decide(jitted, args, kwargs, L, P)[0]
-  return {"argnum": spec.argnum, "axis": spec.axis, "length": int(L),
-          "bucket": int(P if ok else L)}
+  plan = _plan_for(jitted, args, kwargs, L, P)
+  info = {"argnum": spec.argnum, "axis": spec.axis, "length": int(L),
+          "bucket": int(L if isinstance(plan, str) else P)}
+  if isinstance(plan, str) and plan != "the bucket has a single length":
+    info["refused"] = plan
+  return info
