@@ -12,6 +12,7 @@ import numpy as np
 
 from lepton_jax._nnx import graphdef_key, merged_call, split_nodes, write_back
 from lepton_jax.jaxpr._compat import Tracer
+from lepton_jax.jaxpr._compiled import figures_of
 
 __all__ = ["Flat", "flatten_call", "spec_of", "compiled_figures", "has_tracer"]
 
@@ -71,21 +72,9 @@ def has_tracer(values) -> bool:
 
 
 def compiled_figures(fun, *args, **kwargs) -> dict:
-  """Bytes and FLOPs of ``jax.jit(fun)`` compiled for these arguments (the backend's numbers)."""
-  compiled = jax.jit(fun).lower(*args, **kwargs).compile()
-  mem = compiled.memory_analysis()
-  cost = compiled.cost_analysis()
-  if isinstance(cost, (list, tuple)):
-    cost = cost[0] if cost else {}
-  cost = cost or {}
+  """Bytes and FLOPs of ``jax.jit(fun)`` compiled for these arguments (the backend's numbers).
 
-  def g(name):
-    return int(getattr(mem, name, 0) or 0) if mem is not None else 0
-
-  return {
-      "temp_bytes": g("temp_size_in_bytes"),
-      "argument_bytes": g("argument_size_in_bytes"),
-      "output_bytes": g("output_size_in_bytes"),
-      "flops": float(cost.get("flops", 0.0)),
-      "bytes_accessed": float(cost.get("bytes accessed", 0.0)),
-  }
+  A dict (``temp_bytes``, ``argument_bytes``, ``output_bytes``, ``flops``, ``bytes_accessed``,
+  ``alias_bytes``) read by the core's one reader, :func:`lepton_jax.jaxpr._compiled.figures_of`.
+  """
+  return figures_of(fun, *args, **kwargs).to_dict()

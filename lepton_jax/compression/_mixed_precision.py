@@ -6,12 +6,12 @@ operation on ``compute_dtype`` inputs with ``preferred_element_type=accum_dtype`
 back to the original dtype. Nothing else is touched: exp/log, reductions, norms, softmax and losses
 stay float32, and parameters and gradients keep their dtypes.
 
-The replacement carries its own backward (``jax.custom_vjp``): the cotangent is cast to
-``compute_dtype`` so the two backward matmuls also run in ``compute_dtype`` (the matrix units
-accumulate in float32), and the saved residuals are the ``compute_dtype`` operands (half the bytes
-of float32). Consequence: forward-mode differentiation (``jax.jvp``/``jax.jacfwd``) of a
-mixed-precision function is not supported; ``jax.grad``/``jax.value_and_grad``/``jax.vjp``,
-``jax.jit``, ``jax.vmap`` and ``jax.checkpoint`` compose.
+The replacement carries its own derivative rule (``jax.custom_jvp``): tangents are cast to
+``compute_dtype`` and multiplied in ``compute_dtype``, so both forward-mode (``jax.jvp``,
+``jax.jacfwd``) and reverse-mode (``jax.grad``: the transposed tangent matmuls, again in
+``compute_dtype``; the matrix units accumulate in float32) work, and the saved residuals are the
+``compute_dtype`` operands (half the bytes of float32). ``jax.jit``, ``jax.vmap`` and
+``jax.checkpoint`` compose.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from typing import Any, Callable, Sequence, overload
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.custom_derivatives import SymbolicZero
 
 from lepton_jax.compression import _common
 from lepton_jax.compression._interp import Hook, evaluate
@@ -64,25 +65,35 @@ def _bind(spec: _Spec, a, b, preferred):
   return spec.primitive.bind(a, b, **dict(spec.params, preferred_element_type=np.dtype(preferred)))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+@functools.partial(jax.custom_jvp, nondiff_argnums=(2,))
 def _low_precision_op(lhs, rhs, spec: _Spec):
-  return _fwd(lhs, rhs, spec)[0]
+  lc, rc = lhs.astype(spec.compute), rhs.astype(spec.compute)
+  return _bind(spec, lc, rc, spec.accum).astype(spec.out_dtype)
 
 
-def _fwd(lhs, rhs, spec):
+def _jvp(spec, primals, tangents):
+  """Primal with ``accum`` accumulation; tangent bilinear in ``compute`` operands.
+
+  Each tangent term is a ``compute x compute -> compute`` matmul cast to the output dtype, so its
+  transpose (the backward pass under ``jax.grad``) is again ``compute``-dtype matmuls: the cotangent
+  is cast to ``compute`` and the residuals are the ``compute`` operands (half of float32). Zero
+  tangents are symbolic: differentiating only by the weights costs no extra matmul.
+  """
+  lhs, rhs = primals
+  tl, tr = tangents
   lc, rc = lhs.astype(spec.compute), rhs.astype(spec.compute)
   y = _bind(spec, lc, rc, spec.accum).astype(spec.out_dtype)
-  return y, (lc, rc)
+  terms = []
+  if not isinstance(tl, SymbolicZero):
+    terms.append(_bind(spec, tl.astype(spec.compute), rc, spec.compute).astype(spec.out_dtype))
+  if not isinstance(tr, SymbolicZero):
+    terms.append(_bind(spec, lc, tr.astype(spec.compute), spec.compute).astype(spec.out_dtype))
+  if not terms:
+    return y, jnp.zeros_like(y)
+  return y, terms[0] if len(terms) == 1 else terms[0] + terms[1]
 
 
-def _bwd(spec, res, ct):
-  lc, rc = res
-  _, vjp = jax.vjp(lambda a, b: _bind(spec, a, b, spec.compute), lc, rc)
-  gl, gr = vjp(ct.astype(spec.compute))
-  return gl.astype(spec.lhs_dtype), gr.astype(spec.rhs_dtype)
-
-
-_low_precision_op.defvjp(_fwd, _bwd)
+_low_precision_op.defjvp(_jvp, symbolic_zeros=True)
 
 
 # ----------------------------------------------------------------- report
@@ -182,6 +193,8 @@ class _MixedHook(Hook):
         scope="/".join(s for s in scope if s)))
 
   def matmul(self, eqn, invals, scope):
+    if eqn.primitive.name not in ("dot_general", "conv_general_dilated"):
+      return None
     lhs, rhs = invals
     dts = [jnp.result_type(x) for x in (lhs, rhs)]
     f32, low = np.dtype("float32"), np.dtype(self.compute)
@@ -298,7 +311,8 @@ def mixed_precision(fun=None, /, *, compute_dtype="bfloat16", accum_dtype="float
   ``jax.named_scope`` whose name contains a ``keep`` word (case-insensitive; e.g. a
   ``jax.jit``-ed ``loss`` or ``log_softmax``), matmuls with ``precision=HIGHEST``, non-float32
   matmuls, and matmuls inside ``custom_jvp``/``custom_vjp`` functions (their derivative rule
-  would no longer match). Forward-mode AD (``jax.jvp``) is not supported through the rewrite.
+  would no longer match). ``jax.jvp`` and ``jax.grad`` both differentiate the rewrite (tangent and
+  cotangent matmuls in ``compute_dtype``).
 
   Args:
     fun: the function (pytrees of arrays and NNX objects in, pytree out).

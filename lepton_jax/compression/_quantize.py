@@ -178,8 +178,9 @@ def freeze(params, *, weights: str = "int8", group_size: int = 128):
 class _Weight:
   """A parameter leaf flowing through the evaluator (float array or QuantizedArray)."""
 
-  def __init__(self, index, path, value):
+  def __init__(self, index, path, value, dequantized=False):
     self.index, self.path, self.value = index, path, value
+    self.dequantized = dequantized  # a frozen weight's float values inside a loop / branch body
 
   def materialize(self):
     return self.value.dequantize() if isinstance(self.value, QuantizedArray) else self.value
@@ -224,8 +225,7 @@ class _Site:
 
 
 class _QuantHook(Hook):
-  recurse_control_flow = False
-  keep_remat = False
+  inline_calls = True  # jit / checkpoint bodies are evaluated in place (activation sites stay top level)
 
   def __init__(self, weights, group_size, act_kind=None, act_scales=None, only=None, calibrate=False):
     self.weights, self.group_size = weights, group_size
@@ -233,6 +233,7 @@ class _QuantHook(Hook):
     self.only, self.calibrate = only, calibrate
     self.sites: list = []
     self.absmax: list = []
+    self.act_sites = 0
 
   def materialize(self, x):
     return x.materialize() if isinstance(x, _Weight) else x
@@ -245,7 +246,20 @@ class _QuantHook(Hook):
         return invals[0]
     return None
 
+  def carry_in(self, x):
+    if not isinstance(x, _Weight):
+      return None
+    return (x.index, x.path, x.dequantized or isinstance(x.value, QuantizedArray))
+
+  def enter(self, token, value):
+    # Inside a loop / branch body the weight is the body's float input (a scan's xs: one slice per
+    # iteration), quantized on the fly there (per-slice scales for stacked weights). A frozen
+    # weight enters dequantized and is used as it is (its values already lie on its packed grid).
+    return _Weight(token[0], token[1], value, dequantized=token[2])
+
   def matmul(self, eqn, invals, scope):
+    if eqn.primitive.name not in ("dot_general", "conv_general_dilated"):
+      return None
     lhs, rhs = invals
     if isinstance(rhs, _Weight):
       w, x, w_is_rhs = rhs, lhs, True
@@ -256,9 +270,15 @@ class _QuantHook(Hook):
     x = self.materialize(x)
     if self.only is not None and w.index not in self.only:
       return None  # caller materializes
-    site = len(self.sites)
+    if w.dequantized:
+      self.sites.append(_Site(w.path, w.index, eqn.primitive.name, "dequantize"))
+      return None
+    # Activation scales are calibrated for top-level matmuls; inside loop / branch bodies the
+    # activations stay float (their per-iteration maxima never leave the body's trace).
+    act_site = self.depth == 0 and (self.calibrate or self.act_kind is not None)
     if self.calibrate:
-      self.absmax.append(jnp.max(jnp.abs(x)).astype(jnp.float32))
+      if act_site:
+        self.absmax.append(jnp.max(jnp.abs(x)).astype(jnp.float32))
       self.sites.append(_Site(w.path, w.index, eqn.primitive.name, "calibrate"))
       return None
     q = w.value if isinstance(w.value, QuantizedArray) else _pack(w.value, self.weights, self.group_size)
@@ -266,8 +286,9 @@ class _QuantHook(Hook):
     out_dtype = eqn.outvars[0].aval.dtype
     params = {k: v for k, v in eqn.params.items() if k != "preferred_element_type"}
     s_x = None
-    if self.act_kind is not None:
-      s_x = self.act_scales[site]
+    if act_site:
+      s_x = self.act_scales[self.act_sites]
+      self.act_sites += 1
     order = (lambda a, b: (b, a)) if not w_is_rhs else (lambda a, b: (a, b))
     if out_axis is None:
       kind_used = "dequantize"
@@ -462,8 +483,8 @@ class _Quantized:
   def __call__(self, *args, **kwargs):
     hook = self._hook()
     out = self._run(args, kwargs, hook)
-    if self._act_scales is not None and len(hook.sites) != len(self._act_scales):
-      raise ValueError(f"{_API}: this call reaches {len(hook.sites)} quantized matmuls but calibration saw "
+    if self._act_scales is not None and hook.act_sites != len(self._act_scales):
+      raise ValueError(f"{_API}: this call reaches {hook.act_sites} quantized matmuls but calibration saw "
                        f"{len(self._act_scales)}; call with arguments of the calibrated structure")
     return out
 

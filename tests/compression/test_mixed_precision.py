@@ -249,3 +249,46 @@ def test_fp16_training_with_dynamic_loss_scale_trains():
   assert final < 0.6 * first, (first, final)
   text = step.lower(p, o, s).as_text()
   assert "xf16>" in text
+
+
+def test_jvp_matches_float32_and_tangent_matmuls_run_in_bf16():
+  p, (x, y) = _params(), _data()
+  mp = lj.mixed_precision(_loss)
+  tp = jax.tree.map(lambda a: jax.random.normal(jax.random.key(a.size), a.shape), p)
+  tx = jax.random.normal(jax.random.key(5), x.shape)
+  ref_v, ref_t = jax.jvp(lambda p, x: _loss(p, x, y), (p, x), (tp, tx))
+  v, t = jax.jit(lambda p, x, tp, tx: jax.jvp(lambda p, x: mp(p, x, y), (p, x), (tp, tx)))(p, x, tp, tx)
+  _close(ref_v, v, 2e-2)
+  _close(ref_t, t, 5e-2)
+  jaxpr = str(jax.make_jaxpr(lambda p, tp: jax.jvp(lambda p: mp(p, x, y), (p,), (tp,)))(p, tp))
+  assert "bf16" in jaxpr
+  # forward-over-reverse (Hessian-vector product) also goes through the rule
+  hvp = jax.jvp(jax.grad(lambda p: mp(p, x, y)), (p,), (tp,))[1]
+  hvp_ref = jax.jvp(jax.grad(lambda p: _loss(p, x, y)), (p,), (tp,))[1]
+  _close(hvp_ref["w2"], hvp["w2"], 1e-1)
+
+
+def test_nnx_scan_and_lax_cond_bodies_are_converted():
+  class Block(nnx.Module):
+    def __init__(self, rngs):
+      self.lin = nnx.Linear(16, 16, rngs=rngs)
+
+    def __call__(self, x):
+      return jnp.tanh(self.lin(x))
+
+  blocks = nnx.vmap(lambda key: Block(nnx.Rngs(key)))(jax.random.split(jax.random.key(8), 3))
+
+  def f(model, x):
+    h = nnx.scan(lambda h, blk: (blk(h), None), in_axes=(nnx.Carry, 0))(x, model)[0]
+    return jax.lax.cond(h.sum() > 0, lambda a: a @ a.T, lambda a: -a @ a.T, h).sum()
+
+  x = jax.random.normal(jax.random.key(9), (4, 16))
+  mp = lj.mixed_precision(f)
+  rep = mp.explain(blocks, x)
+  assert [op.converted for op in rep.ops] == [True, True, True]
+  assert "scan" in rep.ops[0].scope and "cond" in rep.ops[1].scope
+  _close(f(blocks, x), nnx.jit(mp)(blocks, x), 3e-2)
+  g_ref = nnx.grad(f)(blocks, x)
+  g = nnx.jit(nnx.grad(mp))(blocks, x)
+  for a, b in zip(jax.tree.leaves(g_ref), jax.tree.leaves(g)):
+    _close(a, b, 5e-2)

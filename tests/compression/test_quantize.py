@@ -126,3 +126,61 @@ def test_bad_options():
     lj.quantize.freeze({}, weights="int4", group_size=0)
   with pytest.raises(TypeError, match="argnums=1 but _mlp was called with 1 positional"):
     lj.quantize(_mlp, argnums=1)(_mlp_params())
+
+
+def _fake_quant(w, kind="int8"):
+  """What quantizing ``w`` alone gives, dequantized (the independent per-weight reference)."""
+  return lj.quantize.freeze(w, weights=kind).dequantize()
+
+
+def test_weights_reaching_dots_through_scan_xs_consts_and_cond():
+  k = jax.random.split(jax.random.key(7), 3)
+  p = {"ws": jax.random.normal(k[0], (3, 32, 32)) / 6,  # stacked layers: the scan's xs
+       "w": jax.random.normal(k[1], (32, 32)) / 6}     # one weight closed over: a scan const
+
+  def f(p, x):
+    h, _ = jax.lax.scan(lambda h, w: (jnp.tanh(h @ w), None), x, p["ws"])
+    h, _ = jax.lax.scan(lambda h, _: (jnp.tanh(h @ p["w"]), None), h, None, length=2)
+    return jax.lax.cond(h.sum() > 0, lambda a: a @ p["w"], lambda a: -(a @ p["w"]), h)
+
+  x = jax.random.normal(k[2], (8, 32))
+  q = lj.quantize(f, weights="int8")
+  got = jax.jit(q)(p, x)
+  # reference: every layer slice / the shared weight quantized on its own, then plain float JAX
+  ref_q = f({"ws": jnp.stack([_fake_quant(w) for w in p["ws"]]), "w": _fake_quant(p["w"])}, x)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(ref_q), rtol=2e-4, atol=2e-5)
+  assert 0 < _rel(f(p, x), got) < 3e-2
+  rep = q.explain(p, x)
+  assert {w.path: w.uses for w in rep.weights} == {"['ws']": 1, "['w']": 3}  # scan body, scan body + 2 branches
+  frozen = lj.quantize.freeze(p)  # packed leaves enter the loop dequantized and are used as they are
+  np.testing.assert_allclose(np.asarray(jax.jit(q)(frozen, x)),
+                             np.asarray(f(jax.tree.map(lambda a: a.dequantize(), frozen,
+                                                       is_leaf=lambda a: hasattr(a, "dequantize")), x)),
+                             rtol=2e-4, atol=2e-5)
+
+
+def test_nnx_scan_over_stacked_layers():
+  from flax import nnx
+
+  class Block(nnx.Module):
+    def __init__(self, rngs):
+      self.lin = nnx.Linear(16, 16, rngs=rngs)
+
+    def __call__(self, x):
+      return jnp.tanh(self.lin(x))
+
+  blocks = nnx.vmap(lambda key: Block(nnx.Rngs(key)))(jax.random.split(jax.random.key(8), 4))
+  graphdef, state = nnx.split(blocks)
+  params = nnx.to_pure_dict(state)
+
+  def f(params, x):
+    model = nnx.merge(graphdef, params)
+    return nnx.scan(lambda h, blk: (blk(h), None), in_axes=(nnx.Carry, 0))(x, model)[0]
+
+  x = jax.random.normal(jax.random.key(9), (4, 16))
+  got = jax.jit(lj.quantize(f, weights="int8"))(params, x)
+  kern = params["lin"]["kernel"]
+  ref_params = jax.tree.map(lambda a: a, params)
+  ref_params["lin"]["kernel"] = jnp.stack([_fake_quant(w) for w in kern])
+  np.testing.assert_allclose(np.asarray(got), np.asarray(f(ref_params, x)), rtol=2e-4, atol=2e-5)
+  assert 0 < _rel(f(params, x), got) < 2e-2
