@@ -1,35 +1,46 @@
-"""Joint forward + backward routing: attention inside a gradient program.
+"""Joint forward + backward routing: hotspots inside a gradient program.
 
 Role: when ``adaptive_jit`` traces ``jax.value_and_grad(loss)`` (or ``jax.grad``, ``nnx.grad``,
-an optax step), each attention's forward sits in the program next to its backward (JAX's VJP of
-the softmax attention), and the forward's intermediates -- the ``[.., q, k]`` probabilities,
-the softmax sums -- are residuals read by the backward. Routing only the forward would keep
-them alive, so this pass replaces *both*: the forward by the kernel's forward, and the backward
-by the kernel's own backward (``jax.vjp`` of the kernel), which saves only what the kernel
-saves (for flash attention: the output and the log-sum-exp).
+an optax step), each hotspot's forward sits in the program next to its backward (JAX's VJP of
+the softmax attention, of a layer/RMS norm, of a softmax cross-entropy, of ``act(x @ w + b)``),
+and the forward's intermediates -- attention probabilities, normalised activations, log-softmax
+values, pre-activations -- are residuals read by the backward. Routing only the forward would
+keep them alive (and compute them twice), so this pass replaces *both*: the forward by the
+kernel's forward, and the backward by the kernel's own backward (``jax.vjp`` of the kernel),
+which saves only what the kernel saves (flash attention: the output and the log-sum-exp; the
+norms: mean and reciprocal std; cross-entropy: the log-sum-exp).
 
-How a joint match is found, on one jaxpr level (the driver applies it to every nested level):
+The hotspot-specific part is a *forward match* (:class:`JointForward`: the equations of the
+forward, the root whose value the kernel computes, the inputs and the replacement), found by the
+attention matcher of ``_route_kernels`` (uses restricted to the ancestors of ``P.V``) or by the
+exact templates of ``_templates``. The rest is generic, on one jaxpr level (the driver applies
+it to every nested level):
 
-1. *Forward*: the attention matcher of ``_route_kernels`` run with the uses of each value
-   restricted to the ancestors of a candidate ``P.V`` product, so uses by the backward do not
-   count. Matches whose intermediates are used by nothing else are plain forward matches
-   (routed by the forward pass) and are left alone here.
-2. *Cotangent*: ``dO`` is the one value, outside the forward, that the backward's first
-   equations combine with the forward's residuals and that has the forward output's type.
+1. *Residuals*: forward values (other than the root) read outside the forward. A forward
+   without residuals is a plain forward match (routed by the forward pass).
+2. *Cotangent*: ``dO``, a value of the root's type, outside the forward, read (directly or
+   through a few broadcasts / converts / reshapes) next to a residual; it may be a constant (the
+   cotangent of a ``mean`` loss, folded). Candidates are tried earliest first.
 3. *Backward region*: every later equation that reads a residual, ``dO`` or a value of the
-   region, and otherwise only the attention's inputs, constants and literals. The values it
-   hands to the rest of the program are its outputs (trailing layout-only equations are left to
-   the program). Every use of a residual must be in the region, or nothing is done.
-4. *Identification and check*: on random inputs at the real shapes, each region output is
-   identified as a sum of the kernel's cotangents for ``(q, k, v[, bias])`` of the same type
-   (self-attention's ``q is k is v`` gives their sum); then the whole joint replacement is
-   compared with the original forward + backward on a second, independent draw. Anything that
-   does not match exactly (within float tolerance) is left untouched.
+   region, and otherwise only the forward's inputs, constants and literals. Every use of a
+   residual must be in the region, or nothing is done.
+4. *Identification and check*: on random inputs at the real shapes (a constant ``dO`` keeps its
+   value), each differentiable input's kernel cotangent must equal a region value of the same
+   type -- or the sum of up to three region values that the program accumulates together
+   (JAX adds a cotangent's contributions one by one, interleaved with other uses of the input:
+   the first gets the kernel's cotangent, the others zeros) -- on two independent draws.
+   The region shrinks to what computes them. Anything that does not match exactly (within
+   float tolerance) is left untouched.
+5. *Compiled judge* (template hotspots): the original forward + backward and the kernel's are
+   compiled on their own for the default backend; the route is kept only if XLA's temp bytes
+   and FLOPs do not grow and one of them drops (a ``route_check`` record says why otherwise).
+   ``adaptive_jit``'s pipeline then judges the whole program again.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from typing import Any, Callable
 
 import numpy as np
@@ -38,27 +49,69 @@ import jax
 import jax.numpy as jnp
 
 from lepton_jax.jaxpr import _compat as core
+from lepton_jax.jaxpr._compiled import figures_of
 from lepton_jax.jaxpr._defuse import OUTPUT, DefUse
 from lepton_jax.jaxpr._driver import Rewrite, known_consts, location
 from lepton_jax.jaxpr._eval import eval_jaxpr, retrace
 
-__all__ = ["route_joint_level", "random_inputs", "MAX_JOINT_ELEMENTS"]
+__all__ = ["JointForward", "route_joint_level", "attention_forwards", "random_inputs",
+           "MAX_JOINT_ELEMENTS", "_clear_caches"]
 
 #: Largest value (elements) of a joint region that is checked numerically; bigger regions are
 #: not routed jointly (the check is what makes the replacement exact).
 MAX_JOINT_ELEMENTS = 1 << 25
-_LAYOUT = frozenset({"transpose", "reshape", "squeeze", "expand_dims", "convert_element_type",
-                     "copy", "copy_p"})
+#: A cotangent may be split into at most this many accumulated region values.
+_MAX_SPLIT = 3
+_CHAIN_OPS = frozenset({"broadcast_in_dim", "convert_element_type", "reshape", "squeeze",
+                        "expand_dims", "transpose", "neg", "mul", "div", "copy", "copy_p"})
+
+# Numeric identifications and compiled verdicts keyed by the joint candidate's structure and
+# shapes (identical layers are checked and compiled once): explicit, clearable caches (see
+# _clear_caches).
+_IDENT_CACHE: dict = {}
+_JUDGE_CACHE: dict = {}
+
+
+def _clear_caches() -> None:
+  """Forgets cached joint identifications and compiled verdicts."""
+  _IDENT_CACHE.clear()
+  _JUDGE_CACHE.clear()
+
+
+@dataclasses.dataclass
+class JointForward:
+  """One hotspot forward found in a gradient program.
+
+  Attributes:
+    pattern: the record's pattern (``"attention_fwd_bwd"``, ``"layer_norm_fwd_bwd"``, ...).
+    root: eqn index whose (single) output the kernel computes.
+    eqns: forward eqn indices replaced (root included).
+    pre: eqns that belong to the forward for the check but are not removed.
+    inputs: program atoms (or None) passed to ``repl`` in order.
+    repl: ``repl(*inputs) -> root value`` (the kernel).
+    judge: compare the compiled original and kernel regions before keeping the route.
+    key: hashable description of the replacement (kernel, backend, options); with it, identical
+      candidates share one numeric identification and one compiled verdict. None: no sharing.
+  """
+  pattern: str
+  root: int
+  eqns: set
+  inputs: list
+  repl: Callable
+  pre: set = dataclasses.field(default_factory=set)
+  judge: bool = False
+  key: Any = None
 
 
 @dataclasses.dataclass
 class _Joint:
-  match: Any                 # the forward _AttnMatch
+  fwd_match: JointForward
   fwd: set                   # forward eqn indices (matched + pre eqns)
   bwd: list                  # backward region eqn indices, program order
   do: Any                    # cotangent var of the forward output
-  outputs: list = dataclasses.field(default_factory=list)   # cotangent vars the region returns
-  combos: list = dataclasses.field(default_factory=list)    # per output: kernel cotangents summed
+  do_const: bool = False     # dO is a constant (its value is used in the check)
+  outputs: list = dataclasses.field(default_factory=list)   # per target: region vars summed
+  combos: list = dataclasses.field(default_factory=list)    # per target: kernel cotangents summed
 
 
 def _ancestors(jaxpr, prod, idx: int, memo: dict) -> frozenset:
@@ -105,54 +158,128 @@ def _find_forward(jaxpr, du: DefUse, known, match_fn, no_match) -> list:
   return found
 
 
-def _region(jaxpr, du: DefUse, m) -> _Joint | None:
-  """The candidate backward region of forward match ``m`` (see module doc), or None: every later
-  equation computable from the residuals, dO, the attention inputs and constants."""
-  fwd = set(m.eqns) | set(m.pre_eqns)
-  root = jaxpr.eqns[m.d2].outvars[0]
-  inputs = {a for a in (m.q, m.k, m.v, m.bias, m.mask) if isinstance(a, core.Var)}
-  resid = {v for i in fwd for v in jaxpr.eqns[i].outvars
-           if v is not root and any(u not in fwd for u in du.users(v))}
-  if not resid:
-    return None
+def attention_forwards(closed, du: DefUse, *, match_fn, no_match, replacement_fn,
+                       kernels: str) -> list[JointForward]:
+  """The attention forwards of a gradient program as :class:`JointForward` s."""
+  out = []
+  for m in _find_forward(closed.jaxpr, du, known_consts(closed), match_fn, no_match):
+    key = ("attention", m.q_perm, m.k_perm, m.v_perm, m.out_perm, m.bias_perm, m.mask_perm,
+           m.bias_split, m.mask_split, m.bias_shape, m.scale, m.head_b, m.groups, kernels,
+           id(replacement_fn))
+    out.append(JointForward("attention_fwd_bwd", m.d2, set(m.eqns),
+                            [m.q, m.k, m.v, m.bias, m.mask], replacement_fn(m, kernels),
+                            pre=set(m.pre_eqns), key=key))
+  return out
+
+
+def _consts_of(jaxpr) -> set:
+  """Constvars and values computed from constants only (broadcast literals, iota, ...)."""
   consts = set(jaxpr.constvars)
-  for e in jaxpr.eqns:  # values computed from constants only (broadcast literals, iota, ...)
+  for e in jaxpr.eqns:
     if not e.effects and all(not isinstance(a, core.Var) or a in consts for a in e.invars):
       consts.update(v for v in e.outvars if core.is_var(v))
-  allowed_side = inputs | consts | {root} | {v for i in fwd for v in jaxpr.eqns[i].outvars}
-  # 2. the cotangent: an outside value of the output's type read next to a residual (the
-  # earliest such value when several have that type: later ones are computed from it)
-  cands = {}
-  for v in resid:
-    for u in du.users(v):
-      if u == OUTPUT or u in fwd:
-        continue
-      for a in jaxpr.eqns[u].invars:
-        if (isinstance(a, core.Var) and a not in inputs and a is not root and a not in resid
-            and (a in consts or a not in allowed_side)
-            and a.aval.shape == root.aval.shape and a.aval.dtype == root.aval.dtype):
-          cands[a] = du.producer(a) if du.producer(a) is not None else -1
-  if not cands:
-    return None
-  do = min(cands, key=cands.get)
-  # 3. the backward region
-  region_vars = set(resid) | {do}
-  bwd = []
-  start = min(u for v in resid for u in du.users(v) if u != OUTPUT and u not in fwd)
-  for i in range(start, len(jaxpr.eqns)):
+  return consts
+
+
+def _same_type(a, b) -> bool:
+  return tuple(a.aval.shape) == tuple(b.aval.shape) and a.aval.dtype == b.aval.dtype
+
+
+def _cotangent_candidates(jaxpr, du: DefUse, jf: JointForward, fwd, resid, allowed, consts):
+  """Values of the root's type that the backward combines with the residuals (see module doc),
+  earliest first."""
+  root = jaxpr.eqns[jf.root].outvars[0]
+  inputs = {a for a in jf.inputs if isinstance(a, core.Var)}
+  cands: dict = {}
+
+  def consider(a, depth):
+    if not isinstance(a, core.Var) or a in inputs or a is root or a in resid:
+      return
+    if a not in consts and a in allowed:
+      return
+    if _same_type(a, root):
+      cands[a] = du.producer(a) if du.producer(a) is not None else -1
+      return
+    i = du.producer(a)
+    if depth >= 3 or i is None or i in fwd:
+      return
+    e = jaxpr.eqns[i]
+    if e.primitive.name not in _CHAIN_OPS or e.effects:
+      return
+    vs = [x for x in e.invars if isinstance(x, core.Var) and x not in consts]
+    if len(vs) == 1:
+      consider(vs[0], depth + 1)
+    elif not vs:
+      for x in e.invars:
+        if isinstance(x, core.Var):
+          consider(x, depth + 1)
+
+  # Values computed from the residuals without the cotangent (e.g. relu's ``z > 0`` mask).
+  pure, users = set(resid), set()
+  first = min((u for v in resid for u in du.users(v) if u != OUTPUT and u not in fwd), default=None)
+  for i in range(first if first is not None else len(jaxpr.eqns), len(jaxpr.eqns)):
     if i in fwd:
       continue
     e = jaxpr.eqns[i]
-    vars_in = [a for a in e.invars if isinstance(a, core.Var)]
-    if not any(a in region_vars for a in vars_in):
+    vs = [a for a in e.invars if isinstance(a, core.Var)]
+    if not any(a in pure for a in vs):
       continue
-    if not all(a in region_vars or a in allowed_side for a in vars_in) or e.effects:
+    users.add(i)
+    if all(a in pure or a in allowed or a in consts for a in vs) and not e.effects:
+      pure.update(v for v in e.outvars if core.is_var(v))
+  for u in sorted(users):
+    for a in jaxpr.eqns[u].invars:
+      if isinstance(a, core.Var) and a not in pure:
+        consider(a, 0)
+  return sorted(cands, key=lambda a: (a in consts, cands[a]))   # computed values first
+
+
+def _regions(jaxpr, du: DefUse, jf: JointForward) -> list:
+  """Candidate backward regions of forward ``jf`` (one per cotangent candidate, see module doc):
+  every later equation computable from the residuals, dO, the forward's inputs and constants."""
+  fwd = set(jf.eqns) | set(jf.pre)
+  root = jaxpr.eqns[jf.root].outvars[0]
+  inputs = {a for a in jf.inputs if isinstance(a, core.Var)}
+  resid = {v for i in fwd for v in jaxpr.eqns[i].outvars
+           if core.is_var(v) and v is not root and any(u not in fwd for u in du.users(v))}
+  if not resid or any(OUTPUT in du.users(v) for v in resid):
+    return []
+  consts = _consts_of(jaxpr)
+  # Values computed from the inputs and constants only (the JVP's coefficients such as ``2 * x``
+  # of ``square(x)`` are computed next to the forward) may be read by the backward too.
+  derived = set(inputs)
+  for i, e in enumerate(jaxpr.eqns):
+    if i in fwd or e.effects:
       continue
-    bwd.append(i)
-    region_vars.update(v for v in e.outvars if core.is_var(v))
-  if any(u not in fwd and u not in set(bwd) for v in resid for u in du.users(v)):
-    return None   # a residual is read by something we would not replace
-  return _Joint(m, fwd, bwd, do)
+    vs = [a for a in e.invars if isinstance(a, core.Var)]
+    if vs and any(a in derived for a in vs) and all(a in derived or a in consts for a in vs):
+      derived.update(v for v in e.outvars if core.is_var(v))
+  allowed_side = (inputs | consts | derived | {root}
+                  | {v for i in fwd for v in jaxpr.eqns[i].outvars})
+  out = []
+  for do in _cotangent_candidates(jaxpr, du, jf, fwd, resid, allowed_side, consts)[:4]:
+    region_vars = set(resid) | {do}
+    bwd = []
+    start = min(u for v in resid for u in du.users(v) if u != OUTPUT and u not in fwd)
+    p = du.producer(do)
+    if p is not None:
+      start = min(start, p + 1)
+    for i in range(start, len(jaxpr.eqns)):
+      if i in fwd:
+        continue
+      e = jaxpr.eqns[i]
+      vars_in = [a for a in e.invars if isinstance(a, core.Var)]
+      if not any(a in region_vars for a in vars_in):
+        continue
+      if not all(a in region_vars or a in allowed_side for a in vars_in) or e.effects:
+        continue
+      bwd.append(i)
+      region_vars.update(v for v in e.outvars if core.is_var(v))
+    bset = set(bwd)
+    if any(u not in fwd and u not in bset for v in resid for u in du.users(v)):
+      continue   # a residual is read by something we would not replace
+    out.append(_Joint(jf, fwd, bwd, do, do_const=do in consts))
+  return out
 
 
 def _subgraph(closed, ids, in_vars, out_vars) -> Callable:
@@ -203,32 +330,42 @@ def _close(a, b, dtype) -> bool:
   return a.shape == b.shape and bool(np.allclose(a, b, rtol=t, atol=t * scale))
 
 
-def _kernel_fwd(repl, args, mask, diff_pos):
-  """``(o, vjp)`` of the kernel replacement ``repl(q, k, v, bias, mask)`` w.r.t. ``args[diff_pos]``."""
+def _kernel_fwd(repl, args, diff_pos):
+  """``(o, vjp)`` of the kernel replacement ``repl(*args)`` w.r.t. ``args[diff_pos]``."""
   def f(*d):
     a = list(args)
     for p, x in zip(diff_pos, d):
       a[p] = x
-    return repl(a[0], a[1], a[2], a[3], mask)
+    return repl(*a)
   return jax.vjp(f, *[args[p] for p in diff_pos])
 
 
-def _kernel_vjp(repl, m, diff_pos):
-  """``fn(q, k, v, bias, mask, do) -> (o, cotangents of the inputs at diff_pos)``."""
-  def fn(q, k, v, bias, mask, do):
-    o, vjp = _kernel_fwd(repl, [q, k, v, bias], mask, diff_pos)
-    return o, vjp(do.astype(o.dtype))
-  return fn
+def _accumulated_together(jaxpr, du: DefUse, vs, region: set) -> bool:
+  """Whether the region values ``vs`` reach one common value through single-use ``add`` /
+  ``add_any`` chains outside the region (so replacing them by values with the same sum changes
+  nothing downstream)."""
+  chains = []
+  for v in vs:
+    seen, cur = {v}, v
+    while True:
+      us = [u for u in du.users(cur) if u not in region]
+      if len(us) != 1 or us[0] == OUTPUT or jaxpr.eqns[us[0]].primitive.name not in ("add", "add_any"):
+        break
+      e = jaxpr.eqns[us[0]]
+      if not all(_same_type(a, cur) for a in e.invars if isinstance(a, core.Var)) or \
+          not _same_type(e.outvars[0], cur):
+        break
+      cur = e.outvars[0]
+      seen.add(cur)
+    chains.append(seen)
+  return bool(set.intersection(*chains))
 
 
-def _identify(closed, du: DefUse, j: _Joint, repl) -> str | None:
-  """Finds, by value, the region's cotangents of the attention inputs and shrinks the region to
-  what computes them; fills ``j.outputs`` / ``j.combos``. Returns why not, or None."""
-  jaxpr = closed.jaxpr
-  m = j.match
-  ins = [m.q, m.k, m.v, m.bias, m.mask]
-  diff_pos = [p for p in range(4) if ins[p] is not None and jnp.issubdtype(ins[p].aval.dtype, jnp.floating)]
-  # One target per distinct input variable: the sum of its kernel cotangents.
+def _diff_targets(ins):
+  """Positions of the differentiable inputs, and one target per distinct input variable:
+  ``(var, [indices into the kernel's cotangents])`` (their sum is the variable's cotangent)."""
+  diff_pos = [p for p, a in enumerate(ins) if isinstance(a, core.Var)
+              and jnp.issubdtype(a.aval.dtype, jnp.floating)]
   targets: list = []
   for p in diff_pos:
     t = next((t for t in targets if t[0] is ins[p]), None)
@@ -236,9 +373,83 @@ def _identify(closed, du: DefUse, j: _Joint, repl) -> str | None:
       targets.append((ins[p], [diff_pos.index(p)]))
     else:
       t[1].append(diff_pos.index(p))
+  return diff_pos, targets
+
+
+def _struct_key(closed, du: DefUse, j: _Joint):
+  """The joint candidate's structure (eqns, params, how operands connect, avals, constant values):
+  identical layers share it, so their numeric identification is done once."""
+  jaxpr = closed.jaxpr
+  jf = j.fwd_match
+  ids = sorted(j.fwd | set(j.bwd))
+  pos = {i: n for n, i in enumerate(ids)}
+  known = known_consts(closed)
+  ins = {id(a): k for k, a in enumerate(jf.inputs) if isinstance(a, core.Var)}
+  try:
+    def ref(a):
+      if isinstance(a, core.Literal):
+        return ("l", repr(a.val), repr(a.aval))
+      if a is j.do:
+        return ("d", repr(a.aval))
+      if id(a) in ins:
+        return ("i", ins[id(a)], repr(a.aval))
+      p = du.producer(a)
+      if p in pos:
+        return ("e", pos[p], jaxpr.eqns[p].outvars.index(a))
+      c = known.get(a)
+      if c is not None and c.size <= 1 << 16:
+        return ("c", repr(a.aval), c.tobytes())
+      return ("o", repr(a.aval), p)
+    parts = tuple((jaxpr.eqns[i].primitive.name,
+                   repr(sorted((k, repr(v)) for k, v in jaxpr.eqns[i].params.items())),
+                   tuple(ref(a) for a in jaxpr.eqns[i].invars),
+                   tuple(repr(v.aval) for v in jaxpr.eqns[i].outvars)) for i in ids)
+    return (jf.key, pos[jf.root], tuple(ref(a) if a is not None else None for a in jf.inputs),
+            ref(j.do), parts), ids
+  except Exception:
+    return None, ids
+
+
+def _identify(closed, du: DefUse, j: _Joint, cache: dict | None = None) -> str | None:
+  """Finds, by value, the region's cotangents of the forward's inputs and shrinks the region to
+  what computes them; fills ``j.outputs`` / ``j.combos``. Returns why not, or None.
+
+  ``cache`` (structure key -> found cotangents or the reason) skips the numeric part for a
+  candidate identical to one seen before."""
+  key, ids = _struct_key(closed, du, j) if cache is not None and j.fwd_match.key is not None \
+      else (None, [])
+  if key is not None and key in cache:
+    hit = cache[key]
+    if isinstance(hit, str):
+      return hit
+    outputs = [[closed.jaxpr.eqns[ids[p]].outvars[k] for p, k in vs] for vs in hit[0]]
+    return _finish(closed.jaxpr, du, j, outputs, hit[1])
+  found = _find_cotangents(closed, du, j)
+  if isinstance(found, str):
+    if key is not None:
+      cache[key] = found
+    return found
+  outputs, combos = found
+  if key is not None:
+    where = {id(v): (ids.index(du.producer(v)), closed.jaxpr.eqns[du.producer(v)].outvars.index(v))
+             for vs in outputs for v in vs}
+    cache[key] = ([[where[id(v)] for v in vs] for vs in outputs], combos)
+  return _finish(closed.jaxpr, du, j, outputs, combos)
+
+
+def _find_cotangents(closed, du: DefUse, j: _Joint):
+  """``(outputs, combos)``: per differentiable input variable, the region values whose sum is its
+  kernel cotangent, and which kernel cotangents sum to it; or why not (a string)."""
+  jaxpr = closed.jaxpr
+  jf = j.fwd_match
+  ins = list(jf.inputs)
+  diff_pos, targets = _diff_targets(ins)
+  if not diff_pos:
+    return "no differentiable input"
+  rand = [] if j.do_const else [j.do]
   uniq = []
-  for a in ins + [j.do]:
-    if a is not None and not any(a is u for u in uniq):
+  for a in ins + rand:
+    if isinstance(a, core.Var) and not any(a is u for u in uniq):
       uniq.append(a)
   region_out = [v for i in j.bwd for v in jaxpr.eqns[i].outvars if core.is_var(v)]
   sizes = [int(np.prod(getattr(v.aval, "shape", ()))) for i in j.fwd | set(j.bwd)
@@ -247,19 +458,17 @@ def _identify(closed, du: DefUse, j: _Joint, repl) -> str | None:
     return "too large to check"
   if any(isinstance(c, core.Tracer) for c in closed.consts):
     return "traced constants"
-  root = jaxpr.eqns[m.d2].outvars[0]
-  # Only region values typed like some target can be a cotangent.
-  cand_vars = [v for v in region_out if any(
-      tuple(v.aval.shape) == tuple(t[0].aval.shape) and v.aval.dtype == t[0].aval.dtype
-      for t in targets)]
-  sub = _subgraph(closed, j.fwd | set(j.bwd), uniq, [root] + cand_vars)
-  joint = _kernel_vjp(repl, m, diff_pos)
+  root = jaxpr.eqns[jf.root].outvars[0]
+  # Only region values typed like some target can be (part of) a cotangent.
+  cand_vars = [v for v in region_out if any(_same_type(v, t[0]) for t in targets)]
+  sub = _subgraph(closed, j.fwd | set(j.bwd), uniq, [root, j.do] + cand_vars)
 
   def both(*vals):
     env = dict(zip(map(id, uniq), vals))
-    get = lambda a: None if a is None else env[id(a)]
-    o, cts = joint(*(get(a) for a in ins), get(j.do))
-    return sub(*vals), o, list(cts)
+    want = sub(*vals)
+    get = lambda a: None if a is None else (a.val if isinstance(a, core.Literal) else env[id(a)])
+    o, vjp = _kernel_fwd(jf.repl, [get(a) for a in ins], diff_pos)
+    return want, o, list(vjp(want[1].astype(o.dtype)))
 
   avals = [a.aval for a in uniq]
   try:
@@ -275,21 +484,45 @@ def _identify(closed, du: DefUse, j: _Joint, repl) -> str | None:
   dtype = root.aval.dtype
   if not (_close(o, want[0], dtype) and _close(o2, want2[0], dtype)):
     return "forward differs"
-  outputs, combos = [], []
+  vals = {id(v): (a, b) for v, a, b in zip(cand_vars, want[2:], want2[2:])}
+  bset = set(j.bwd)
+  outputs, combos, used = [], [], set()
   for var, pos in targets:
     tv, tv2 = sum(cts[n] for n in pos), sum(cts2[n] for n in pos)
-    hit = next((v for v, a, b in zip(cand_vars, want[1:], want2[1:])
-                if tuple(v.aval.shape) == tuple(var.aval.shape) and v.aval.dtype == var.aval.dtype
-                and _close(tv, a, v.aval.dtype) and _close(tv2, b, v.aval.dtype)), None)
+    pool = [v for v in cand_vars if _same_type(v, var) and id(v) not in used]
+    # Values read outside the region come first; sums are only tried among those.
+    out_pool = [v for v in pool if any(u == OUTPUT or u not in bset for u in du.users(v))]
+    hit = None
+    for r in range(1, _MAX_SPLIT + 1):
+      for combo in itertools.combinations(out_pool + [v for v in pool if v not in out_pool]
+                                          if r == 1 else out_pool[:12], r):
+        a = sum(vals[id(v)][0] for v in combo)
+        b = sum(vals[id(v)][1] for v in combo)
+        if _close(tv, a, var.aval.dtype) and _close(tv2, b, var.aval.dtype) and \
+            (r == 1 or _accumulated_together(jaxpr, du, combo, bset)):
+          hit = list(combo)
+          break
+      if hit is not None:
+        break
     if hit is None:
       return "no value of the backward equals the kernel's cotangent"
-    if any(hit is o_ for o_ in outputs):
-      return "one value stands for two cotangents"
+    used.update(id(v) for v in hit)
     outputs.append(hit)
     combos.append(tuple(pos))
-  # The region shrinks to the ancestors (within it) of the identified cotangents.
+  return outputs, combos
+
+
+def _finish(jaxpr, du: DefUse, j: _Joint, outputs, combos) -> str | None:
+  """Shrinks the region to what computes the identified cotangents and checks that nothing else
+  reads its residuals or intermediates; fills ``j``. Returns why not, or None."""
+  diff_pos, _ = _diff_targets(list(j.fwd_match.inputs))
+  root = jaxpr.eqns[j.fwd_match.root].outvars[0]
   bset = set(j.bwd)
-  keep, stack = set(), [du.producer(v) for v in outputs]
+  if any(len(hit) > 1 and not _accumulated_together(jaxpr, du, hit, bset) for hit in outputs):
+    return "a split cotangent is not accumulated in one place"
+  # The region shrinks to the ancestors (within it) of the identified cotangents.
+  flat = [v for hit in outputs for v in hit]
+  keep, stack = set(), [du.producer(v) for v in flat]
   while stack:
     i = stack.pop()
     if i in keep or i not in bset:
@@ -301,11 +534,11 @@ def _identify(closed, du: DefUse, j: _Joint, repl) -> str | None:
   resid = {v for i in fwd for v in jaxpr.eqns[i].outvars if v is not root}
   if any(u not in fwd and u not in keep and u != OUTPUT for v in resid for u in du.users(v)) or \
       any(u == OUTPUT for v in resid for u in du.users(v)):
-    return "a residual is also read outside the attention backward"
-  outs = set(outputs)
+    return "a residual is also read outside the backward"
+  outs = {id(v) for v in flat}
   for i in keep:
     for v in jaxpr.eqns[i].outvars:
-      if core.is_var(v) and v not in outs and any(u not in keep for u in du.users(v)):
+      if core.is_var(v) and id(v) not in outs and any(u not in keep for u in du.users(v)):
         return "an intermediate of the backward is read elsewhere"
   j.bwd = sorted(keep)
   j.outputs = outputs
@@ -313,45 +546,122 @@ def _identify(closed, du: DefUse, j: _Joint, repl) -> str | None:
   return None
 
 
-def route_joint_level(closed, path: str, records: list, *, kernels: str, match_fn, no_match,
-                      replacement_fn, spot_check: bool = True):
-  """Routes attention forward + backward pairs of one jaxpr level (see module doc)."""
+def _judge_key(jaxpr, j: _Joint):
+  try:
+    parts = []
+    for i in sorted(j.fwd | set(j.bwd)):
+      e = jaxpr.eqns[i]
+      parts.append((e.primitive.name, repr(sorted((k, repr(v)) for k, v in e.params.items())),
+                    tuple(repr(a.aval) for a in e.invars)))
+    if j.fwd_match.key is None:
+      return None
+    return (j.fwd_match.pattern, j.fwd_match.key, tuple(parts),
+            tuple(None if not isinstance(a, core.Var) else repr(a.aval) for a in j.fwd_match.inputs))
+  except Exception:
+    return None
+
+
+def _judge(closed, j: _Joint, kernels: str) -> str | None:
+  """Compiles the original forward + backward region and the kernel's on their own (default
+  backend) and returns why the kernel is not better (XLA temp bytes / FLOPs), or None."""
+  jaxpr = closed.jaxpr
+  key = (_judge_key(jaxpr, j), kernels, jax.default_backend())
+  if key[0] is not None and key in _JUDGE_CACHE:
+    return _JUDGE_CACHE[key]
+  jf = j.fwd_match
+  ins = [a for a in jf.inputs]
+  rand = [] if j.do_const else [j.do]
+  uniq = []
+  for a in ins + rand:
+    if isinstance(a, core.Var) and not any(a is u for u in uniq):
+      uniq.append(a)
+  root = jaxpr.eqns[jf.root].outvars[0]
+  flat = [v for hit in j.outputs for v in hit]
+  sub = _subgraph(closed, j.fwd | set(j.bwd), uniq, [root, j.do] + flat)
+  diff_pos = j.combos[0][0]
+
+  def original(*vals):
+    w = sub(*vals)
+    return [w[0]] + w[2:]
+
+  def kernel(*vals):
+    env = dict(zip(map(id, uniq), vals))
+    get = lambda a: None if a is None else (a.val if isinstance(a, core.Literal) else env[id(a)])
+    do = sub(*vals)[1] if j.do_const else env[id(j.do)]
+    o, vjp = _kernel_fwd(jf.repl, [get(a) for a in ins], diff_pos)
+    return [o] + list(vjp(do.astype(o.dtype)))
+
+  specs = [jax.ShapeDtypeStruct(a.aval.shape, a.aval.dtype) for a in uniq]
+  try:
+    with jax.ensure_compile_time_eval():
+      fo, fk = figures_of(original, *specs), figures_of(kernel, *specs)
+  except Exception as e:
+    verdict = f"not compiled ({type(e).__name__})"
+  else:
+    flop_ok = fk.flops <= fo.flops * 1.02
+    temp_ok = fk.temp_bytes <= fo.temp_bytes
+    better = fk.temp_bytes < fo.temp_bytes or fk.flops < fo.flops * 0.98
+    verdict = None if (flop_ok and temp_ok and better) else (
+        f"temp {fk.temp_bytes} B / {fk.flops:.3g} FLOPs routed vs {fo.temp_bytes} B / "
+        f"{fo.flops:.3g} FLOPs original")
+  if key[0] is not None:
+    _JUDGE_CACHE[key] = verdict
+  return verdict
+
+
+def route_joint_level(closed, path: str, records: list, *, forwards: Callable, kernels: str,
+                      spot_check: bool = True):
+  """Routes hotspot forward + backward pairs of one jaxpr level (see module doc).
+
+  ``forwards(closed, du) -> [JointForward]`` finds the hotspot forwards of the level.
+  """
   if not spot_check:   # the joint replacement is only ever applied after its numeric check
     return closed
   jaxpr = closed.jaxpr
   du = DefUse(jaxpr)
-  known = known_consts(closed)
-  forwards = _find_forward(jaxpr, du, known, match_fn, no_match)
-  if not forwards:
+  found = forwards(closed, du)
+  if not found:
     return closed
   replace, skip, used = {}, set(), set()
-  for m in forwards:
-    repl = replacement_fn(m, kernels)
-    j = _region(jaxpr, du, m)
-    if j is None or (j.fwd | set(j.bwd)) & used or _identify(closed, du, j, repl) is not None:
+  for jf in found:
+    if (set(jf.eqns) | set(jf.pre)) & used:
       continue
+    j = None
+    for cand in _regions(jaxpr, du, jf):
+      if _identify(closed, du, cand, _IDENT_CACHE) is None and not (cand.fwd | set(cand.bwd)) & used:
+        j = cand
+        break
+    if j is None:
+      continue
+    here = location(f"{path}{jf.root}", jaxpr.eqns[jf.root])
+    if jf.judge:
+      why = _judge(closed, j, kernels)
+      if why is not None:
+        records.append(Rewrite("route_check", f"{jf.pattern}_kept_original", f"{here}: {why}", 0))
+        continue
     used |= j.fwd | set(j.bwd)
-    cell: dict = {}
-    diff_pos = j.combos[0][0]
+    cell: dict = {"diff_pos": j.combos[0][0]}
 
-    def fwd_fn(read, m=m, cell=cell):
-      ins = [None if a is None else read(a) for a in (m.q, m.k, m.v, m.bias, m.mask)]
-      o, cell["vjp"] = _kernel_fwd(cell["repl"], ins[:4], ins[4], cell["diff_pos"])
+    def fwd_fn(read, jf=jf, cell=cell):
+      ins = [None if a is None else read(a) for a in jf.inputs]
+      o, cell["vjp"] = _kernel_fwd(jf.repl, ins, cell["diff_pos"])
       return [o]
 
     def bwd_fn(read, j=j, cell=cell):
-      cts = cell["vjp"](read(j.do).astype(jaxpr.eqns[j.match.d2].outvars[0].aval.dtype))
-      return {y: sum(cts[n] for n in combo).astype(y.aval.dtype)
-              for y, (_, combo) in zip(j.outputs, j.combos)}
+      cts = cell["vjp"](read(j.do).astype(jaxpr.eqns[j.fwd_match.root].outvars[0].aval.dtype))
+      out = {}
+      for ys, (_, combo) in zip(j.outputs, j.combos):
+        val = sum(cts[n] for n in combo)
+        out[ys[0]] = val.astype(ys[0].aval.dtype)
+        for y in ys[1:]:
+          out[y] = jnp.zeros(y.aval.shape, y.aval.dtype)
+      return out
 
-    cell["diff_pos"], cell["repl"] = diff_pos, repl
-    replace[m.d2] = fwd_fn
-    first_out = min(du.producer(y) for y in j.outputs)
+    replace[jf.root] = fwd_fn
+    first_out = min(du.producer(y) for ys in j.outputs for y in ys)
     replace[first_out] = bwd_fn
-    skip |= (set(m.eqns) - {m.d2}) | (set(j.bwd) - {first_out})
-    records.append(Rewrite("route_kernels", "attention_fwd_bwd",
-                           location(f"{path}{m.d2}", jaxpr.eqns[m.d2]),
-                           len(m.eqns) + len(j.bwd)))
+    skip |= (set(jf.eqns) - {jf.root}) | (set(j.bwd) - {first_out})
+    records.append(Rewrite("route_kernels", jf.pattern, here, len(jf.eqns) + len(j.bwd)))
   if not replace:
     return closed
   return retrace(closed, replace=replace, skip=frozenset(skip))

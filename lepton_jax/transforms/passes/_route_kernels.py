@@ -43,7 +43,9 @@ from lepton_jax.jaxpr._defuse import DefUse
 from lepton_jax.jaxpr._driver import Rewrite, inline_calls, known_consts, location, rewrite_nested
 from lepton_jax.jaxpr._eval import eval_jaxpr, retrace
 from lepton_jax.transforms.passes import _templates
-from lepton_jax.transforms.passes._route_joint import random_inputs, route_joint_level
+from lepton_jax.transforms.passes import _route_joint
+from lepton_jax.transforms.passes._route_joint import (JointForward, attention_forwards, random_inputs,
+                                                     route_joint_level)
 
 __all__ = ["route_kernels", "find_attention", "clear_spot_check_cache"]
 
@@ -802,6 +804,7 @@ def clear_spot_check_cache() -> None:
   """Forgets cached spot-check verdicts and traced templates."""
   _SPOT_CACHE.clear()
   _templates.clear_template_cache()
+  _route_joint._clear_caches()
 
 
 def _largest_value(jaxpr, eqn_ids, args) -> int:
@@ -883,13 +886,45 @@ def route_kernels(closed: core.ClosedJaxpr, *, kernels: str | None = "auto", spo
   return rewrite_nested(closed, level, records), records
 
 
+def _has_residuals(jaxpr, du: DefUse, root: int, eqns) -> bool:
+  """Whether an intermediate (not the root's output) of the matched ``eqns`` is read outside."""
+  return any(u not in eqns for i in eqns if i != root for v in jaxpr.eqns[i].outvars
+             for u in du.users(v))
+
+
+def _joint_forwards(closed, du: DefUse, kernels: str) -> list[JointForward]:
+  """Hotspot forwards of a gradient program (attention, then norms / cross-entropy /
+  matmul+bias+activation templates whose intermediates the backward reads)."""
+  out = attention_forwards(closed, du, match_fn=_match_attention, no_match=_NoMatch,
+                           replacement_fn=_attention_replacement, kernels=kernels)
+  taken = set()
+  for f in out:
+    taken |= set(f.eqns) | set(f.pre)
+  jaxpr = closed.jaxpr
+  for m in _templates.find_template_matches(closed):
+    if m.eqns & taken or not _has_residuals(jaxpr, du, m.root, m.eqns):
+      continue
+    out_var = jaxpr.eqns[m.root].outvars[0]
+    repl = _templates.replacement(m, kernels, out_var.aval)
+    try:
+      got = jax.eval_shape(repl, *[_sds(a) for a in m.inputs])
+    except Exception:   # the kernel refuses these shapes/dtypes: not a match
+      continue
+    if got.shape != out_var.aval.shape or got.dtype != out_var.aval.dtype:
+      continue
+    taken |= m.eqns
+    out.append(JointForward(f"{m.pattern}_fwd_bwd", m.root, set(m.eqns), list(m.inputs), repl,
+                            judge=True, key=(m.template.family, m.template.name, m.eps, kernels,
+                                             id(_templates.replacement))))
+  return out
+
+
 def _route_level(closed, path: str, records: list, kernels: str, spot_check: bool):
   """Routes the hotspots of one jaxpr level (nested jit calls inlined to see patterns whole)."""
   work, inlined = inline_calls(closed)
-  # Attention inside a gradient program: forward and backward replaced together.
-  joint = route_joint_level(work, path, records, kernels=kernels, match_fn=_match_attention,
-                            no_match=_NoMatch, replacement_fn=_attention_replacement,
-                            spot_check=spot_check)
+  # Hotspots inside a gradient program: forward and backward replaced together.
+  joint = route_joint_level(work, path, records, kernels=kernels, spot_check=spot_check,
+                            forwards=lambda cj, du: _joint_forwards(cj, du, kernels))
   changed = joint is not work
   work = joint
   repls, skip, taken = {}, set(), set()
@@ -920,8 +955,13 @@ def _route_level(closed, path: str, records: list, kernels: str, spot_check: boo
     taken |= set(m.eqns)
     records.append(Rewrite("route_kernels", "attention", here, len(m.eqns)))
   prod = _producer_map(work.jaxpr)
+  du = DefUse(work.jaxpr)
   for m in _templates.find_template_matches(work):
     if m.eqns & taken or any(isinstance(a, core.Var) and prod.get(a) in skip for a in m.inputs):
+      continue
+    if _has_residuals(work.jaxpr, du, m.root, m.eqns):
+      # Its intermediates are read by a backward the joint pass did not replace: routing the
+      # forward alone would compute them twice.
       continue
     out_var = work.jaxpr.eqns[m.root].outvars[0]
     repl = _templates.replacement(m, kernels, out_var.aval)
