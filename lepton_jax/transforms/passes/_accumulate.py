@@ -17,13 +17,16 @@ Rules (on each ``scan`` body, bottom-up through the driver):
 - each term is traced back through equations that are linear in exactly one loop-varying operand
   (``mul``/``dot_general`` with the other operand invariant, ``div`` by an invariant, ``neg``,
   ``transpose``, ``reshape``, ``broadcast_in_dim``, ``squeeze``, ``expand_dims``, ``reduce_sum``,
-  ``convert_element_type`` between float dtypes, ``copy``, ``rev``; ``add``/``sub``/``add_any`` of
+  ``convert_element_type`` to an equal or narrower float dtype, ``copy``, ``rev``; ``add``/``sub``/``add_any`` of
   two linear values) to *seeds*: loop-varying values made by anything else. An equation whose
   result is also read outside this linear region ends it;
 - seeds are shared between accumulators (one new carry per seed, starting at zero); the region is
-  replayed once after the loop on the summed seeds;
+  replayed once after the loop on the summed seeds; when moving all accumulators does not pay
+  off, the smallest ones are left in the loop first (a bias/norm-scale gradient reduced from a
+  large per-iteration value is cheaper to reduce in the loop than to carry);
 - applied only when it saves work per iteration (region FLOPs + the chain's adds exceed the seeds'
-  adds) and the new carries hold at most 4x the bytes of the removed ones; floating-point only.
+  adds), the new carries hold at most 4x the bytes of the removed ones, and every seed's float
+  dtype is at least as wide as the accumulators' (summing stays as precise as before).
 """
 
 from __future__ import annotations
@@ -90,8 +93,10 @@ def _linear_operands(eqn, varying) -> list | None:
   if name in _UNARY:
     if len(eqn.invars) != 1 or not vary[0]:
       return None
-    if name == "convert_element_type" and not _is_float(eqn.invars[0].aval):
-      return None
+    if name == "convert_element_type" and not (
+        _is_float(eqn.invars[0].aval) and np.dtype(eqn.invars[0].aval.dtype).itemsize
+        >= np.dtype(eqn.outvars[0].aval.dtype).itemsize):
+      return None   # a widening convert ends the region: its (wide) output is the seed
     return [eqn.invars[0]]
   if name in ("mul", "dot_general") and len(eqn.invars) == 2 and sum(vary) == 1:
     return [eqn.invars[vary.index(True)]]
@@ -163,61 +168,88 @@ def _plan(body: core.Jaxpr, nc: int, ncarry: int):
     accs.append((j, terms, chain))
   if not accs:
     return None
-  chain_eqns = {i for _, _, ch in accs for i in ch}
-  term_vars = {t for _, ts, _ in accs for t in ts}
-  # Region: linear equations between seeds and terms, cut where a value is read elsewhere.
-  region: set[int] = set()
-  stack = list(term_vars)
-  while stack:
-    v = stack.pop()
-    i = producer.get(v)
-    if i is None or i in region:
-      continue
-    ops = _linear_operands(body.eqns[i], varying)
-    if ops is None:
-      continue
-    region.add(i)
-    stack.extend(ops)
-  while True:
-    bad = {i for i in region for v in body.eqns[i].outvars
-           if out_uses.get(v) or (set(uses.get(v, [])) - region - chain_eqns)
-           or (v not in term_vars and set(uses.get(v, [])) & chain_eqns)}
-    if not bad:
-      break
-    region -= bad
-    # Equations that only fed a removed one are no longer reached from the terms.
-    reach: set[int] = set()
-    stack = [producer[t] for t in term_vars if producer.get(t) in region]
+  def solve(accs):
+    """The region, seeds and savings check for a set of accumulators (None: not worth it)."""
+    chain_eqns = {i for _, _, ch in accs for i in ch}
+    term_vars = {t for _, ts, _ in accs for t in ts}
+    # Region: linear equations between seeds and terms, cut where a value is read elsewhere.
+    region: set[int] = set()
+    stack = list(term_vars)
     while stack:
-      i = stack.pop()
-      if i in reach:
+      v = stack.pop()
+      i = producer.get(v)
+      if i is None or i in region:
         continue
-      reach.add(i)
-      stack.extend(producer[a] for a in _linear_operands(body.eqns[i], varying)
-                   if producer.get(a) in region)
-    region = reach
-  made = {v for i in region for v in body.eqns[i].outvars}
-  seeds, seen = [], set()
-  for i in sorted(region):
-    for a in _linear_operands(body.eqns[i], varying):
-      if a not in made and a not in seen:
-        seen.add(a)
-        seeds.append(a)
-  for t in sorted(term_vars, key=lambda t: producer.get(t, -1)):
-    if t not in made and t not in seen:
-      seen.add(t)
-      seeds.append(t)
-  # Saving per iteration, and the memory the new carries cost.
-  region_flops = sum(sum(local_flops(body.eqns[i])) for i in region)
-  chain_adds = sum(_size(body.eqns[i].outvars[0].aval) for i in chain_eqns)
-  seed_adds = sum(_size(s.aval) for s in seeds)
-  removed_bytes = sum(_nbytes(invars[nc + j].aval) for j, _, _ in accs)
-  if region_flops + chain_adds <= seed_adds or sum(_nbytes(s.aval) for s in seeds) > 4 * removed_bytes:
+      ops = _linear_operands(body.eqns[i], varying)
+      if ops is None:
+        continue
+      region.add(i)
+      stack.extend(ops)
+    while True:
+      bad = {i for i in region for v in body.eqns[i].outvars
+             if out_uses.get(v) or (set(uses.get(v, [])) - region - chain_eqns)
+             or (v not in term_vars and set(uses.get(v, [])) & chain_eqns)}
+      if not bad:
+        break
+      region -= bad
+      # Equations that only fed a removed one are no longer reached from the terms.
+      reach: set[int] = set()
+      stack = [producer[t] for t in term_vars if producer.get(t) in region]
+      while stack:
+        i = stack.pop()
+        if i in reach:
+          continue
+        reach.add(i)
+        stack.extend(producer[a] for a in _linear_operands(body.eqns[i], varying)
+                     if producer.get(a) in region)
+      region = reach
+    made = {v for i in region for v in body.eqns[i].outvars}
+    seeds, seen = [], set()
+    for i in sorted(region):
+      for a in _linear_operands(body.eqns[i], varying):
+        if a not in made and a not in seen:
+          seen.add(a)
+          seeds.append(a)
+    for t in sorted(term_vars, key=lambda t: producer.get(t, -1)):
+      if t not in made and t not in seen:
+        seen.add(t)
+        seeds.append(t)
+    # Saving per iteration, and the memory the new carries cost.
+    region_flops = sum(sum(local_flops(body.eqns[i])) for i in region)
+    chain_adds = sum(_size(body.eqns[i].outvars[0].aval) for i in chain_eqns)
+    seed_adds = sum(_size(s.aval) for s in seeds)
+    removed_bytes = sum(_nbytes(invars[nc + j].aval) for j, _, _ in accs)
+    if region_flops + chain_adds <= seed_adds or sum(_nbytes(s.aval) for s in seeds) > 4 * removed_bytes:
+      return None
+    # Seeds are summed in their own dtype: never narrower than the accumulators (a bf16 cotangent
+    # converted to an f32 accumulator keeps being summed in f32 per iteration).
+    acc_dtypes = {np.dtype(invars[nc + j].aval.dtype) for j, _, _ in accs}
+    if not all(_is_float(s.aval) and all(np.dtype(s.aval.dtype).itemsize >= d.itemsize
+                                         for d in acc_dtypes) for s in seeds):
+      return None
+    return dict(accs=accs, region=sorted(region), seeds=seeds, invariant=invariant,
+                producer=producer, chain_eqns=chain_eqns,
+                gain=region_flops + chain_adds - seed_adds, seed_elems=seed_adds)
+
+  # All accumulators together (seeds are shared); when that does not pay off, leave out the
+  # smallest accumulators first (a bias or norm-scale gradient reduced from a large seed).
+  kept = sorted(accs, key=lambda acc: -_nbytes(invars[nc + acc[0]].aval))
+  plan = None
+  while kept and plan is None:
+    plan = solve(kept)
+    if plan is None:
+      kept = kept[:-1]
+  if plan is None:
     return None
-  if not all(_is_float(s.aval) for s in seeds):
-    return None
-  return dict(accs=accs, region=sorted(region), seeds=seeds, invariant=invariant,
-              producer=producer, chain_eqns=chain_eqns)
+  # Keep an accumulator only if what it saves per iteration exceeds the carry it adds.
+  for acc in sorted(kept, key=lambda acc: _nbytes(invars[nc + acc[0]].aval)):
+    if len(plan["accs"]) == 1:
+      break
+    without = solve([a for a in plan["accs"] if a is not acc])
+    if without is not None and (plan["gain"] - without["gain"]
+                                <= plan["seed_elems"] - without["seed_elems"]):
+      plan = without
+  return plan
 
 
 def _rewrite_scan(eqn):
