@@ -185,9 +185,25 @@ def _same_type(a, b) -> bool:
   return tuple(a.aval.shape) == tuple(b.aval.shape) and a.aval.dtype == b.aval.dtype
 
 
-def _cotangent_candidates(jaxpr, du: DefUse, jf: JointForward, fwd, resid, allowed, consts):
+def _folded_cotangents(c, root) -> list:
+  """Possible values of a constant cotangent that constant folding only left broadcast (and
+  perhaps negated) along trailing dims, as in ``mean(-sum(onehot * log_softmax))``: the array
+  ``c`` constant along the dims after the root's, in both signs. The identification checks them."""
+  rs, cs = tuple(root.aval.shape), tuple(c.shape)
+  if len(cs) <= len(rs) or cs[:len(rs)] != rs or not np.issubdtype(c.dtype, np.floating):
+    return []
+  flat = c.reshape(rs + (-1,))
+  if not np.all(flat == flat[..., :1]):
+    return []
+  v = flat[..., 0].astype(root.aval.dtype)
+  aval = core.ShapedArray(rs, root.aval.dtype)
+  return [core.Literal(v, aval), core.Literal(-v, aval)]
+
+
+def _cotangent_candidates(jaxpr, du: DefUse, jf: JointForward, fwd, resid, allowed, consts,
+                          known=None):
   """Values of the root's type that the backward combines with the residuals (see module doc),
-  earliest first."""
+  earliest first; then values recovered from folded constant cotangents (Literals)."""
   root = jaxpr.eqns[jf.root].outvars[0]
   inputs = {a for a in jf.inputs if isinstance(a, core.Var)}
   cands: dict = {}
@@ -227,14 +243,23 @@ def _cotangent_candidates(jaxpr, du: DefUse, jf: JointForward, fwd, resid, allow
     users.add(i)
     if all(a in pure or a in allowed or a in consts for a in vs) and not e.effects:
       pure.update(v for v in e.outvars if core.is_var(v))
+  folded = []
   for u in sorted(users):
     for a in jaxpr.eqns[u].invars:
       if isinstance(a, core.Var) and a not in pure:
         consider(a, 0)
-  return sorted(cands, key=lambda a: (a in consts, cands[a]))   # computed values first
+        c = (known or {}).get(a)
+        if c is not None and c.size <= MAX_JOINT_ELEMENTS and len(folded) < 4:
+          folded += _folded_cotangents(c, root)
+  out = sorted(cands, key=lambda a: (a in consts, cands[a]))   # computed values first
+  for a in out:   # a constant cotangent may have been folded negated (``-sum`` / ``neg``)
+    c = (known or {}).get(a)
+    if c is not None and np.issubdtype(c.dtype, np.floating) and len(folded) < 6:
+      folded.append(core.Literal(-c, core.ShapedArray(tuple(c.shape), c.dtype)))
+  return out + folded
 
 
-def _regions(jaxpr, du: DefUse, jf: JointForward) -> list:
+def _regions(jaxpr, du: DefUse, jf: JointForward, known=None) -> list:
   """Candidate backward regions of forward ``jf`` (one per cotangent candidate, see module doc):
   every later equation computable from the residuals, dO, the forward's inputs and constants."""
   fwd = set(jf.eqns) | set(jf.pre)
@@ -257,8 +282,8 @@ def _regions(jaxpr, du: DefUse, jf: JointForward) -> list:
   allowed_side = (inputs | consts | derived | {root}
                   | {v for i in fwd for v in jaxpr.eqns[i].outvars})
   out = []
-  for do in _cotangent_candidates(jaxpr, du, jf, fwd, resid, allowed_side, consts)[:4]:
-    region_vars = set(resid) | {do}
+  for do in _cotangent_candidates(jaxpr, du, jf, fwd, resid, allowed_side, consts, known)[:4]:
+    region_vars = set(resid) | ({do} if isinstance(do, core.Var) else set())
     bwd = []
     start = min(u for v in resid for u in du.users(v) if u != OUTPUT and u not in fwd)
     p = du.producer(do)
@@ -278,7 +303,7 @@ def _regions(jaxpr, du: DefUse, jf: JointForward) -> list:
     bset = set(bwd)
     if any(u not in fwd and u not in bset for v in resid for u in du.users(v)):
       continue   # a residual is read by something we would not replace
-    out.append(_Joint(jf, fwd, bwd, do, do_const=do in consts))
+    out.append(_Joint(jf, fwd, bwd, do, do_const=not isinstance(do, core.Var) or do in consts))
   return out
 
 
@@ -326,8 +351,14 @@ def _tol(dtype) -> float:
 def _close(a, b, dtype) -> bool:
   a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
   t = _tol(dtype)
+  if a.shape != b.shape:
+    return False
   scale = max(1.0, float(np.abs(b).max(initial=0.0)))
-  return a.shape == b.shape and bool(np.allclose(a, b, rtol=t, atol=t * scale))
+  # Elementwise, and relative to the whole value's norm: a small term (the softmax of a large
+  # vocabulary times a 1/N cotangent) must not vanish under an absolute tolerance.
+  d = float(np.linalg.norm((a - b).ravel()))
+  return bool(np.allclose(a, b, rtol=t, atol=t * scale)) and \
+      d <= t * float(np.linalg.norm(b.ravel())) + 1e-7 * np.sqrt(max(b.size, 1))
 
 
 def _kernel_fwd(repl, args, diff_pos):
@@ -387,10 +418,10 @@ def _struct_key(closed, du: DefUse, j: _Joint):
   ins = {id(a): k for k, a in enumerate(jf.inputs) if isinstance(a, core.Var)}
   try:
     def ref(a):
+      if a is j.do:
+        return ("d", repr(a.aval), np.asarray(a.val).tobytes() if isinstance(a, core.Literal) else None)
       if isinstance(a, core.Literal):
         return ("l", repr(a.val), repr(a.aval))
-      if a is j.do:
-        return ("d", repr(a.aval))
       if id(a) in ins:
         return ("i", ins[id(a)], repr(a.aval))
       p = du.producer(a)
@@ -622,12 +653,13 @@ def route_joint_level(closed, path: str, records: list, *, forwards: Callable, k
   found = forwards(closed, du)
   if not found:
     return closed
+  known = known_consts(closed)
   replace, skip, used = {}, set(), set()
   for jf in found:
     if (set(jf.eqns) | set(jf.pre)) & used:
       continue
     j = None
-    for cand in _regions(jaxpr, du, jf):
+    for cand in _regions(jaxpr, du, jf, known):
       if _identify(closed, du, cand, _IDENT_CACHE) is None and not (cand.fwd | set(cand.bwd)) & used:
         j = cand
         break
