@@ -1,6 +1,7 @@
-"""Compression transforms vs plain JAX on a small transformer-style MLP block, compiled figures.
+"""Compression transforms vs plain JAX: a transformer-style MLP block (compiled figures) and a tiny
+lm1b-like language model (mixed-precision loss curve vs float32, int8/int4 weight-only eval loss).
 
-Run: ``python -m benchmarks.compression [--out benchmarks/results/compression_cpu.json]``.
+Run: ``python -m benchmarks.compression [--only mlp|lm] [--out benchmarks/results/compression_cpu.json]``.
 All bytes/FLOPs come from XLA (``jax.jit(f).lower(...).compile()``: ``memory_analysis()`` and
 ``cost_analysis()``) on the default backend. On CPU, XLA converts bf16 matmul operands back to
 float32, so bf16 is not faster there; the figures show what the compiled program holds (bf16
@@ -20,11 +21,20 @@ if __name__ == "__main__":  # run as a script: this file's folder would shadow t
   _here = os.path.dirname(os.path.abspath(__file__))
   sys.path[:] = [q for q in sys.path if os.path.abspath(q or ".") != _here]
 
+import glob
+
 import jax
 import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
 
 import lepton_jax as lj
-from lepton_jax.compression._common import compiled_figures
+from lepton_jax.jaxpr._compiled import figures_of
+
+
+def compiled_figures(fun, *args):
+  return figures_of(fun, *args).to_dict()
 
 D, H, LAYERS, BATCH, SEQ = 256, 1024, 4, 8, 128
 
@@ -60,10 +70,166 @@ def _ratio(a, b):
   return {k: (b[k] / a[k] if a[k] else None) for k in a}
 
 
+# --------------------------------------------------------------------------- lm1b-like LM
+# A tiny decoder-only transformer in the shape of Flax's examples/lm1b (token embedding + fixed
+# sinusoidal positions, pre-LayerNorm blocks of causal multi-head attention and a ReLU MLP, final
+# LayerNorm, a Dense logits head), written here in NNX. Data: the bytes of this repository's own
+# Python sources (a real, structured corpus that needs no download); held-out = other files.
+
+LM = dict(vocab=256, d=128, heads=4, mlp=512, layers=2, seq=64, batch=16, steps=100, lr=1e-2)
+
+
+class _Block(nnx.Module):
+  def __init__(self, d, heads, mlp, rngs):
+    self.heads = heads
+    self.ln1, self.ln2 = nnx.LayerNorm(d, rngs=rngs), nnx.LayerNorm(d, rngs=rngs)
+    self.qkv = nnx.Linear(d, 3 * d, use_bias=False, rngs=rngs)
+    self.out = nnx.Linear(d, d, use_bias=False, rngs=rngs)
+    self.fc1, self.fc2 = nnx.Linear(d, mlp, rngs=rngs), nnx.Linear(mlp, d, rngs=rngs)
+
+  def __call__(self, x):
+    b, t, d = x.shape
+    q, k, v = jnp.split(self.qkv(self.ln1(x)).reshape(b, t, 3, self.heads, d // self.heads), 3, axis=2)
+    q, k, v = q[:, :, 0], k[:, :, 0], v[:, :, 0]
+    scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) / (d // self.heads) ** 0.5
+    scores = jnp.where(jnp.tril(jnp.ones((t, t), bool)), scores, -1e9)
+    att = jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(scores, axis=-1), v).reshape(b, t, d)
+    x = x + self.out(att)
+    return x + self.fc2(jax.nn.relu(self.fc1(self.ln2(x))))
+
+
+class _TinyLM(nnx.Module):
+  def __init__(self, cfg, rngs):
+    self.embed = nnx.Embed(cfg["vocab"], cfg["d"], rngs=rngs)
+    pos = np.arange(cfg["seq"])[:, None] / (10000 ** (np.arange(0, cfg["d"], 2) / cfg["d"]))[None]
+    self.pos = jnp.asarray(np.concatenate([np.sin(pos), np.cos(pos)], -1), jnp.float32)
+    self.blocks = nnx.List([_Block(cfg["d"], cfg["heads"], cfg["mlp"], rngs) for _ in range(cfg["layers"])])
+    self.ln = nnx.LayerNorm(cfg["d"], rngs=rngs)
+    self.head = nnx.Linear(cfg["d"], cfg["vocab"], rngs=rngs)
+
+  def __call__(self, tokens):
+    x = self.embed(tokens) + self.pos[: tokens.shape[1]]
+    for blk in self.blocks:
+      x = blk(x)
+    return self.head(self.ln(x))
+
+
+def _corpus(seq):
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  files = sorted(glob.glob(os.path.join(root, "lepton_jax", "**", "*.py"), recursive=True))
+  data = [np.frombuffer(open(f, "rb").read(), np.uint8) for f in files]
+  held = np.concatenate(data[::7])
+  train = np.concatenate([d for i, d in enumerate(data) if i % 7])
+  return train, held
+
+
+def _batches(data, seq, batch, n, seed):
+  rng = np.random.default_rng(seed)
+  starts = rng.integers(0, len(data) - seq - 1, size=(n, batch))
+  return [np.stack([data[s:s + seq + 1] for s in row]).astype(np.int32) for row in starts]
+
+
+def lm1b_like():
+  """Mixed precision vs float32 loss curves (100 steps) and int8/int4 weight-only eval loss."""
+  cfg = LM
+  train, held = _corpus(cfg["seq"])
+  model = _TinyLM(cfg, nnx.Rngs(0))
+  graphdef, params0 = nnx.split(model)
+  params0 = nnx.to_pure_dict(params0)
+
+  def loss(params, tokens):
+    logits = nnx.merge(graphdef, params)(tokens[:, :-1])
+    return optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
+
+  tx = optax.adamw(optax.warmup_cosine_decay_schedule(0.0, cfg["lr"], 10, cfg["steps"]), weight_decay=0.01)
+
+  def run(loss_fn, seed):
+    @jax.jit
+    def step(p, o, b):
+      v, g = jax.value_and_grad(loss_fn)(p, b)
+      u, o = tx.update(g, o, p)
+      return optax.apply_updates(p, u), o, v
+    p, o, curve = params0, tx.init(params0), []
+    for b in _batches(train, cfg["seq"], cfg["batch"], cfg["steps"], seed):
+      p, o, v = step(p, o, b)
+      curve.append(float(v))
+    return p, curve, step
+
+  mixed = lj.mixed_precision(loss)
+  p32, c32, step32 = run(loss, 0)
+  _, c16, step16 = run(mixed, 0)
+  _, c32b, _ = run(loss, 1)  # the noise reference: float32 with another batch order
+  tail = slice(-20, None)
+  smooth = lambda c: float(np.mean(c[tail]))  # noqa: E731
+  b0 = _batches(train, cfg["seq"], cfg["batch"], 1, 0)[0]
+  o0 = tx.init(params0)
+  fig32, fig16 = compiled_figures(step32, params0, o0, b0), compiled_figures(step16, params0, o0, b0)
+
+  evals = _batches(held, cfg["seq"], 64, 4, 123)
+  eval_loss = lambda f, p: float(np.mean([float(jax.jit(f)(p, b)) for b in evals]))  # noqa: E731
+  ref = eval_loss(loss, p32)
+  out = {"config": dict(cfg), "data": "bytes of lepton_jax/**/*.py (every 7th file held out)",
+         "train_loss_f32": c32, "train_loss_mixed_bf16": c16, "train_loss_f32_other_order": c32b,
+         "last20_mean_f32": smooth(c32), "last20_mean_mixed": smooth(c16), "last20_mean_f32_other_order": smooth(c32b),
+         "mixed_vs_f32_gap": abs(smooth(c16) - smooth(c32)), "noise_gap_f32_orders": abs(smooth(c32b) - smooth(c32)),
+         "max_stepwise_gap_mixed_vs_f32": float(np.max(np.abs(np.array(c16) - np.array(c32)))),
+         "train_step_compiled_f32": fig32, "train_step_compiled_mixed": fig16,
+         "step_s_f32": _time(step32, params0, o0, b0), "step_s_mixed": _time(step16, params0, o0, b0),
+         "eval_loss_f32": ref}
+  for kind in ("int8", "int4"):
+    q = lj.quantize(loss, weights=kind)
+    frozen = q.freeze(p32)
+    before = sum(v.nbytes for v in jax.tree.leaves(p32) if v.ndim >= 2)
+    after = sum(v.nbytes for v in jax.tree.leaves(frozen, is_leaf=lambda a: isinstance(a, lj.quantize.QuantizedArray))
+                if isinstance(v, lj.quantize.QuantizedArray))
+    ql = eval_loss(q, frozen)
+    out[f"eval_loss_{kind}"] = ql
+    out[f"eval_loss_{kind}_rel_change"] = ql / ref - 1
+    out[f"weight_compression_{kind}"] = before / after
+  return out
+
+
 def main():
   ap = argparse.ArgumentParser()
   ap.add_argument("--out", default=None)
-  out_path = ap.parse_args().out
+  ap.add_argument("--only", default=None, choices=(None, "mlp", "lm"))
+  args = ap.parse_args()
+  out_path = args.out
+  result = {}
+  if out_path and args.only and os.path.exists(out_path):
+    with open(out_path) as fh:
+      result = json.load(fh)  # refresh one section, keep the other
+  result.update({"device": str(jax.devices()[0]), "backend": jax.default_backend(), "jax": jax.__version__,
+                 "date": datetime.date.today().isoformat()})
+  if args.only in (None, "mlp"):
+    result["model"] = {"d": D, "hidden": H, "layers": LAYERS, "batch": BATCH, "seq": SEQ}
+    result["note"] = ("CPU: XLA upcasts bf16 matmul operands to float32, so bf16 is not faster here; the bf16 "
+                      "saving shows as smaller saved residuals (temp bytes). Quantized runs dequantize into "
+                      "float matmuls on CPU; the saving is argument (weight) bytes.")
+    result["rows"] = mlp_rows()
+    _print_rows(result["rows"])
+  if args.only in (None, "lm"):
+    lm = lm1b_like()
+    result["lm1b_like"] = lm
+    print(f"lm1b-like: last-20-step mean train loss f32 {lm['last20_mean_f32']:.4f}, bf16 mixed "
+          f"{lm['last20_mean_mixed']:.4f} (gap {lm['mixed_vs_f32_gap']:.2e}; f32 batch-order noise "
+          f"{lm['noise_gap_f32_orders']:.2e}); eval loss f32 {lm['eval_loss_f32']:.4f}, int8 "
+          f"{lm['eval_loss_int8']:.4f} ({100 * lm['eval_loss_int8_rel_change']:+.3f}%, "
+          f"{lm['weight_compression_int8']:.2f}x), int4 {lm['eval_loss_int4']:.4f} "
+          f"({100 * lm['eval_loss_int4_rel_change']:+.3f}%, {lm['weight_compression_int4']:.2f}x)")
+  if out_path:
+    os.makedirs(os.path.dirname(out_path), exist_ok=True)
+    with open(out_path, "w") as fh:
+      json.dump(result, fh, indent=1)
+    print("wrote", out_path)
+
+
+def _rel(ref, got):
+  return float(jnp.linalg.norm(got - ref) / jnp.linalg.norm(ref))
+
+
+def mlp_rows():
+  """The transformer-style MLP block: bf16 train step, int8/int4/fp8 forward, pruning, compiled."""
   k = jax.random.split(jax.random.key(0), 3)
   p = init(k[0])
   x = jax.random.normal(k[1], (BATCH, SEQ, D))
@@ -80,48 +246,46 @@ def main():
       "step_s_plain": _time(jax.jit(plain_step), p, x, y), "step_s_mixed": _time(jax.jit(mixed_step), p, x, y)}
 
   ref = jax.jit(forward)(p, x)
-  for kind in ("int8", "int4", "fp8"):
-    q = lj.quantize(forward, weights=kind)
-    frozen = lj.quantize.freeze(p, weights=kind)
+  kernels = [v for v in jax.tree.leaves(p) if v.ndim >= 2]
+  for kind, group in (("int8", 128), ("int4", 128), ("int4", 64), ("int4", 32), ("fp8", 128)):
+    q = lj.quantize(forward, weights=kind, group_size=group)
+    frozen = q.freeze(p)
     fq = compiled_figures(q, frozen, x)
     fr = compiled_figures(forward, p, x)
     out = jax.jit(q)(frozen, x)
-    w_before = sum(v.nbytes for v in jax.tree.leaves(p) if v.ndim >= 2)
-    w_after = sum(v.nbytes for v in jax.tree.leaves(frozen, is_leaf=lambda a: isinstance(a, lj.quantize.QuantizedArray))
-                  if isinstance(v, lj.quantize.QuantizedArray))
-    rows[f"quantize_{kind}_forward"] = {
+    packed = [v for v in jax.tree.leaves(frozen, is_leaf=lambda a: isinstance(a, lj.quantize.QuantizedArray))
+              if isinstance(v, lj.quantize.QuantizedArray)]
+    w_before, w_after = sum(v.nbytes for v in kernels), sum(v.nbytes for v in packed)
+    name = f"quantize_{kind}_forward" if group == 128 or kind != "int4" else f"quantize_int4_g{group}_forward"
+    rows[name] = {
         "plain": fr, "quantized": fq, "ratio": _ratio(fr, fq), "weight_bytes_before": w_before,
         "weight_bytes_after": w_after, "weight_compression": w_before / w_after,
-        "output_rel_l2_error": float(jnp.linalg.norm(out - ref) / jnp.linalg.norm(ref))}
+        "weight_rel_l2_error": float(np.sqrt(sum(float(jnp.sum((v.dequantize() - w) ** 2)) for v, w in zip(packed, kernels))
+                                             / sum(float(jnp.sum(w ** 2)) for w in kernels))),
+        "output_rel_l2_error": _rel(ref, out)}
+    if kind == "int4":
+      rows[name]["group_size"] = group
 
   for structure, s in (("unstructured", 0.5), ("2:4", 0.5)):
     pruned, _ = lj.prune(p, sparsity=s, structure=structure)
     out = jax.jit(forward)(pruned, x)
-    rows[f"prune_{structure}_{s}"] = {"output_rel_l2_error": float(jnp.linalg.norm(out - ref) / jnp.linalg.norm(ref)),
+    rows[f"prune_{structure}_{s}"] = {"output_rel_l2_error": _rel(ref, out),
                                       "note": "no finetuning; dense XLA kernels, so no speed/bytes change"}
+  return rows
 
-  print(f"{'case':<34}{'metric':<18}{'plain':>16}{'compressed':>16}{'ratio':>8}")
+
+def _print_rows(rows):
+  print(f"{'case':<34}{'metric':<20}{'plain':>16}{'compressed':>16}{'ratio':>8}")
   for name, r in rows.items():
     if "ratio" in r:
       other = r.get("mixed", r.get("quantized"))
       for m in ("temp_bytes", "argument_bytes", "flops"):
         ra = r["ratio"][m]
-        print(f"{name:<34}{m:<18}{r['plain'][m]:>16,.0f}{other[m]:>16,.0f}{(f'{ra:.3f}' if ra else '-'):>8}")
-    for m in ("weight_compression", "output_rel_l2_error", "loss_plain", "loss_mixed", "step_s_plain", "step_s_mixed"):
+        print(f"{name:<34}{m:<20}{r['plain'][m]:>16,.0f}{other[m]:>16,.0f}{(f'{ra:.3f}' if ra else '-'):>8}")
+    for m in ("weight_compression", "weight_rel_l2_error", "output_rel_l2_error", "loss_plain", "loss_mixed",
+              "step_s_plain", "step_s_mixed"):
       if m in r:
-        print(f"{name:<34}{m:<18}{r[m]:>14.4g}")
-  result = {"device": str(jax.devices()[0]), "backend": jax.default_backend(), "jax": jax.__version__,
-            "date": datetime.date.today().isoformat(),
-            "model": {"d": D, "hidden": H, "layers": LAYERS, "batch": BATCH, "seq": SEQ},
-            "note": ("CPU: XLA upcasts bf16 matmul operands to float32, so bf16 is not faster here; the bf16 "
-                     "saving shows as smaller saved residuals (temp bytes). Quantized runs dequantize into "
-                     "float matmuls on CPU; the saving is argument (weight) bytes."),
-            "rows": rows}
-  if out_path:
-    os.makedirs(os.path.dirname(out_path), exist_ok=True)
-    with open(out_path, "w") as fh:
-      json.dump(result, fh, indent=1)
-    print("wrote", out_path)
+        print(f"{name:<34}{m:<20}{r[m]:>14.4g}")
 
 
 if __name__ == "__main__":

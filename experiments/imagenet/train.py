@@ -1,10 +1,12 @@
 """ResNet training and evaluation loop (Flax NNX + optax + lepton_jax).
 
 ``train_and_evaluate(config, workdir)`` is the whole job: it builds the data set and model,
-compiles the step with the transforms chosen in ``config.transforms``, resumes from the newest
-complete checkpoint in ``workdir`` (if any), trains with a progress bar, evaluates top-1/top-5
-every epoch, and writes ``workdir/metrics.jsonl``, TensorBoard events (``workdir/tensorboard``)
-and ``workdir/curves.png``.
+compiles the step with the transforms chosen in ``config.transforms`` (and ``lj.mixed_precision``
+when ``config.compression`` turns it on), resumes from the newest complete checkpoint in
+``workdir`` (if any), trains with a progress bar, evaluates top-1/top-5 every epoch, optionally
+prunes and finetunes and quantizes the result (``config.compression``, see ``compression.py``),
+and writes ``workdir/metrics.jsonl``, TensorBoard events (``workdir/tensorboard``) and
+``workdir/curves.png``.
 
 >>> from experiments.configs import test as test_config
 >>> final = train_and_evaluate(test_config.get_config(), "/tmp/doctest_workdir")  # doctest: +SKIP
