@@ -58,7 +58,7 @@ _RULE_PARAMS = frozenset({"jvp_jaxpr_fun", "jvp_jaxpr_thunk", "jvp", "fwd_jaxpr_
 _LENGTH_PARAMS = {
     "broadcast_in_dim": {"shape"}, "reshape": {"new_sizes"}, "iota": {"shape"},
     "slice": {"start_indices", "limit_indices"}, "gather": {"slice_sizes"},
-    "dynamic_slice": {"slice_sizes"}, "full": {"shape"},
+    "dynamic_slice": {"slice_sizes"}, "full": {"shape"}, "pad": {"padding_config"},
 }
 
 _POSITIONWISE = frozenset("""transpose squeeze expand_dims broadcast_in_dim iota
@@ -122,7 +122,8 @@ def _equal(a, b) -> bool:
 
 def _is_int_sequence(v) -> bool:
   return isinstance(v, (tuple, list)) and all(
-      isinstance(x, (int, np.integer)) and not isinstance(x, bool) for x in v)
+      _is_int_sequence(x) if isinstance(x, (tuple, list))
+      else isinstance(x, (int, np.integer)) and not isinstance(x, bool) for x in v)
 
 
 @dataclasses.dataclass
@@ -153,6 +154,21 @@ class _Walk:
   def __init__(self, P: int, L: int, n):
     self.P, self.L, self.n = int(P), int(L), n
     self.rules: list = []
+    self.outer: list = []   # enclosing call / control equations (for source lines)
+
+  def where(self, eqn) -> str:
+    """``'prim' at file:line`` of ``eqn``, or of the closest enclosing equation with a user
+    source line (primitives inside ``jnp`` functions' own jits have none)."""
+    if eqn is None:
+      return "an output"
+    here = _where(eqn)
+    if " at " in here:
+      return here
+    for outer in reversed(self.outer):
+      o = _where(outer)
+      if " at " in o:
+        return here + " at" + o.split(" at", 1)[1]
+    return here
 
   # -- tags and literals --------------------------------------------------------------
   def tags(self, avP, avL, what: str) -> Tags:
@@ -167,9 +183,8 @@ class _Walk:
         t[d] = int(p) - self.P
       else:
         raise UnsafeBucketing(
-            f"{what}: dimension {d} is {l} at length {self.L} and {p} at length {self.P} (it "
-            "scales with the length but is not the padded axis itself, e.g. the axis merged "
-            "with another)")
+            f"{what}: dimension {d} is {l} at length {self.L} and {p} at length {self.P}: the "
+            "padded axis is merged with another axis or repeated")
     return t
 
   def literal(self, vP, vL, what: str):
@@ -254,17 +269,17 @@ class _Walk:
     def read(aP, aL, eqn):
       if isinstance(aP, core.Literal):
         if not isinstance(aL, core.Literal):
-          raise UnsafeBucketing(f"{_where(eqn)}: the program's structure changes with the length")
-        return self.literal(aP.val, aL.val, _where(eqn)), {}
+          raise UnsafeBucketing(f"{self.where(eqn)}: the program's structure changes with the length")
+        return self.literal(aP.val, aL.val, self.where(eqn)), {}
       return env[aP], tenv.get(aP, {})
 
     for eP, eL in zip(jP.eqns, jL.eqns):
       if eP.primitive is not eL.primitive or len(eP.invars) != len(eL.invars):
-        raise UnsafeBucketing(f"{_where(eP)}: the program's structure changes with the length")
+        raise UnsafeBucketing(f"{self.where(eP)}: the program's structure changes with the length")
       got = [read(a, b, eP) for a, b in zip(eP.invars, eL.invars)]
       ins = [g[0] for g in got]
       itags = [g[1] for g in got]
-      otags = [self.tags(a.aval, b.aval, _where(eP)) for a, b in zip(eP.outvars, eL.outvars)]
+      otags = [self.tags(a.aval, b.aval, self.where(eP)) for a, b in zip(eP.outvars, eL.outvars)]
       self.rules.append((eP.primitive.name, tuple(tuple(sorted(t.items())) for t in otags)))
       self._probe_eqn = eL
       outs = self.eqn(eP, eL, ins, itags, otags)
@@ -293,15 +308,18 @@ class _Walk:
     diff = {k for k in eP.params if k not in _RULE_PARAMS and k in eL.params
             and not _equal(eP.params[k], eL.params[k])}
     if set(eP.params) != set(eL.params):
-      raise UnsafeBucketing(f"{_where(eP)}: the program's structure changes with the length")
+      raise UnsafeBucketing(f"{self.where(eP)}: the program's structure changes with the length")
+    info = primitive_info(name)
+    if info.kind == "random" and (diff or any(itags) or any(otags)):
+      raise UnsafeBucketing(f"{self.where(eP)} draws random numbers along the padded axis (the "
+                            "unpadded program's draw would differ)")
     allowed = _LENGTH_PARAMS.get(name, set())
     if diff - allowed:
-      raise UnsafeBucketing(f"{_where(eP)}: its parameter {sorted(diff - allowed)[0]!r} depends "
+      raise UnsafeBucketing(f"{self.where(eP)}: its parameter {sorted(diff - allowed)[0]!r} depends "
                             "on the length")
     for k in diff:
       if not _is_int_sequence(eP.params[k]):
-        raise UnsafeBucketing(f"{_where(eP)}: its parameter {k!r} depends on the length")
-    info = primitive_info(name)
+        raise UnsafeBucketing(f"{self.where(eP)}: its parameter {k!r} depends on the length")
     if info.kind in ("call", "control"):
       return self.control(eP, eL, ins, itags, otags)
     tagged = any(itags) or any(otags)
@@ -325,16 +343,16 @@ class _Walk:
     if name in _SCATTER_FILL or name == "scatter":
       return self._scatter_family(eP, ins, itags, otags)
     if info.kind == "random":
-      raise UnsafeBucketing(f"{_where(eP)} draws random numbers along the padded axis (the "
+      raise UnsafeBucketing(f"{self.where(eP)} draws random numbers along the padded axis (the "
                             "unpadded program's draw would differ)")
     if info.kind == "effect" and name == "optimization_barrier":
       return bind_eqn(eP, ins)
-    raise UnsafeBucketing(f"{_where(eP)} is not known to keep positions along the padded axis "
+    raise UnsafeBucketing(f"{self.where(eP)} is not known to keep positions along the padded axis "
                           "independent")
 
   def _reshape(self, eP, ins, itags, otags):
     if eP.params.get("dimensions") not in (None, ()):
-      raise UnsafeBucketing(f"{_where(eP)} with dimensions is not supported along the padded axis")
+      raise UnsafeBucketing(f"{self.where(eP)} with dimensions is not supported along the padded axis")
     ishape = eP.invars[0].aval.shape
     oshape = eP.outvars[0].aval.shape
     for d, c in itags[0].items():
@@ -347,9 +365,9 @@ class _Walk:
           ok = True
           break
       if not ok:
-        raise UnsafeBucketing(f"{_where(eP)} merges or splits the padded axis with another axis")
+        raise UnsafeBucketing(f"{self.where(eP)} merges or splits the padded axis with another axis")
     if len(otags[0]) != len(itags[0]):
-      raise UnsafeBucketing(f"{_where(eP)} merges or splits the padded axis with another axis")
+      raise UnsafeBucketing(f"{self.where(eP)} merges or splits the padded axis with another axis")
     return bind_eqn(eP, ins)
 
   def _dot_general(self, eP, ins, itags, otags):
@@ -368,10 +386,10 @@ class _Walk:
     for d in range(len(startP)):
       rel = startP[d] != startL[d]
       if d in itags[0] and strides[d] != 1:
-        raise UnsafeBucketing(f"{_where(eP)} strides along the padded axis")
+        raise UnsafeBucketing(f"{self.where(eP)} strides along the padded axis")
       if rel:
         if d not in itags[0] or d in otags[0] or startP[d] - startL[d] != self.P - self.L:
-          raise UnsafeBucketing(f"{_where(eP)} slices at a position that depends on the length")
+          raise UnsafeBucketing(f"{self.where(eP)} slices at a position that depends on the length")
         dyn.append((d, startP[d] - self.P + itags[0][d], limitP[d] - startP[d]))
     if not dyn:
       return bind_eqn(eP, ins)
@@ -389,47 +407,65 @@ class _Walk:
   def _pad(self, eP, ins, itags, otags):
     # Padding *after* a tagged axis (the transpose of ``x[:, :-1]``): the positions between the
     # valid data and the new end must hold the padding value, so invalid input positions are
-    # set to it first.
+    # set to it first. Padding *before* by a length-dependent amount (the transpose of
+    # ``x[:, -1]``) places the input at ``n + offset`` instead.
     x, value = ins
-    fill = {}
-    for d in set(itags[0]) | set(otags[0]):
-      lo, hi, interior = eP.params["padding_config"][d]
+    cfgP = eP.params["padding_config"]
+    cfgL = self._probe_eqn.params["padding_config"]
+    fill, moved = {}, {}
+    for d, ((lo, hi, interior), (loL, hiL, intL)) in enumerate(zip(cfgP, cfgL)):
+      if (lo, hi, interior) != (loL, hiL, intL):
+        if (lo - loL == self.P - self.L and hi == hiL and interior == intL == 0 and loL >= 0
+            and d not in itags[0] and d in otags[0]):
+          moved[d] = lo - self.P
+          continue
+        raise UnsafeBucketing(f"{self.where(eP)} pads by an amount that depends on the length")
+      if d not in itags[0] and d not in otags[0]:
+        continue
       if interior != 0 or d not in itags[0]:
-        raise UnsafeBucketing(f"{_where(eP)} pads inside or around the padded axis")
+        raise UnsafeBucketing(f"{self.where(eP)} pads inside or around the padded axis")
       if hi != 0:
         fill[d] = itags[0][d]
     if fill:
       m = self.valid(np.shape(x), fill)
       x = lax.select(m, x, lax.broadcast(jnp.asarray(value, x.dtype), np.shape(x)))
-    return bind_eqn(eP, [x, value])
+    if not moved:
+      return bind_eqn(eP, [x, value])
+    static_cfg = [(0, 0, 0) if d in moved else c for d, c in enumerate(cfgP)]
+    x = lax.pad(x, jnp.asarray(value, x.dtype), static_cfg)
+    out_shape = eP.outvars[0].aval.shape
+    base = lax.broadcast(jnp.asarray(value, x.dtype), out_shape)
+    n = jnp.asarray(self.n, jnp.int32)
+    starts = [n + moved[d] if d in moved else jnp.int32(0) for d in range(len(out_shape))]
+    return [lax.dynamic_update_slice(base, x, starts)]
 
   def _concatenate(self, eP, ins, itags, otags):
     d = eP.params["dimension"]
     if d in otags[0]:
       if any(d in t for t in itags[:-1]) or d not in itags[-1]:
-        raise UnsafeBucketing(f"{_where(eP)} concatenates after the padded axis")
+        raise UnsafeBucketing(f"{self.where(eP)} concatenates after the padded axis")
     return bind_eqn(eP, ins)
 
   def _rev(self, eP, ins, itags, otags):
     if set(eP.params["dimensions"]) & set(itags[0]):
-      raise UnsafeBucketing(f"{_where(eP)} reverses the padded axis")
+      raise UnsafeBucketing(f"{self.where(eP)} reverses the padded axis")
     return bind_eqn(eP, ins)
 
   def _sort(self, eP, ins, itags, otags):
     d = eP.params["dimension"]
     if any(d in t for t in itags):
-      raise UnsafeBucketing(f"{_where(eP)} sorts along the padded axis")
+      raise UnsafeBucketing(f"{self.where(eP)} sorts along the padded axis")
     return bind_eqn(eP, ins)
 
   def _top_k(self, eP, ins, itags, otags):
     last = len(eP.invars[0].aval.shape) - 1
     if last in itags[0]:
-      raise UnsafeBucketing(f"{_where(eP)} takes top-k along the padded axis")
+      raise UnsafeBucketing(f"{self.where(eP)} takes top-k along the padded axis")
     return bind_eqn(eP, ins)
 
   def _split(self, eP, ins, itags, otags):
     if eP.params["axis"] in itags[0]:
-      raise UnsafeBucketing(f"{_where(eP)} splits the padded axis")
+      raise UnsafeBucketing(f"{self.where(eP)} splits the padded axis")
     return bind_eqn(eP, ins)
 
   def _conv_general_dilated(self, eP, ins, itags, otags):
@@ -437,7 +473,7 @@ class _Walk:
     lhs_batch = dn.lhs_spec[0] if dn is not None else 0
     out_batch = dn.out_spec[0] if dn is not None else 0
     if set(itags[0]) - {lhs_batch} or itags[1] or set(otags[0]) - {out_batch}:
-      raise UnsafeBucketing(f"{_where(eP)} convolves along the padded axis")
+      raise UnsafeBucketing(f"{self.where(eP)} convolves along the padded axis")
     return bind_eqn(eP, ins)
 
   def _gather(self, eP, ins, itags, otags):
@@ -449,17 +485,22 @@ class _Walk:
       full = (d not in dn.start_index_map and d not in dn.collapsed_slice_dims
               and sizes[d] == oshape[d])
       if not (d in batching or full):
-        raise UnsafeBucketing(f"{_where(eP)} reads along the padded axis at computed indices")
+        raise UnsafeBucketing(f"{self.where(eP)} reads along the padded axis at computed indices")
     return bind_eqn(eP, ins)
 
   def _dynamic_slice(self, eP, ins, itags, otags):
+    # A full-size slice along a tagged dim is position-wise (the start clamps to 0); so is a
+    # slice at a constant start whose size follows the length (``lax.dynamic_slice_in_dim(
+    # padded, 0, padded.shape[1] - 1)``, Flax's ``shift_right``): it keeps the valid prefix.
     sizes = eP.params["slice_sizes"]
     shape = eP.invars[0].aval.shape
     for d in itags[0]:
-      if sizes[d] != shape[d]:
-        raise UnsafeBucketing(f"{_where(eP)} reads along the padded axis at a computed offset")
+      const_start = (isinstance(eP.invars[1 + d], core.Literal)
+                     and not isinstance(ins[1 + d], core.Tracer))
+      if sizes[d] != shape[d] and not (const_start and d in otags[0]):
+        raise UnsafeBucketing(f"{self.where(eP)} reads along the padded axis at a computed offset")
     if any(itags[1:]):
-      raise UnsafeBucketing(f"{_where(eP)} takes its offset from the padded axis")
+      raise UnsafeBucketing(f"{self.where(eP)} takes its offset from the padded axis")
     return bind_eqn(eP, ins)
 
   def _dynamic_update_slice(self, eP, ins, itags, otags):
@@ -467,9 +508,9 @@ class _Walk:
     ushape = eP.invars[1].aval.shape
     for d in set(itags[0]) | set(itags[1]):
       if ushape[d] != shape[d] or itags[0].get(d) != itags[1].get(d):
-        raise UnsafeBucketing(f"{_where(eP)} writes along the padded axis at a computed offset")
+        raise UnsafeBucketing(f"{self.where(eP)} writes along the padded axis at a computed offset")
     if any(itags[2:]):
-      raise UnsafeBucketing(f"{_where(eP)} takes its offset from the padded axis")
+      raise UnsafeBucketing(f"{self.where(eP)} takes its offset from the padded axis")
     return bind_eqn(eP, ins)
 
   def _scatter_family(self, eP, ins, itags, otags):
@@ -480,11 +521,11 @@ class _Walk:
     for d in operand_t:
       window = d not in dn.inserted_window_dims and d not in dn.scatter_dims_to_operand_dims
       if not (d in batching or window):
-        raise UnsafeBucketing(f"{_where(eP)} writes along the padded axis at computed indices")
+        raise UnsafeBucketing(f"{self.where(eP)} writes along the padded axis at computed indices")
     scatter_dims = {d: c for d, c in upd_t.items() if d not in dn.update_window_dims}
     if scatter_dims and not (batching & set(operand_t)):
       if name not in _SCATTER_FILL:
-        raise UnsafeBucketing(f"{_where(eP)} writes padded positions' updates into the result")
+        raise UnsafeBucketing(f"{self.where(eP)} writes padded positions' updates into the result")
       upd = self.mask(ins[2], scatter_dims, _SCATTER_FILL[name])
       return bind_eqn(eP, [ins[0], ins[1], upd] + list(ins[3:]))
     return bind_eqn(eP, ins)
@@ -495,7 +536,7 @@ class _Walk:
     for t in itags:
       for d in t:
         if d < len(dims) and (dims[d] != 1 or (strides and strides[d] != 1)):
-          raise UnsafeBucketing(f"{_where(eP)} slides a window along the padded axis")
+          raise UnsafeBucketing(f"{self.where(eP)} slides a window along the padded axis")
     return bind_eqn(eP, ins)
 
   _reduce_window_sum = _reduce_window_max = _reduce_window_min = _reduce_window_generic
@@ -505,11 +546,18 @@ class _Walk:
     nd = len(eP.params["fft_lengths"])
     rank = len(eP.invars[0].aval.shape)
     if any(d >= rank - nd for d in itags[0]) or any(d >= rank - nd for d in otags[0]):
-      raise UnsafeBucketing(f"{_where(eP)} transforms along the padded axis")
+      raise UnsafeBucketing(f"{self.where(eP)} transforms along the padded axis")
     return bind_eqn(eP, ins)
 
   # -- calls and control flow ----------------------------------------------------------
   def control(self, eP, eL, ins, itags, otags):
+    self.outer.append(eP)
+    try:
+      return self._control(eP, eL, ins, itags, otags)
+    finally:
+      self.outer.pop()
+
+  def _control(self, eP, eL, ins, itags, otags):
     name = eP.primitive.name
     p = eP.params
     if name == "scan":
@@ -518,7 +566,7 @@ class _Walk:
       return self._while(eP, eL, ins, itags, otags)
     if name == "cond":
       if itags[0]:
-        raise UnsafeBucketing(f"{_where(eP)} branches on a value along the padded axis")
+        raise UnsafeBucketing(f"{self.where(eP)} branches on a value along the padded axis")
       fns = []
       for bP, bL in zip(p["branches"], eL.params["branches"]):
         fns.append(lambda *ops, bP=bP, bL=bL: self._fixed(self.sub(bP, bL, ops, itags[1:]),
@@ -528,7 +576,7 @@ class _Walk:
     subsL = subjaxpr_params(eL)
     if len(subsP) != 1 or len(subsL) != 1:
       if any(itags) or any(otags):
-        raise UnsafeBucketing(f"{_where(eP)} is not known to keep positions along the padded "
+        raise UnsafeBucketing(f"{self.where(eP)} is not known to keep positions along the padded "
                               "axis independent")
       return bind_eqn(eP, ins)
     subP, subL = subsP[0][2], subsL[0][2]
@@ -545,7 +593,7 @@ class _Walk:
     outs, got = result
     for g, t in zip(got, otags):
       if g != t:
-        raise UnsafeBucketing(f"{_where(eqn)}: the body's padded dimensions disagree with the "
+        raise UnsafeBucketing(f"{self.where(eqn)}: the body's padded dimensions disagree with the "
                               "equation's")
     return outs
 
@@ -553,15 +601,15 @@ class _Walk:
     p = eP.params
     nc, nk = p["num_consts"], p["num_carry"]
     if p["length"] != eL.params["length"]:
-      raise UnsafeBucketing(f"{_where(eP)} scans along the padded axis")
+      raise UnsafeBucketing(f"{self.where(eP)} scans along the padded axis")
     xs_t = itags[nc + nk:]
     if any(0 in t for t in xs_t):
-      raise UnsafeBucketing(f"{_where(eP)} scans along the padded axis")
+      raise UnsafeBucketing(f"{self.where(eP)} scans along the padded axis")
     body_tags = (list(itags[:nc + nk])
                  + [{d - 1: c for d, c in t.items()} for t in xs_t])
     carry_out = otags[:nk]
     if carry_out != list(itags[nc:nc + nk]):
-      raise UnsafeBucketing(f"{_where(eP)}: a loop carry changes its padded dimensions")
+      raise UnsafeBucketing(f"{self.where(eP)}: a loop carry changes its padded dimensions")
     consts, init, xs = ins[:nc], ins[nc:nc + nk], ins[nc + nk:]
     bP, bL = p["jaxpr"], eL.params["jaxpr"]
     ys_t = [{d - 1: c for d, c in t.items()} for t in otags[nk:]]
@@ -581,7 +629,7 @@ class _Walk:
     cconsts, bconsts, init = ins[:cn], ins[cn:cn + bn], ins[cn + bn:]
     ct, bt, it = itags[:cn], itags[cn:cn + bn], itags[cn + bn:]
     if list(otags) != list(it):
-      raise UnsafeBucketing(f"{_where(eP)}: a loop carry changes its padded dimensions")
+      raise UnsafeBucketing(f"{self.where(eP)}: a loop carry changes its padded dimensions")
     cP, cL = p["cond_jaxpr"], eL.params["cond_jaxpr"]
     bP, bL = p["body_jaxpr"], eL.params["body_jaxpr"]
 
