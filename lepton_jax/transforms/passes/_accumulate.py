@@ -67,6 +67,13 @@ def _movable(eqn) -> bool:
   return True
 
 
+def _no_names(dbg):
+  """``dbg`` without per-argument/result names (they no longer line up after a rewrite that
+  changes a jaxpr's interface; JAX treats ``None`` as unknown)."""
+  try:
+    return dbg._replace(arg_names=None, result_paths=None)
+  except Exception:  # pylint: disable=broad-except
+    return dbg
 
 
 def _is_float(aval) -> bool:
@@ -281,7 +288,8 @@ def _rewrite_scan(eqn):
   body_outvars = ([jaxpr.outvars[j] for j in kept_carries] + new_acc_out
                   + list(jaxpr.outvars[ncarry:]))
   body_eqns = [e for i, e in enumerate(jaxpr.eqns) if i not in drop] + add_eqns
-  new_body = jaxpr.replace(invars=body_invars, outvars=body_outvars, eqns=body_eqns)
+  new_body = jaxpr.replace(invars=body_invars, outvars=body_outvars, eqns=body_eqns,
+                           debug_info=_no_names(jaxpr.debug_info))
   # Outer: zeros for the new carries, the new scan, then the region once and the final sums.
   pre = []
   zero_atoms = []

@@ -63,6 +63,15 @@ def _atom_key(a, env):
   return ("var", id(a))
 
 
+def _no_names(dbg):
+  """``dbg`` without per-argument/result names (they no longer line up after a rewrite that
+  changes a jaxpr's interface; JAX treats ``None`` as unknown)."""
+  try:
+    return dbg._replace(arg_names=None, result_paths=None)
+  except Exception:  # pylint: disable=broad-except
+    return dbg
+
+
 def _eqn_key(eqn, atom_key):
   """The merge key of ``eqn`` with inputs keyed by ``atom_key`` (None when not mergeable)."""
   info = primitive_info(eqn)
@@ -133,7 +142,7 @@ def _cse_into_branches(eqn, env, seen, here, records):
   new_branches = []
   for br, fresh, eqns, outs, matched in built:
     j = br.jaxpr.replace(invars=list(br.jaxpr.invars) + [fresh[i] for i in keep], eqns=eqns,
-                         outvars=outs)
+                         outvars=outs, debug_info=_no_names(br.jaxpr.debug_info))
     new_branches.append(core.ClosedJaxpr(j, ()))
     for k in matched:
       records.append(Rewrite("cse", f"duplicate_in_branch_{br.jaxpr.eqns[k].primitive.name}",
