@@ -77,11 +77,17 @@ def _region(f: Callable, policy, form: str) -> Callable:
   return region
 
 
-def _apply_policy(g: _Graph, cuts: Sequence[int], policy, form: str) -> Callable:
+def _apply_policy(g: _Graph, cuts: Sequence[int], policy, form: str,
+                  layers: tuple[int, int] | None = None) -> Callable:
   """``flat_fun`` with the top level cut at ``cuts``, every segment a region with a JAX ``policy``
-  (e.g. ``nothing_saveable`` / ``dots_saveable`` per segment); ``scan`` bodies per iteration."""
+  (e.g. ``nothing_saveable`` / ``dots_saveable`` per segment); ``scan`` bodies per iteration.
+
+  ``layers``: ``(lo, hi)``: only the segments inside that range are regions (a policy per layer,
+  as a user writes it); the equations before and after run as they are.
+  """
   jaxpr, closed = g.closed.jaxpr, g.closed
   segs = _segments_from_cuts(g, cuts)
+  plain = (lambda seg: False) if layers is None else (lambda seg: seg.lo < layers[0] or seg.hi > layers[1])
 
   def flat_fun(*args):
     env = dict(zip(jaxpr.constvars, closed.consts))
@@ -90,6 +96,9 @@ def _apply_policy(g: _Graph, cuts: Sequence[int], policy, form: str) -> Callable
       if seg.scan:
         eqn = jaxpr.eqns[seg.lo]
         env.update(zip(eqn.outvars, _run_scan(eqn, [_read(env, a) for a in eqn.invars], {}, policy, True)))
+        continue
+      if plain(seg):
+        _run_eqns(jaxpr, seg.lo, seg.hi, env, {})
         continue
       ins, outs, fn = _segment_call(
           g, seg.lo, seg.hi, functools.partial(_run_eqns, jaxpr, seg.lo, seg.hi, names={}), policy, form)

@@ -484,3 +484,58 @@ def _closure_segments(g: _Graph, cg: _ClosureGraph, cp: closure_lib.Plan) -> lis
   return _segments_from_cuts(g, cuts)
 
 
+
+
+# ------------------------------------------------------------------ repeated layers
+
+
+def _layer_cuts(g: _Graph, min_layers: int = 2) -> tuple[tuple[int, ...], tuple[int, int]] | None:
+  """Cuts at the boundaries of repeated layers of the top level, and the layers' range.
+
+  A layer is the period ``p`` of the longest stretch of top-level equations that repeats itself
+  (same primitive and output shapes as ``p`` equations later): unrolled ``for`` loops over
+  blocks, Flax ``nnx.List`` / ``nn.Sequential`` layers. The phase of the cuts is where the
+  fewest bytes cross (after a residual add). ``None`` when nothing repeats ``min_layers`` times.
+  A ``scan`` is its own layer structure (its body per iteration) and is not looked for here.
+  """
+  jaxpr = g.closed.jaxpr
+  n = g.n
+  if n < 2 * min_layers:
+    return None
+  keys: dict = {}
+  ids = np.array([keys.setdefault((e.primitive.name, tuple((tuple(v.aval.shape), str(v.aval.dtype))
+                                                             for v in e.outvars if hasattr(v.aval, "shape"))),
+                                  len(keys)) for e in jaxpr.eqns])
+  best = None  # (covered, -p, start, p)
+  for p in range(2, n // min_layers + 1):
+    eq = (ids[:-p] == ids[p:]).astype(np.int8)
+    if not eq.any():
+      continue
+    d = np.diff(np.concatenate([[0], eq, [0]]))
+    starts, ends = np.flatnonzero(d == 1), np.flatnonzero(d == -1)
+    k = int(np.argmax(ends - starts))
+    run = int(ends[k] - starts[k])
+    covered = (run + p) // p * p
+    if covered // p < min_layers:
+      continue
+    cand = (covered, -p, int(starts[k]), p)
+    if best is None or cand[:2] > best[:2]:
+      best = cand
+  if best is None:
+    return None
+  covered, _, start, p = best
+  count = covered // p
+  prof = _crossing_profile(g)
+
+  def score(phase):
+    cs = [start + phase + j * p for j in range(count + 1)]
+    return sum(prof[c] if 0 < c < n else 0.0 for c in cs)
+  # every repetition a whole layer first (a phase that pushes the last layer past the end loses
+  # one), then the fewest bytes crossing the cuts
+  phase = min(range(p), key=lambda f: (start + f + count * p > n, score(f), f))
+  first = start + phase
+  m = count if first + count * p <= n else count - 1
+  if m < min_layers:
+    return None
+  bounds = [first + j * p for j in range(m + 1)]
+  return tuple(c for c in bounds if 0 < c < n), (first, bounds[-1])

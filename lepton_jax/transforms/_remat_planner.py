@@ -1,23 +1,29 @@
-"""The planner of ``lj.remat_plan``: candidates from the model, judged by the compiler.
+"""The planner of ``lj.remat_plan``: a fixed candidate set per program, judged by the compiler.
 
-Role: for one argument signature, traces the function (NNX nodes split into state), builds the
-model (``_remat_graph``), compiles plain ``jax.grad`` for the baseline, asks the search
-(``_remat_search``) for the few best segment-tree plans at budgets calibrated to what XLA
-compiled for the baseline, adds JAX's own policies as candidates (``dots_saveable`` and
-``nothing_saveable`` per segment, whole-function ``jax.checkpoint``), compiles a bounded number
-of them (``_remat_measure``), and returns the least-recompute plan whose compiled temp bytes
-fit the budget -- never one that does not. If none fits, ``BudgetError`` names the smallest
-compiled temp bytes found (a budget at which planning succeeds).
+Role: for one argument signature, traces the function (NNX nodes split into state) and looks up
+its :class:`_Structure` -- shared by every budget and every wrapper of the same program (keyed by
+the printed jaxpr, input avals, constants and options; ``_clear_caches()`` forgets them). A
+structure holds the model (``_remat_graph``), plain ``jax.grad``'s default compile (the
+baseline), and a budget-independent candidate set: JAX's ``nothing_saveable`` / ``dots_saveable``
+applied per repeated layer (and per ``scan`` iteration), whole-function ``jax.checkpoint`` off
+CPU, the search's (``_remat_search``) cheapest segment trees at fixed fractions of the model's
+peak, and recompute-everything floors. Each is compiled once (``SCREEN_OPTIONS``, in parallel).
+A budget picks the least-cost candidate whose compiled temp bytes fit -- never one that does
+not -- so a larger budget never recomputes more, and a policy that would dominate a plan is
+itself in the set. If none fits, ``BudgetError`` names the smallest compiled temp bytes
+of the set (a budget at which planning succeeds).
 """
-
 from __future__ import annotations
 
-import dataclasses
-import math
+import collections
 import concurrent.futures
+import dataclasses
+import hashlib
+import math
 import os
 import threading
 import time
+import zlib
 from typing import Any, Callable
 
 import jax
@@ -32,18 +38,19 @@ from lepton_jax.transforms import _remat_closure as closure_lib
 from lepton_jax.transforms._remat_apply import _apply, _apply_closure, _apply_policy, form_for
 from lepton_jax.transforms._remat_graph import (
     _balanced_cuts, _build_graph, _closure_graph, _closure_segments, _inline_eval, _is_inexact,
-    _segments_from_cuts)
+    _layer_cuts, _segments_from_cuts)
 from lepton_jax.transforms._remat_measure import (
-    CompileCache, Measured, compile_grad, compile_lowered, lower_grad, model_grad_memory)
+    Measured, compile_grad, compile_lowered, lower_grad, model_grad_memory)
 from lepton_jax.transforms._remat_search import _closure_method, _decisions, _node_solver, _TreeSearch
 from lepton_jax.transforms._remat_types import Candidate, CostModel, RematPlan, TensorDecision
 
 _API = "lj.remat_plan"
-_MAX_DEPTH = 5
-_MAX_TREE_COMPILES = 3            # model-ranked tree plans compiled per planning run (recalibrated)
-_POLICY_SEGMENTS = (4,)           # per-segment dots_saveable candidates (segment counts)
-_FLOOR_SEGMENTS = (2, 4)          # per-segment nothing_saveable candidates (segment counts)
-_FLOOR_TREES = 1                  # recompute-everything nested trees, when nothing else fits
+_MAX_DEPTH = 2                    # nesting of segment trees (each level re-runs its range once more)
+_TREE_FRACTIONS = (0.2, 0.4, 0.6, 0.8)  # model-peak targets (of plain grad's model) of tree candidates
+_POLICIES = ("nothing_saveable", "dots_saveable")
+_POLICY_SEGMENTS = (4,)           # per-segment policy candidates when no repeated layers are found
+_FLOOR_TREES = 2                  # recompute-everything trees (the smallest peaks)
+_MAX_STRUCTURES = 32              # program structures kept by the process-wide cache
 _COMPILE_THREADS = max(1, min(4, os.cpu_count() or 1))
 
 
@@ -89,10 +96,12 @@ class _Option:
   decision: dict | None = None
   cuts: tuple = ()
   policy_name: str = ""
+  layers: tuple | None = None  # (lo, hi) of the per-layer regions of a policy candidate
 
 
 @dataclasses.dataclass
 class _Ctx:
+  """One planning run (one budget) over a shared :class:`_Structure`."""
   g: Any
   flat_specs: list
   argnums: list
@@ -117,8 +126,236 @@ def _node_key(nd, strip: int) -> tuple:
   return ("node", nd.lo, nd.hi, tuple(_node_key(c, strip) for c in nd.children))
 
 
+class _Structure:
+  """Everything planning knows about one traced program, shared by every budget.
+
+  Keyed by the program's structure (printed jaxpr, input avals, constants' bytes, backend and
+  planner options): the model graph, plain ``jax.grad``'s default compile (the baseline), and the
+  *candidate set* -- JAX's policies per layer, segment-tree plans at fixed model fractions and
+  recompute-everything floors -- each compiled once (``SCREEN_OPTIONS``: the default compile's
+  temp bytes and FLOPs at about half its compile time). A budget only selects from this fixed
+  set, so a larger budget never gets a plan that recomputes more than a smaller one does.
+  """
+
+  def __init__(self, closed, flat_specs, argnums, prefix, offload, solver, cm, platform):
+    self.g = _build_graph(closed, prefix)
+    self.prefix = prefix
+    self.flat_specs, self.argnums = list(flat_specs), list(argnums)
+    self.offload, self.solver, self.cm, self.platform = offload, solver, cm, platform
+    self.form = form_for(platform)
+    g = self.g
+    self.plain = _Option(("plain",), "no remat (plain jax.grad)", lambda: _apply(g, None, {}), 0.0, "none", "none")
+    self.fns: dict = {("plain",): self.plain.build()}
+    self.base = compile_grad(self.fns[("plain",)], self.flat_specs, self.argnums, fast=True)
+    self.base_saved, _, model_base, _ = model_grad_memory(self.fns[("plain",)], self.flat_specs, self.argnums)
+    self.model_base = max(model_base, self.base_saved)
+    self.screened: dict = {("plain",): self.base}   # option key -> compiled Measured
+    self.models: dict = {}                           # option key -> model_grad_memory(...)
+    self.options: list | None = None                 # the candidate set, once built
+    self.lock = threading.RLock()
+
+  # -------------------------------------------------------------- candidate set
+
+  def candidates(self) -> list:
+    with self.lock:
+      if self.options is None:
+        opts = self._make_options()
+        self._screen(opts)
+        self.options = opts
+      return self.options
+
+  def _make_options(self) -> list:
+    g = self.g
+    opts, seen = [], set()
+
+    def add(o):
+      if o is not None and o.key not in seen:
+        seen.add(o.key)
+        opts.append(o)
+    layers = _layer_cuts(g)
+    for name in _POLICIES:
+      if layers is not None or g.scans:  # JAX's policy per layer, as a user writes it
+        add(self._policy_option(name, layers))
+      else:                               # no repeated layers found: balanced segments
+        for o in self._policy_options(name, _POLICY_SEGMENTS, whole=False):
+          add(o)
+      if self.platform != "cpu":
+        # Whole-function jax.checkpoint keeps its savings only where XLA keeps optimization
+        # barriers; XLA:CPU compiles it to plain jax.grad's program (benchmarks/remat.py
+        # measures it), so there it is not a candidate.
+        add(_Option(("whole", name), f"jax.checkpoint({name})",
+                    lambda p=getattr(jax.checkpoint_policies, name): _apply_policy(g, (), p, "checkpoint"),
+                    math.inf, name, "checkpoint", policy_name=name))
+    search = _TreeSearch(g, self.cm, self.offload, self.solver)
+    n_units = len(g.cands) + sum(len(s.cands) for s in g.scans.values())
+    max_depth = max(1, min(_MAX_DEPTH, int(math.ceil(math.log2(max(n_units, 2))))))
+    for frac in _TREE_FRACTIONS:
+      add(self._tree_option(search, int(frac * self.model_base), max_depth))
+    strip = len(self.prefix)
+    for nd in search.minimal(max_depth)[:_FLOOR_TREES]:
+      add(_Option(("min", _node_key(nd, strip)), f"recompute all, d{nd.depth()} x{nd.num_segments()}",
+                  lambda nd=nd: _apply(g, nd, _decisions(nd, False), self.form), nd.cost, "min",
+                  self.form, nd, _decisions(nd, False)))
+    return opts
+
+  def _tree_option(self, search: _TreeSearch, target: int, max_depth: int) -> _Option | None:
+    """The model's cheapest segment-tree plan (any depth) within model peak ``target``."""
+    g, strip = self.g, len(self.prefix)
+    if target < 1:
+      return None
+    nodes = [nd for nd in (search.best(d, target) for d in range(1, max_depth + 1)) if nd is not None]
+    if not nodes:
+      return None
+    node = min(nodes, key=lambda nd: (nd.cost, nd.peak, nd.depth()))
+    dec = _decisions(node, self.offload)
+    if all(d == "save" for d in dec.values()) and node.children is None:
+      return None  # nothing removed: plain jax.grad (already a candidate)
+    return _Option(
+        ("tree", _node_key(node, strip)), f"tree d{node.depth()} x{node.num_segments()} (model {format_bytes(node.peak)})",
+        lambda: _apply(g, node, dec, self.form), node.cost, _node_solver(node),
+        "checkpoint" if "offload" in dec.values() else self.form, node, dec)
+
+  def _policy_option(self, name: str, layers) -> _Option:
+    g = self.g
+    policy = getattr(jax.checkpoint_policies, name)
+    cuts, rng = layers if layers is not None else ((), (0, 0))
+    nl = sum(1 for sg in _segments_from_cuts(g, cuts) if rng[0] <= sg.lo and sg.hi <= rng[1] and not sg.scan)
+    what = f"{nl} layers" if layers is not None else ""
+    if g.scans:
+      what = (what + " + " if what else "") + f"{len(g.scans)} scan bod{'y' if len(g.scans) == 1 else 'ies'}"
+    return _Option(("layers", name, cuts, rng), f"{name} per layer ({what})",
+                   lambda: _apply_policy(g, cuts, policy, self.form, layers=rng), math.inf, name,
+                   self.form, cuts=cuts, policy_name=name, layers=rng)
+
+  def _policy_options(self, name: str, ks, whole: bool) -> list[_Option]:
+    g = self.g
+    policy = getattr(jax.checkpoint_policies, name)
+    out = []
+    for k in ks:
+      cuts = _balanced_cuts(g, 0, g.n, k)
+      nseg = len(_segments_from_cuts(g, cuts))
+      out.append(_Option(("policy", name, cuts), f"{name} per segment x{nseg}",
+                         lambda cuts=cuts: _apply_policy(g, cuts, policy, self.form), math.inf, name,
+                         self.form, cuts=cuts, policy_name=name))
+    return out
+
+  # -------------------------------------------------------------- measuring
+
+  def fn(self, opt: _Option) -> Callable:
+    with self.lock:
+      if opt.key not in self.fns:
+        self.fns[opt.key] = opt.build()
+      return self.fns[opt.key]
+
+  def _screen(self, opts: list) -> None:
+    """Screening compiles (``SCREEN_OPTIONS``) of ``opts``: lowered here, compiled in parallel."""
+    todo = [o for o in opts if o.key not in self.screened]
+    lowered = [lower_grad(self.fn(o), self.flat_specs, self.argnums) for o in todo]
+    if len(todo) > 1 and _COMPILE_THREADS > 1:
+      with concurrent.futures.ThreadPoolExecutor(min(len(todo), _COMPILE_THREADS)) as pool:
+        got = list(pool.map(lambda lo: compile_lowered(lo, fast=True), lowered))
+    else:
+      got = [compile_lowered(lo, fast=True) for lo in lowered]
+    for o, m in zip(todo, got):
+      self.screened[o.key] = m
+
+  def verified(self, opt: _Option) -> Measured:
+    """The compiled figures of ``opt`` (see ``_remat_measure.SCREEN_OPTIONS``: the same temp bytes
+    and FLOPs as the user's default ``jax.jit(jax.grad(...))``)."""
+    with self.lock:
+      if opt.key not in self.screened:
+        self._screen([opt])
+      return self.screened[opt.key]
+
+  def model(self, opt: _Option):
+    with self.lock:
+      if opt.key not in self.models:
+        self.models[opt.key] = model_grad_memory(self.fn(opt), self.flat_specs, self.argnums)
+      return self.models[opt.key]
+
+  def seconds(self, m: Measured, opt: _Option) -> float:
+    """Model time of a candidate: its compiled FLOPs (the same for every budget: a fixed order),
+    plus offloaded bytes over the stated host bandwidth."""
+    return self.cm.recompute_seconds(m.flops) + self.transfer_bytes(opt) / self.cm.host_bandwidth
+
+  def transfer_bytes(self, opt: _Option) -> int:
+    if not opt.decision or opt.node is None:
+      return 0
+    return int(sum(2 * it.saved_bytes for leaf in opt.node.leaves() for it, _, _, _ in leaf.layout.items
+                   if opt.decision.get(it.key) == "offload"))
+
+  # -------------------------------------------------------------- selection
+
+  def select(self, budget: int):
+    """``(option, Measured)`` of least cost (then least temp) whose compiled temp fits ``budget``,
+    or None. The candidate set and its figures do not depend on the budget, so neither does the
+    order: a larger budget picks the same plan or a cheaper one."""
+    opts = self.candidates()
+    fits = [(self.seconds(self.screened[o.key], o), self.screened[o.key].temp_bytes, k, o)
+            for k, o in enumerate(opts) if self.screened[o.key].temp_bytes <= budget]
+    if not fits:
+      return None
+    o = min(fits, key=lambda t: t[:3])[3]
+    return o, self.screened[o.key]
+
+  def smallest(self) -> tuple[int, str]:
+    """The smallest compiled temp bytes of the candidate set, as (bytes, label)."""
+    opts = self.candidates()
+    got = [(self.screened[o.key].temp_bytes, o.label) for o in opts]
+    return min(got) if got else (self.base.temp_bytes, "no remat")
+
+
+def _structure_key(closed, flat_specs, argnums, offload, solver, cm, platform) -> tuple:
+  consts = []
+  for c in closed.consts:
+    a = np.asarray(c)
+    consts.append((a.shape, str(a.dtype), hashlib.sha1(np.ascontiguousarray(a).view(np.uint8)).hexdigest()
+                   if a.dtype != object else repr(c)))
+  avals = tuple((tuple(s.shape), str(s.dtype)) if hasattr(s, "shape") else repr(s) for s in flat_specs)
+  return (str(closed.jaxpr), avals, tuple(consts), tuple(argnums), offload, solver, cm, platform)
+
+
+class _StructureCache:
+  """Process-wide LRU of :class:`_Structure` by program structure (cleared by ``_clear_caches``)."""
+
+  def __init__(self, max_entries: int):
+    self._max = max_entries
+    self._data: collections.OrderedDict = collections.OrderedDict()
+    self._lock = threading.Lock()
+
+  def get(self, key, make: Callable[[], _Structure]) -> _Structure:
+    with self._lock:
+      hit = self._data.get(key)
+      if hit is not None:
+        self._data.move_to_end(key)
+        return hit
+    st = make()
+    with self._lock:
+      hit = self._data.setdefault(key, st)
+      self._data.move_to_end(key)
+      while len(self._data) > self._max:
+        self._data.popitem(last=False)
+      return hit
+
+  def clear(self) -> None:
+    with self._lock:
+      self._data.clear()
+
+  def __len__(self) -> int:
+    return len(self._data)
+
+
+_STRUCTURES = _StructureCache(_MAX_STRUCTURES)
+
+
+def _clear_caches() -> None:
+  """Forgets every planned program structure (models, candidate sets, compiled figures)."""
+  _STRUCTURES.clear()
+
+
 class _Planner:
-  """Plans for one (fun, options); caches plans per abstract signature and compiles per candidate."""
+  """Plans for one (fun, options); caches plans per abstract signature. The candidate set and its
+  compiled figures are shared with every other planner of the same program structure."""
 
   def __init__(self, fun, budget, offload, solver, cost_model, budget_kind="peak"):
     self.fun = fun
@@ -128,13 +365,10 @@ class _Planner:
     self.solver = solver
     self.cost_model = cost_model
     self._cache: dict = {}
-    self._compiles = CompileCache()
     self._lock = threading.Lock()
-    self._prefix = f"ljr{id(self) % 100000}:"
 
   def clear_cache(self):
     self._cache.clear()
-    self._compiles.clear()
 
   def _budget_bytes(self, baseline: int) -> int:
     b = self.budget
@@ -156,6 +390,7 @@ class _Planner:
       hit = self._cache.get(key)
       if hit is not None:
         return hit
+      t0 = time.perf_counter()
       pure = merged_call(self.fun, treedef, nodes)
 
       def flat_user(*flat):
@@ -166,188 +401,51 @@ class _Planner:
       closed = jax.make_jaxpr(lambda *a: _inline_eval(closed0.jaxpr, closed0.consts, a))(*flat_specs)
       out_tree = jax.tree_util.tree_structure(
           jax.eval_shape(pure, jax.tree_util.tree_unflatten(in_tree, flat_specs)))
-      comp = self._plan(closed, flat_specs, n_first_flat, out_tree, key)
+      comp = self._plan(closed, flat_specs, n_first_flat, out_tree, key, t0)
       self._cache[key] = comp
       return comp
 
-  # ------------------------------------------------------------------ measuring
-
-  def _measure_many(self, ctx: _Ctx, opts: list) -> list[tuple[Measured, Callable]]:
-    """Screening compiles (``SCREEN_OPTIONS``) of ``opts``: lowered here, compiled in parallel."""
-    fns = [o.build() for o in opts]
-    todo = {}
-    for i, (o, fn) in enumerate(zip(opts, fns)):
-      if self._compiles.peek((ctx.sig, o.key, "fast")) is None:
-        todo[i] = lower_grad(fn, ctx.flat_specs, ctx.argnums)
-    if len(todo) > 1:
-      with concurrent.futures.ThreadPoolExecutor(min(len(todo), _COMPILE_THREADS)) as pool:
-        done = dict(zip(todo, pool.map(lambda lo: compile_lowered(lo, fast=True), todo.values())))
-    else:
-      done = {i: compile_lowered(lo, fast=True) for i, lo in todo.items()}
-    out = []
-    for i, (o, fn) in enumerate(zip(opts, fns)):
-      m = self._compiles.get((ctx.sig, o.key, "fast"), lambda i=i: done[i])
-      ctx.tried.append((o, m))
-      out.append((m, fn))
-    return out
-
-  def _verify(self, ctx: _Ctx, opt: _Option, fn: Callable) -> Measured:
-    """The default-options compile of ``opt`` (what the user's ``jax.jit(jax.grad(...))`` gets)."""
-    return self._compiles.get((ctx.sig, opt.key, "full"), lambda: compile_grad(fn, ctx.flat_specs, ctx.argnums))
-
-  def _seconds(self, ctx: _Ctx, m: Measured, opt: _Option) -> float:
-    extra = max(m.flops - ctx.base.flops, 0.0)
-    transfer = 0
-    if opt.decision:
-      transfer = sum(2 * it.saved_bytes for leaf in opt.node.leaves() for it, _, _, _ in leaf.layout.items
-                     if opt.decision.get(it.key) == "offload")
-    return ctx.cm.recompute_seconds(extra) + transfer / ctx.cm.host_bandwidth
-
   # ------------------------------------------------------------------ planning
 
-  def _plan(self, closed, flat_specs, n_first, out_tree, sig) -> _Compiled:
-    t0 = time.perf_counter()
+  def _plan(self, closed, flat_specs, n_first, out_tree, sig, t0) -> _Compiled:
     cm = self.cost_model or CostModel.default()
     # differentiate w.r.t. the first positional argument's leaves (plain jax.grad)
     argnums = [i for i in range(n_first) if _is_inexact(flat_specs[i])]
     if not argnums:
       argnums = [i for i, s in enumerate(flat_specs) if _is_inexact(s)]
-    g = _build_graph(closed, self._prefix)
     platform = jax.default_backend()
-    plain = _Option(("plain",), "no remat (plain jax.grad)", lambda: _apply(g, None, {}), 0.0, "none", "none")
-    plain_fn = plain.build()
-    base = self._compiles.get((sig, plain.key, "full"), lambda: compile_grad(plain_fn, flat_specs, argnums))
-    base_saved, _, model_base, _ = model_grad_memory(plain_fn, flat_specs, argnums)
-    ctx = _Ctx(g, list(flat_specs), argnums, sig, 0, base, base_saved, max(model_base, base_saved), cm,
-               out_tree, form_for(platform), platform, t0)
-    ctx.tried.append((plain, base))
+    skey = _structure_key(closed, flat_specs, argnums, self.offload, self.solver, cm, platform)
+    prefix = f"ljr{zlib.crc32(repr(skey[:2]).encode()) % 100000}:"
+    st = _STRUCTURES.get(skey, lambda: _Structure(closed, flat_specs, argnums, prefix, self.offload,
+                                                  self.solver, cm, platform))
+    ctx = _Ctx(st.g, list(flat_specs), argnums, sig, 0, st.base, st.base_saved, st.model_base, cm,
+               out_tree, st.form, platform, t0)
     if self.budget_kind == "saved":
-      return self._plan_saved(ctx, plain_fn)
-    ctx.budget = budget = self._budget_bytes(base.temp_bytes)
-    if budget >= base.temp_bytes:  # plain jax.grad fits: nothing to do
-      return self._finish(ctx, plain, plain_fn, base)
-    got = self._search(ctx, budget)
+      ctx.tried.append((st.plain, st.base))
+      return self._plan_saved(ctx, st, st.fns[("plain",)])
+    ctx.budget = budget = self._budget_bytes(st.base.temp_bytes)
+    if budget >= st.base.temp_bytes:  # plain jax.grad fits: nothing to do
+      ctx.tried.append((st.plain, st.base))
+      return self._finish(ctx, st, st.plain, st.base)
+    got = st.select(budget)
+    ctx.tried = [(st.plain, st.base)] + [(o, st.screened[o.key]) for o in st.candidates()]
     if got is not None:
-      return self._finish(ctx, *got)
-    fits_at = self._smallest(ctx)
-    smallest = fits_at[0]
+      return self._finish(ctx, st, *got)
+    smallest, label = st.smallest()
     raise BudgetError(
         f"{_API}: budget={format_bytes(budget)} ({self.budget!r}) is below the smallest feasible "
-        f"plan ({format_bytes(smallest)} compiled temp bytes, {fits_at[1]}; plain jax.grad compiles to "
-        f"{format_bytes(base.temp_bytes)} on {platform}); pass budget>={format_bytes(smallest)} "
+        f"plan ({format_bytes(smallest)} compiled temp bytes, {label}; plain jax.grad compiles to "
+        f"{format_bytes(st.base.temp_bytes)} on {platform}); pass budget>={format_bytes(smallest)} "
         f"(budget>={smallest} bytes, or a fraction >= "
-        f"{math.ceil(1000 * smallest / max(base.temp_bytes, 1)) / 1000:.3f})",
+        f"{math.ceil(1000 * smallest / max(st.base.temp_bytes, 1)) / 1000:.3f})",
         smallest_feasible_bytes=int(smallest))
-
-  def _tree_option(self, ctx: _Ctx, search: _TreeSearch, target: int, max_depth: int) -> _Option | None:
-    """The model's cheapest segment-tree plan (any depth) within model peak ``target``."""
-    g, strip = ctx.g, len(self._prefix)
-    nodes = [nd for nd in (search.best(d, target) for d in range(1, max_depth + 1)) if nd is not None]
-    if not nodes:
-      return None
-    node = min(nodes, key=lambda nd: (nd.cost, nd.peak, nd.depth()))
-    dec = _decisions(node, self.offload)
-    return _Option(
-        ("tree", _node_key(node, strip)), f"tree d{node.depth()} x{node.num_segments()} (model {format_bytes(node.peak)})",
-        lambda: _apply(g, node, dec, ctx.form), node.cost, _node_solver(node),
-        "checkpoint" if "offload" in dec.values() else ctx.form, node, dec)
-
-  def _policy_options(self, ctx: _Ctx, name: str, ks, whole: bool) -> list[_Option]:
-    g = ctx.g
-    policy = getattr(jax.checkpoint_policies, name)
-    out = []
-    for k in ks:
-      cuts = _balanced_cuts(g, 0, g.n, k)
-      nseg = len(_segments_from_cuts(g, cuts))
-      out.append(_Option(("policy", name, cuts), f"{name} per segment x{nseg}",
-                         lambda cuts=cuts: _apply_policy(g, cuts, policy, ctx.form), math.inf, name,
-                         ctx.form, cuts=cuts, policy_name=name))
-    if whole:
-      out.append(_Option(("whole", name), f"jax.checkpoint({name})",
-                         lambda: _apply_policy(g, (), policy, "checkpoint"), math.inf, name, "checkpoint",
-                         policy_name=name))
-    return out
-
-  def _search(self, ctx: _Ctx, budget: int):
-    """(option, flat_fun, measured) of the least-cost candidate fitting ``budget``, or None.
-
-    Tree plans: the model's cheapest plan at a model budget, compiled; when it does not fit,
-    the model is recalibrated on it (compiled bytes per modelled byte of that plan) and the
-    search asked again, at most ``_MAX_TREE_COMPILES`` times. JAX's policies (budget-independent)
-    are always compiled; recompute-everything trees only when nothing else fits.
-    """
-    g = ctx.g
-    search = _TreeSearch(g, ctx.cm, self.offload, self.solver)
-    n_units = len(g.cands) + sum(len(s.cands) for s in g.scans.values())
-    max_depth = max(1, min(_MAX_DEPTH, int(math.ceil(math.log2(max(n_units, 2))))))
-    fits = []
-
-    def consider(*opts):
-      got = self._measure_many(ctx, list(opts))
-      for opt, (m, fn) in zip(opts, got):
-        if m.temp_bytes <= budget:
-          fits.append((self._seconds(ctx, m, opt), opt, fn, m))
-      return got[-1][0]
-
-    target = budget * ctx.model_base / max(ctx.base.temp_bytes, 1)
-    seen = set()
-    for _ in range(2 * _MAX_TREE_COMPILES):
-      if len(seen) >= _MAX_TREE_COMPILES or target < 1:
-        break
-      opt = self._tree_option(ctx, search, int(target), max_depth)
-      if opt is None:
-        break
-      if opt.key in seen:  # same plan as before: ask the model for less
-        target *= 0.85
-        continue
-      seen.add(opt.key)
-      m = consider(opt)
-      if m.temp_bytes <= budget:
-        break
-      per_byte = m.temp_bytes / max(opt.node.peak, 1)   # what the compiler made of this plan
-      target = min(budget / max(per_byte, 1e-9), target * 0.9)
-    # Whole-function jax.checkpoint keeps its savings only where XLA keeps optimization barriers;
-    # XLA:CPU compiles it to plain jax.grad's program (benchmarks/remat.py measures it), so there
-    # it is not compiled again here.
-    whole = ctx.platform != "cpu"
-    consider(*(self._policy_options(ctx, "dots_saveable", _POLICY_SEGMENTS, whole=whole)
-               + self._policy_options(ctx, "nothing_saveable", _FLOOR_SEGMENTS, whole=whole)))
-    if not fits:
-      strip = len(self._prefix)
-      consider(*[_Option(("min", _node_key(nd, strip)), f"recompute all, d{nd.depth()} x{nd.num_segments()}",
-                         lambda nd=nd: _apply(g, nd, _decisions(nd, False), ctx.form), nd.cost, "min",
-                         ctx.form, nd, _decisions(nd, False))
-                 for nd in search.minimal(max_depth)[:_FLOOR_TREES]])
-    # the cheapest screened fit, confirmed by a default-options compile
-    for _, opt, fn, _ in sorted(fits, key=lambda t: (t[0], t[3].temp_bytes)):
-      m = self._verify(ctx, opt, fn)
-      if m.temp_bytes <= budget:
-        return opt, fn, m
-    return None
-
-  def _smallest(self, ctx: _Ctx) -> tuple[int, str]:
-    """The smallest compiled temp bytes among the candidates tried, as (bytes, label).
-
-    Budget-independent candidates (JAX policies, recompute-everything trees) are tried again at
-    any budget when nothing else fits, so their minimum is always achievable; a smaller figure
-    from a budget-dependent tree plan is reported only if planning at it succeeds.
-    """
-    fixed = [(m.temp_bytes, o.label) for o, m in ctx.tried if o.key[0] in ("policy", "whole", "min")]
-    others = [(m.temp_bytes, o.label) for o, m in ctx.tried if o.key[0] == "tree"]
-    best = min(fixed) if fixed else (ctx.base.temp_bytes, "no remat")
-    if others and min(others)[0] < best[0]:
-      n_tried = len(ctx.tried)
-      got = self._search(ctx, min(others)[0])
-      del ctx.tried[n_tried:]
-      if got is not None:
-        return got[2].temp_bytes, got[0].label
-    return best
 
   # ------------------------------------------------------------------ results
 
-  def _finish(self, ctx: _Ctx, opt: _Option, fn: Callable, m: Measured) -> _Compiled:
+  def _finish(self, ctx: _Ctx, st: _Structure, opt: _Option, m: Measured) -> _Compiled:
     g, cm = ctx.g, ctx.cm
-    dev, host, peak, _ = model_grad_memory(fn, ctx.flat_specs, ctx.argnums)
+    fn = st.fn(opt)
+    dev, host, peak, _ = st.model(opt)
     decisions, transfer, nseg, depth, model_peak = [], 0, 1, 1, peak
     if opt.node is not None:
       decisions, transfer = _tree_decisions(g, opt.node, opt.decision)
@@ -356,13 +454,18 @@ class _Planner:
       decisions = [TensorDecision(c.name, tuple(c.var.aval.shape), str(c.var.aval.dtype), 1, c.nbytes, "save",
                                   0, c.flops, c.primitive) for c in g.cands.values()]
       depth, model_peak = 0, ctx.model_base
-    else:  # a JAX policy per segment: dots_saveable keeps matmul / conv outputs
+    elif opt.key[0] == "saveset":
+      pass  # rows filled in by _plan_saved
+    else:  # a JAX policy per layer / segment: dots_saveable keeps matmul / conv outputs
       segs = _segments_from_cuts(g, opt.cuts)
-      nseg = len(segs)
-      seg_of = {i: s for s, seg in enumerate(segs) for i in range(seg.lo, seg.hi)}
+      lo, hi = opt.layers if opt.layers is not None else (0, g.n)
+      wrapped = [s for s in segs if s.scan or lo <= s.lo and s.hi <= hi]
+      nseg = len(wrapped)
+      seg_of = {i: k for k, seg in enumerate(wrapped) for i in range(seg.lo, seg.hi)}
       keep = ("dot_general", "conv_general_dilated") if opt.policy_name == "dots_saveable" else ()
       for c in g.cands.values():
-        d = "save" if c.primitive in keep else "recompute"
+        inside = c.segment_local in seg_of
+        d = "save" if (c.primitive in keep or not inside) else "recompute"
         decisions.append(TensorDecision(c.name, tuple(c.var.aval.shape), str(c.var.aval.dtype), 1, c.nbytes, d,
                                         seg_of.get(c.segment_local, 0), 0.0 if d == "save" else c.flops,
                                         c.primitive))
@@ -380,18 +483,18 @@ class _Planner:
 
   # ------------------------------------------------------------- budget_kind="saved"
 
-  def _plan_saved(self, ctx: _Ctx, plain_fn: Callable) -> _Compiled:
+  def _plan_saved(self, ctx: _Ctx, st: _Structure, plain_fn: Callable) -> _Compiled:
     """``budget_kind="saved"``: least recompute with saved residual bytes (JAX's accounting of the
     jaxpr) within budget; applied with ``jax.checkpoint`` regions, reported with compiled numbers."""
     g, base_saved = ctx.g, ctx.base_saved
     ctx.budget = budget = self._budget_bytes(base_saved)
     plain = ctx.tried[0][0]
     if budget >= base_saved:
-      return self._finish(ctx, plain, plain_fn, ctx.base)
+      return self._finish(ctx, st, plain, ctx.base)
     best, smallest = None, None
     # scans checkpointed per iteration (carries kept) or as whole loops (carries recomputed)
     for whole in ((False, True) if g.scans else (False,)):
-      cg = _closure_graph(g, self._prefix, whole_scans=whole)
+      cg = _closure_graph(g, st.prefix, whole_scans=whole)
       prob = cg.problem
       method = _closure_method(prob)
       target = budget
@@ -422,8 +525,11 @@ class _Planner:
     cg, cp, segs, fn, measured = best
     opt = _Option(("saveset", tuple(sorted(cp.saved)), cg.whole_scans), f"save set ({cp.method})",
                   lambda: fn, 0.0, f"saveset-{cp.method}", "checkpoint")
-    m = self._verify(ctx, opt, fn)
-    comp = self._finish(ctx, opt, fn, m)
+    with st.lock:
+      st.fns[opt.key] = fn
+      st.models[opt.key] = measured
+    m = st.verified(opt)
+    comp = self._finish(ctx, st, opt, m)
     return dataclasses.replace(comp, plan=dataclasses.replace(
         comp.plan, decisions=_closure_decisions(g, cg, cp, segs), num_segments=len(segs),
         model_peak_bytes=int(cp.saved_bytes)))

@@ -17,6 +17,8 @@ from flax import nnx
 from lepton_jax._errors import BudgetError
 from lepton_jax.transforms import RematPlan, remat_plan
 from lepton_jax.transforms import _remat_graph as G
+from lepton_jax.transforms import _remat_measure as M
+from lepton_jax.transforms import _remat_planner as P
 from lepton_jax.transforms import _remat_search as R
 from lepton_jax.transforms import _remat_solver as S
 from lepton_jax.transforms._remat_apply import _apply
@@ -268,19 +270,19 @@ def lm_case():
   model = _TinyLM(nnx.Rngs(0))
   tokens = jnp.asarray(np.random.default_rng(5).integers(0, 64, (4, 33)), jnp.int32)
   gdef, state = nnx.split(model)
-  ref = jax.jit(jax.grad(lambda s, t: lm_loss(nnx.merge(gdef, s), t)))(state, tokens)
-  return model, tokens, ref
+  # the planner differentiates the first argument (the model's state): measure exactly that
+  pure = lambda s, t: lm_loss(nnx.merge(gdef, s), t)
+  base_temp, _, ref = compiled(pure, state, tokens, run=True)
+  return model, tokens, ref, base_temp
 
 
 @pytest.mark.parametrize("budget", BUDGETS)
 def test_flax_transformer_lm_budgets(budget, lm_case):
-  model, tokens, ref = lm_case
+  """The budgets share one compiled candidate set (the first pays for it)."""
+  model, tokens, ref, base_temp = lm_case
   gdef, state = nnx.split(model)
   f = remat_plan(lm_loss, budget=budget)
-  # the planner differentiates the first argument (the model's state): measure exactly that
-  pure = lambda s, t: lm_loss(nnx.merge(gdef, s), t)
   planned = lambda s, t: f(nnx.merge(gdef, s), t)
-  base_temp, _ = compiled(pure, state, tokens)
   try:
     plan = f.plan(model, tokens)
   except BudgetError as e:  # (that the named budget plans: test_budget_error_names_an_achievable_...)
@@ -333,6 +335,84 @@ def test_budget_error_names_an_achievable_compiled_budget():
   assert plan.compiled_bytes <= smallest
   assert compiled(ok, params, x)[0] <= smallest
   _close(jax.grad(ok)(params, x), jax.grad(mlp_loss)(params, x))
+
+
+def test_scanned_transformer_never_dominated_by_per_layer_dots_saveable(transformer_cases):
+  """JAX's dots_saveable on each scanned layer, as a user writes it (the plan at 0.9 used to be
+  dominated by it): at the policy's compiled temp and at any larger budget, the plan fits and
+  recomputes no more FLOPs (independent compiles of both)."""
+  fun, params, x, g0 = transformer_cases[True]
+  base_temp, base_flops = compiled(fun, params, x)
+
+  def per_layer(params, x):
+    body = jax.checkpoint(_attn_block, policy=jax.checkpoint_policies.dots_saveable)
+    x, _ = jax.lax.scan(lambda c, p: (body(c, p), None), x, params)
+    return jnp.mean(x ** 2)
+  temp, flops = compiled(per_layer, params, x)
+  assert temp < base_temp
+  f = remat_plan(fun, budget=int(temp))
+  plan = f.plan(params, x)
+  got_temp, got_flops, grads = compiled(f, params, x, run=True)
+  assert got_temp == plan.compiled_bytes <= temp
+  assert got_flops <= flops + 1.0, (got_flops, flops)
+  _close(grads, g0, tol=2e-5)
+  for budget in (0.9, max(temp / base_temp, 0.5)):
+    if budget * base_temp >= temp:
+      assert remat_plan(fun, budget=budget).plan(params, x).recompute_flops <= plan.recompute_flops
+
+
+def test_budgets_share_one_candidate_set_and_are_monotone(monkeypatch):
+  """Another wrapper / budget of the same program compiles nothing new, and a larger budget never
+  recomputes more (checked on independent compiles of the planned gradients)."""
+  params, x = mlp_setup(layers=8, d=32, batch=64)
+  P._clear_caches()
+  assert len(P._STRUCTURES) == 0
+  first = remat_plan(mlp_loss, budget=0.9)
+  first.plan(params, x)
+  calls = []
+  real = M.compile_lowered
+  counting = lambda *a, **k: calls.append(1) or real(*a, **k)
+  monkeypatch.setattr(M, "compile_lowered", counting)
+  monkeypatch.setattr(P, "compile_lowered", counting)
+  plans = {}
+  for b in (0.5, 0.6, 0.7, 0.8, 0.9, 0.95):
+    try:
+      plans[b] = remat_plan(mlp_loss, budget=b)
+      plans[b].plan(params, x)
+    except BudgetError:
+      del plans[b]
+  assert not calls, "planning at another budget recompiled"
+  monkeypatch.undo()
+  assert len(plans) >= 2
+  flops = [plans[b].plan(params, x).recompute_flops for b in sorted(plans)]
+  assert all(a >= b for a, b in zip(flops, flops[1:])), flops
+  _, base_flops = compiled(mlp_loss, params, x)
+  lo, hi = min(plans), max(plans)
+  t_lo, f_lo = compiled(plans[lo], params, x)
+  t_hi, f_hi = compiled(plans[hi], params, x)
+  assert t_lo <= plans[lo].plan(params, x).budget_bytes and t_hi <= plans[hi].plan(params, x).budget_bytes
+  assert f_hi <= f_lo
+  P._clear_caches()
+  assert len(P._STRUCTURES) == 0
+
+
+@pytest.mark.parametrize("layers", [3, 5])
+def test_layer_cuts_find_repeated_blocks(layers):
+  """Per-layer policy candidates cut where a user's per-layer checkpoint would: one block each."""
+  for fun, args in ((mlp_loss, mlp_setup(layers=layers)),
+                    (transformer_unrolled, (transformer_params(layers=layers), jnp.ones((2, 8, 32))))):
+    flat, tree = jax.tree.flatten(args)
+    closed = jax.make_jaxpr(lambda *a: fun(*jax.tree.unflatten(tree, a)))(*flat)
+    g = G._build_graph(closed, "t:")
+    cuts, (lo, hi) = G._layer_cuts(g)
+    bounds = [c for c in (lo,) + cuts + (hi,) if lo <= c <= hi]
+    bounds = sorted(set(bounds))
+    assert len(bounds) - 1 == layers, (fun.__name__, bounds)
+    dots = [sum(e.primitive.name == "dot_general" for e in closed.jaxpr.eqns[a:b]) for a, b in zip(bounds, bounds[1:])]
+    assert len(set(dots)) == 1 and dots[0] > 0, dots
+  # nothing repeats: no layers
+  closed = jax.make_jaxpr(lambda x: jnp.sum(jnp.tanh(x @ x.T)))(jnp.ones((4, 4)))
+  assert G._layer_cuts(G._build_graph(closed, "t:")) is None
 
 
 # ------------------------------------------------------------------------------ solver
