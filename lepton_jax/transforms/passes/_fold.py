@@ -20,6 +20,7 @@ from lepton_jax.jaxpr._registry import primitive_info
 __all__ = ["fold"]
 
 _DEFAULT_MAX_ELEMENTS = 1 << 16
+_EXPANDING = frozenset({"iota", "broadcast_in_dim"})
 
 
 def _literal(val: np.ndarray, aval) -> core.Literal:
@@ -48,6 +49,9 @@ def _fold_jaxpr(closed: core.ClosedJaxpr, path: str, records: list[Rewrite],
     vals = [value_of(a) for a in eqn.invars]
     foldable = (
         all(v is not None for v in vals)
+        # iota / broadcasts of known values: XLA materialises them for free inside fusions;
+        # folding would only grow the executable's constants (and compile each shape eagerly).
+        and not (eqn.primitive.name in _EXPANDING and top)
         and not eqn.effects
         and primitive_info(eqn).foldable
         and not any(isinstance(p, (core.ClosedJaxpr, core.Jaxpr)) for p in eqn.params.values())
