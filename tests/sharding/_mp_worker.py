@@ -92,8 +92,21 @@ def _checkpoint_roundtrip(jax, multihost_utils, np, state, pid, out_dir) -> dict
   try:
     from lepton_jax.checkpoint import TieredCheckpointManager
     phase = enter("open")
-    mgr = TieredCheckpointManager(os.path.join(out_dir, f"local_{pid}"), os.path.join(out_dir, "persistent"),
-                                  local_every=1, persistent_every=1, async_save=False)
+    mgr, open_error = None, None
+    try:
+      mgr = TieredCheckpointManager(os.path.join(out_dir, f"local_{pid}"), os.path.join(out_dir, "persistent"),
+                                    local_every=1, persistent_every=1, async_save=False)
+    except Exception as e:  # noqa: BLE001 - agreed on below, then re-raised
+      open_error = e
+    # Every process must take part in Orbax's collective save: agree first, so that a process
+    # refused here does not leave its peers waiting in the save until the deadline.
+    opened = multihost_utils.process_allgather(np.asarray([mgr is not None], np.int32))
+    if open_error is not None:
+      raise open_error
+    if not bool(np.all(opened)):
+      mgr.close()
+      return {"ok": False, "phase": "open", "error": f"a peer process could not open its manager "
+              f"(opened per process: {np.asarray(opened).ravel().tolist()})", "where": []}
     with mgr:
       phase = enter("save")
       saved = mgr.save(1, state, force=True)

@@ -25,8 +25,10 @@ from lepton_jax.sharding import auto_shard
 from lepton_jax.sharding._compiled import collective_bytes
 from tests.sharding import models as M
 
-_MESHES = {"8": ((8,), ("data",)), "2x4": ((2, 4), ("data", "model")), "4x2": ((4, 2), ("data", "model"))}
-_KW = {"gemma": dict(layers=1), "lm1b": dict(layers=1), "vit": dict(layers=1), "resnet": {}}
+_MESHES = {"8": ((8,), ("data",)), "2x4": ((2, 4), ("data", "model")), "4x2": ((4, 2), ("data", "model")),
+           "2x2x2": ((2, 2, 2), ("data", "fsdp", "tensor"))}
+_KW = {"gemma": dict(layers=1), "lm1b": dict(layers=1), "vit": dict(layers=1), "resnet": {},
+       "scanned_lm": dict(layers=2)}
 
 
 def _mesh(key):
@@ -66,8 +68,8 @@ def _argument_bytes(shardings, args):
   return total
 
 
-@pytest.mark.parametrize("mesh_key", ["8", "2x4", "4x2"])
-@pytest.mark.parametrize("name", ["gemma", "lm1b", "vit", "resnet"])
+@pytest.mark.parametrize("mesh_key", ["8", "2x4", "4x2", "2x2x2"])
+@pytest.mark.parametrize("name", ["gemma", "lm1b", "vit", "resnet", "scanned_lm"])
 def test_dp_never_shards_a_parameter(name, mesh_key):
   step, args = _case(name)
   f = auto_shard(step, _mesh(mesh_key), strategy="dp")
@@ -83,6 +85,27 @@ def test_dp_never_shards_a_parameter(name, mesh_key):
   assert "data flow" in plan.role_basis
 
 
+def test_scanned_layers_get_tensor_parallelism_on_a_3d_mesh():
+  """Weights stacked [layers, ...] and run by lax.scan get Megatron pairs over the tensor axis;
+  batch and FSDP use the data and fsdp axes (plan only: nothing compiled)."""
+  step, args = _case("scanned_lm")
+  mesh = _mesh("2x2x2")
+  plan = auto_shard(step, mesh, strategy="tp").explain(*args)
+  specs = {l.path: l.spec for l in plan.inputs}
+  lay = "args[0]['layers']"
+  # column-parallel: heads of wq/wk/wv, the hidden dim of w1; row-parallel: heads of wo, hidden of w2
+  for w, dim in (("wq", 2), ("wk", 2), ("wv", 2), ("w1", 2), ("wo", 1), ("w2", 1)):
+    spec = specs[f"{lay}['{w}']"]
+    assert spec[dim] == ("tensor",) and not spec[0], (w, spec)
+    assert specs[f"args[1][0].mu['layers']['{w}']"] == spec     # Adam moments follow their parameter
+  assert specs["args[2]"][0] == ("data", "fsdp")
+  assert plan.tensor_parallel and plan.tensor_axes == ("tensor",)
+  abstract = jax.sharding.AbstractMesh((2, 2, 2), ("data", "fsdp", "tensor"))
+  auto = auto_shard(step, abstract, strategy="auto").explain(*args)
+  assert auto.tensor_parallel        # the cost model's own plan uses the stacked pairs too
+  assert any("tensor" in l.spec[2] for l in auto.inputs if l.path == f"{lay}['w1']")
+
+
 def test_gemma_stacked_kv_kernel_is_a_parameter_under_every_strategy():
   step, args = _case("gemma")
   plan = auto_shard(step, _mesh("2x4"), strategy="fsdp").explain(*args)
@@ -94,7 +117,7 @@ def test_gemma_stacked_kv_kernel_is_a_parameter_under_every_strategy():
 
 
 @pytest.mark.parametrize("name,mesh_key", [("gemma", "2x4"), ("lm1b", "8"), ("vit", "4x2"), ("resnet", "8"),
-                                           ("gemma", "4x2")])
+                                           ("gemma", "4x2"), ("scanned_lm", "2x2x2")])
 def test_auto_not_worse_than_baselines_compiled(name, mesh_key):
   step, args = _case(name)
   mesh = _mesh(mesh_key)
