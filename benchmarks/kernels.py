@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 
 from lepton_jax import pallas_kernels as lpk
+from lepton_jax.jaxpr._compiled import read_compiled
 
 
 def _times(f, args, repeats):
@@ -47,8 +48,7 @@ def _median_time(f, args, repeats):
 
 def _temp_bytes(f, args):
   try:
-    m = f.lower(*args).compile().memory_analysis()
-    return int(m.temp_size_in_bytes) if m is not None else None
+    return int(read_compiled(f.lower(*args).compile()).temp_bytes)
   except Exception:  # some backends give no memory analysis
     return None
 

@@ -11,7 +11,8 @@
   ``jax.export.export(jax.jit(f), platforms=["tpu"])``.
 * ``"xla"``: the blockwise / chunked pure-XLA implementation (any device).
 * ``"interpret"``: the Pallas GPU kernel run with ``interpret=True`` (any device;
-  how CPU tests check the kernels).
+  how CPU tests check the kernels). With ``LEPTON_PALLAS_GPU=mosaic`` set explicitly, the
+  Mosaic GPU kernels run in Mosaic GPU's own interpreter instead (:func:`use_mosaic`).
 * ``"interpret_tpu"``: the Pallas TPU kernel run in the TPU interpreter
   (``pltpu.InterpretParams()``; any device).
 

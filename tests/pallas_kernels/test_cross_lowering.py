@@ -122,6 +122,10 @@ def test_softmax_cross_entropy_lowers_without_padded_logits(platform, monkeypatc
     assert "stablehlo.pad" not in text
   if platform == "cuda":
     _no_triton(fwd, bwd)
+    # float32 logits: 128-column chunks (shared memory), Mosaic GPU too
+    f32 = _assert_lowers(lambda lg, lab, backend: lpk.softmax_cross_entropy(lg, lab, backend=backend),
+                         (S((n, v), F32), lab), (0,), platform, TAGS["mosaic"])
+    _no_triton(*f32)
 
 
 def test_gpu_fallbacks_to_triton_where_mosaic_cannot_serve(monkeypatch):

@@ -14,6 +14,7 @@ import pytest
 
 from lepton_jax import pallas_kernels as lpk
 from lepton_jax.pallas_kernels import _mgpu
+from tests.pallas_kernels._util import check_vjp as check_fwd_bwd
 from tests.pallas_kernels._util import max_err
 
 
@@ -24,29 +25,6 @@ def _mosaic(monkeypatch):
 
 def _keys(n):
   return jax.random.split(jax.random.PRNGKey(0), n)
-
-
-def check_fwd_bwd(f, ref, args, argnums, *, fwd_tol, grad_tol):
-  """Value and VJP (a random cotangent) of ``f`` in ONE compile (the interpreter's compile is
-  the cost: one forward and one backward kernel instance), against ``ref``."""
-  def run(fn, *a):
-    def part(*d):
-      full = list(a)
-      for i, v in zip(argnums, d):
-        full[i] = v
-      return fn(*full)
-    y, vjp = jax.vjp(part, *[a[i] for i in argnums])
-    ct = jax.random.normal(jax.random.PRNGKey(7), y.shape, jnp.float32).astype(y.dtype)
-    return y, vjp(ct)
-  out, g = jax.jit(lambda *a: run(f, *a))(*args)
-  want, gr = jax.jit(lambda *a: run(ref, *a))(*args)
-  assert out.shape == want.shape and out.dtype == want.dtype
-  assert max_err(out, want) <= fwd_tol * max(1.0, float(jnp.max(jnp.abs(want.astype(jnp.float32))))), \
-      max_err(out, want)
-  for i, (a, b) in enumerate(zip(g, gr)):
-    assert a.shape == b.shape and a.dtype == b.dtype
-    err = max_err(a, b) / max(1.0, float(jnp.max(jnp.abs(b.astype(jnp.float32)))))
-    assert err <= grad_tol, (i, err)
 
 
 def test_norms_mosaic_gpu_interpret():
