@@ -4,8 +4,10 @@ Shared design (as ``_attention_mgpu``): ``pl.kernel`` over a Mosaic GPU mesh, on
 CTA, tiles of 64 rows (the WGMMA register layout's row granularity), operands brought into
 shared memory by TMA through ``plgpu.emit_pipeline`` (copies of step ``j + 1`` overlap the
 compute of step ``j``), 128-byte swizzled tiles. A TMA box holds at most 256 elements per
-dimension, so every long axis (features, vocabulary, K) is walked in chunks of
-``<= 256`` columns.
+dimension: Mosaic GPU splits swizzled tiles into per-tile boxes, but the untiled vector copies
+(scale / bias / dscale / dbias chunks) are single boxes, and shared memory is 227 KiB, so every
+long axis (features, vocabulary, K) is walked in chunks of <= 256 columns (128 for float32
+norms / CE).
 
 * Norms (``norm_fwd`` / ``norm_bwd``): a CTA owns 64 rows; the feature axis is walked twice
   (statistics, then output), so no row has to fit in shared memory. The layer-norm statistics

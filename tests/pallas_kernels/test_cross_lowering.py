@@ -288,3 +288,30 @@ def test_tpu_scoped_vmem_raised_only_beyond_the_budget():
   # the padding is Mosaic's: a (1, 4096) float32 row occupies an (8, 4096) tile band
   assert _common.tpu_padded_bytes((1, 4096), F32) == 8 * 4096 * 4
   assert _common.tpu_padded_bytes((40, 100), BF) == 48 * 128 * 2
+
+
+def test_mosaic_gpu_lowering_enforces_tma_box_limit():
+  """The cuda check is real too: an untiled TMA copy wider than 256 elements is rejected when
+  lowering from this host (why the kernels' untiled vector copies -- scale / bias / dscale
+  chunks -- are chunked to <= 256; swizzled tiles are split per tile by Mosaic GPU)."""
+  from jax.experimental import pallas as pl
+  from jax.experimental.pallas import mosaic_gpu as plgpu
+  from lepton_jax.pallas_kernels import _mgpu
+
+  def f(x):
+    def body(x_ref, o_ref, smem, bar):
+      plgpu.copy_gmem_to_smem(x_ref.at[pl.ds(0, 64), pl.ds(0, 512)], smem, bar.at[0])
+      plgpu.barrier_wait(bar.at[0])
+      plgpu.copy_smem_to_gmem(smem, o_ref)
+      plgpu.wait_smem_to_gmem(0)
+
+    def kernel(x_ref, o_ref):
+      pl.run_scoped(lambda s, b: body(x_ref, o_ref, s, b), plgpu.SMEM((64, 512), BF),
+                    plgpu.Barrier(num_barriers=1), collective_axes=())
+    return pl.kernel(kernel, out_type=S((64, 512), BF), mesh=plgpu.Mesh(grid=(1,), grid_names=("x",)),
+                     compiler_params=_mgpu.compiler_params())(x)
+  with pytest.raises(ValueError, match="<=256 elements"):
+    _lower_text(f, (S((64, 1024), BF),), "cuda")
+  # jax 0.11 made the warpgroup semantics the default: the kernels state Lane (their layouts
+  # are explicit), on 0.10 too
+  assert _mgpu.compiler_params().lowering_semantics == plgpu.LoweringSemantics.Lane
