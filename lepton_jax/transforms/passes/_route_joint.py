@@ -25,12 +25,14 @@ it to every nested level):
    region, and otherwise only the forward's inputs, constants and literals. Every use of a
    residual must be in the region, or nothing is done.
 4. *Identification and check*: on random inputs at the real shapes (a constant ``dO`` keeps its
-   value), each differentiable input's kernel cotangent must equal a region value of the same
+   value), each differentiated input's kernel cotangent must equal a region value of the same
    type -- or the sum of up to three region values that the program accumulates together
    (JAX adds a cotangent's contributions one by one, interleaved with other uses of the input:
    the first gets the kernel's cotangent, the others zeros) -- on two independent draws.
-   The region shrinks to what computes them. Anything that does not match exactly (within
-   float tolerance) is left untouched.
+   The region shrinks to what computes them; an input whose cotangent is found nowhere is taken
+   as not differentiated, which the next check confirms: every other use of a residual or of a
+   kept intermediate rejects the route (a cotangent computed elsewhere would read them).
+   Anything that does not match exactly (within float tolerance) is left untouched.
 5. *Compiled judge* (template hotspots): the original forward + backward and the kernel's are
    compiled on their own for the default backend; the route is kept only if XLA's temp bytes
    and FLOPs do not grow and one of them drops (a ``route_check`` record says why otherwise).
@@ -164,10 +166,10 @@ def attention_forwards(closed, du: DefUse, *, match_fn, no_match, replacement_fn
   out = []
   for m in _find_forward(closed.jaxpr, du, known_consts(closed), match_fn, no_match):
     key = ("attention", m.q_perm, m.k_perm, m.v_perm, m.out_perm, m.bias_perm, m.mask_perm,
-           m.bias_split, m.mask_split, m.bias_shape, m.scale, m.head_b, m.groups, kernels,
-           id(replacement_fn))
+           m.bias_split, m.mask_split, m.mask2_perm, m.mask2_split, m.bias_shape, m.scale,
+           m.head_b, m.groups, kernels, id(replacement_fn))
     out.append(JointForward("attention_fwd_bwd", m.d2, set(m.eqns),
-                            [m.q, m.k, m.v, m.bias, m.mask], replacement_fn(m, kernels),
+                            [m.q, m.k, m.v, m.bias, m.mask, m.mask2], replacement_fn(m, kernels),
                             pre=set(m.pre_eqns), key=key))
   return out
 
@@ -201,7 +203,7 @@ def _folded_cotangents(c, root) -> list:
 
 
 def _cotangent_candidates(jaxpr, du: DefUse, jf: JointForward, fwd, resid, allowed, consts,
-                          known=None):
+                          known=None, closed=None):
   """Values of the root's type that the backward combines with the residuals (see module doc),
   earliest first; then values recovered from folded constant cotangents (Literals)."""
   root = jaxpr.eqns[jf.root].outvars[0]
@@ -254,12 +256,18 @@ def _cotangent_candidates(jaxpr, du: DefUse, jf: JointForward, fwd, resid, allow
   out = sorted(cands, key=lambda a: (a in consts, cands[a]))   # computed values first
   for a in out:   # a constant cotangent may have been folded negated (``-sum`` / ``neg``)
     c = (known or {}).get(a)
+    if c is None and a in consts and closed is not None and np.prod(a.aval.shape) <= 1 << 20:
+      try:   # computed from constants by a few equations: evaluate them
+        with jax.ensure_compile_time_eval():
+          c = np.asarray(_subgraph(closed, [du.producer(a)], [], [a])()[0])
+      except Exception:
+        c = None
     if c is not None and np.issubdtype(c.dtype, np.floating) and len(folded) < 6:
       folded.append(core.Literal(-c, core.ShapedArray(tuple(c.shape), c.dtype)))
   return out + folded
 
 
-def _regions(jaxpr, du: DefUse, jf: JointForward, known=None) -> list:
+def _regions(jaxpr, du: DefUse, jf: JointForward, known=None, closed=None) -> list:
   """Candidate backward regions of forward ``jf`` (one per cotangent candidate, see module doc):
   every later equation computable from the residuals, dO, the forward's inputs and constants."""
   fwd = set(jf.eqns) | set(jf.pre)
@@ -282,7 +290,8 @@ def _regions(jaxpr, du: DefUse, jf: JointForward, known=None) -> list:
   allowed_side = (inputs | consts | derived | {root}
                   | {v for i in fwd for v in jaxpr.eqns[i].outvars})
   out = []
-  for do in _cotangent_candidates(jaxpr, du, jf, fwd, resid, allowed_side, consts, known)[:4]:
+  for do in _cotangent_candidates(jaxpr, du, jf, fwd, resid, allowed_side, consts, known,
+                                  closed)[:4]:
     region_vars = set(resid) | ({do} if isinstance(do, core.Var) else set())
     bwd = []
     start = min(u for v in resid for u in du.users(v) if u != OUTPUT and u not in fwd)
@@ -536,10 +545,14 @@ def _find_cotangents(closed, du: DefUse, j: _Joint):
       if hit is not None:
         break
     if hit is None:
-      return "no value of the backward equals the kernel's cotangent"
+      # The program may not differentiate this input (a mask-derived bias, a frozen scale);
+      # the checks in _finish reject the route if it does compute its cotangent elsewhere.
+      continue
     used.update(id(v) for v in hit)
     outputs.append(hit)
     combos.append(tuple(pos))
+  if not outputs:
+    return "no value of the backward equals the kernel's cotangent"
   return outputs, combos
 
 
@@ -659,7 +672,7 @@ def route_joint_level(closed, path: str, records: list, *, forwards: Callable, k
     if (set(jf.eqns) | set(jf.pre)) & used:
       continue
     j = None
-    for cand in _regions(jaxpr, du, jf, known):
+    for cand in _regions(jaxpr, du, jf, known, closed):
       if _identify(closed, du, cand, _IDENT_CACHE) is None and not (cand.fwd | set(cand.bwd)) & used:
         j = cand
         break

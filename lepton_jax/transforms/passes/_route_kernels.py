@@ -7,7 +7,7 @@ causal/explicit masks), ``einsum + softmax + einsum`` and Flax linen / NNX
 ``dot_product_attention`` all normalise to the same structure::
 
     S0 = dot_general(Q, K)          contracting one head dim, any batch dims
-    S  = S0 [* c | / c]* [+ bias] [where(mask, ., fill)]   (+ layout-only transposes/reshapes)
+    S  = S0 [* c | / c]* [+ bias] [where(mask, ., fill)]{0,2}   (+ layout-only transposes/reshapes)
     P  = softmax(S, axis=k)         the jax.nn.softmax graph (max, sub, exp, sum, div)
     O  = dot_general(P, V)          contracting k with V's sequence axis
 
@@ -21,7 +21,7 @@ Grouped-query attention needs nothing special when the group is a query dim (GQA
 the kernel's own GQA (``jnp.tile`` / another order is not a repeat). Low-precision inputs
 may have float32 scores and softmax with the probabilities cast back before ``P.V``, or a
 softmax whose sum is taken in float32. Anything else -- softmax over another axis, a mask
-applied after the softmax, a scale applied after the bias, two masks, an intermediate used
+applied after the softmax, a scale applied after the bias, an intermediate used
 elsewhere, a ``-inf`` fill -- is not a match. Each replacement is checked (output shape/dtype, and a
 numeric comparison on random inputs when it is small enough); a failed check keeps the
 original sub-graph and warns.
@@ -91,6 +91,11 @@ class _AttnMatch:
   # softmax: a bias/mask given in that merged frame is split back with ``(position, size1, size2)``.
   bias_split: tuple[int, int, int] | None = None
   mask_split: tuple[int, int, int] | None = None
+  # A second mask applied with the same fill (``where(pad, where(causal, s, f), f)``): the kernel
+  # gets ``mask & mask2``.
+  mask2: Any = None
+  mask2_perm: tuple[int, ...] | None = None
+  mask2_split: tuple[int, int, int] | None = None
 
 
 class _NoMatch(Exception):
@@ -389,6 +394,7 @@ def _match_attention_oriented(jaxpr, uses, prod, d1: int, known, q_is_lhs: bool)
   scale = 1.0
   bias = mask = None
   bias_labels = mask_labels = bias_shape = None
+  mask2 = mask2_labels = fill1 = None
   merge = None          # (size1, size2) of the two score dims merged into one, if any
   phase = 0
   idx = [d1]
@@ -435,7 +441,8 @@ def _match_attention_oriented(jaxpr, uses, prod, d1: int, known, q_is_lhs: bool)
         raise _NoMatch("bias must be an independent array of the scores' shape")
       bias, bias_labels, bias_shape = b, list(labels), shape
       phase = 1
-    elif name == "select_n" and len(e.invars) == 3 and phase in (0, 1) and e.invars[2] is cur:
+    elif name == "select_n" and len(e.invars) == 3 and e.invars[2] is cur and (
+        phase in (0, 1) or (phase == 2 and mask2 is None)):
       pred, fill = e.invars[0], e.invars[1]
       if pred.aval.dtype != np.bool_ or pred.aval.shape != cur.aval.shape:
         raise _NoMatch("mask shape")
@@ -444,7 +451,12 @@ def _match_attention_oriented(jaxpr, uses, prod, d1: int, known, q_is_lhs: bool)
       fv = _fill_value(jaxpr, prod, fill, known)
       if fv is None or not np.isfinite(fv) or fv > _FILL_MAX:
         raise _NoMatch("mask fill must be a large finite negative constant")
-      mask, mask_labels = pred, list(labels)
+      if phase == 2:
+        if fv != fill1:
+          raise _NoMatch("two masks with different fills")
+        mask2, mask2_labels = pred, list(labels)
+      else:
+        mask, mask_labels, fill1 = pred, list(labels), fv
       idx.extend(_fill_eqns(jaxpr, prod, fill, uses, i))
       phase = 2
     elif name == "transpose":
@@ -591,7 +603,9 @@ def _match_attention_oriented(jaxpr, uses, prod, d1: int, known, q_is_lhs: bool)
       mask=mask, mask_perm=perm_for(_split_labels(mask_labels)) if mask is not None else None,
       out_perm=out_perm, bias_shape=bias_shape, head_b=head_b, groups=groups, pre_eqns=pre,
       bias_split=_split_of(bias_labels, merge) if bias is not None else None,
-      mask_split=_split_of(mask_labels, merge) if mask is not None else None)
+      mask_split=_split_of(mask_labels, merge) if mask is not None else None,
+      mask2=mask2, mask2_perm=perm_for(_split_labels(mask2_labels)) if mask2 is not None else None,
+      mask2_split=_split_of(mask2_labels, merge) if mask2 is not None else None)
 
 
 def _merged_pair(old_shape, new_shape):
@@ -650,7 +664,7 @@ def _fill_eqns(jaxpr, prod, fill, uses, select_idx):
 
 
 def _attention_replacement(m: _AttnMatch, backend: str):
-  """``fn(q, k, v, bias, mask)`` computing the matched attention with ``flash_attention``.
+  """``fn(q, k, v, bias, mask, mask2=None)`` computing the matched attention with ``flash_attention``.
 
   Batch dims are flattened into the kernel's batch and query dims into its sequence; with
   a head repeat (``m.head_b``) that batch dim becomes the kernel's heads and ``k``/``v``
@@ -675,7 +689,7 @@ def _attention_replacement(m: _AttnMatch, backend: str):
       x = jnp.moveaxis(x, hb, nb - 1)               # [other batch..., head, q..., k]
     return x.reshape(nbo, heads, tq, m.kv_len)
 
-  def fn(q, k, v, bias, mask):
+  def fn(q, k, v, bias, mask, mask2=None):
     qc = heads_last(q, m.q_perm).reshape(nbo, tq, heads, m.head_dim)
     kc = heads_last(k, m.k_perm).reshape(nbo, m.kv_len, kv_heads, m.head_dim)
     vc = heads_last(v, m.v_perm).reshape(nbo, m.kv_len, kv_heads, m.v_dim)
@@ -684,6 +698,8 @@ def _attention_replacement(m: _AttnMatch, backend: str):
     bias, mask = _unmerge(bias, m.bias_split), _unmerge(mask, m.mask_split)
     bc = None if bias is None else scores(bias, m.bias_perm)
     mc = None if mask is None else scores(mask, m.mask_perm)
+    if mask2 is not None:
+      mc = mc & scores(_unmerge(mask2, m.mask2_split), m.mask2_perm)
     o = flash_attention(qc, kc, vc, bias=bc, mask=mc, scale=float(m.scale), backend=backend)
     if hb is None:
       o = o.reshape(m.batch_sizes + m.q_sizes + (m.v_dim,))
@@ -930,10 +946,10 @@ def _route_level(closed, path: str, records: list, kernels: str, spot_check: boo
   repls, skip, taken = {}, set(), set()
   for m in find_attention(work):
     repl = _attention_replacement(m, kernels)
-    in_vars = (m.q, m.k, m.v, m.bias, m.mask)
+    in_vars = (m.q, m.k, m.v, m.bias, m.mask, m.mask2)
     out_var = work.jaxpr.eqns[m.d2].outvars[0]
     key = ("attention", m.q_perm, m.k_perm, m.v_perm, m.out_perm, m.bias_perm, m.mask_perm,
-           m.bias_split, m.mask_split,
+           m.bias_split, m.mask_split, m.mask2_perm, m.mask2_split,
            m.scale, m.head_b, m.groups, id(_attention_replacement))
     reason = _check(work, set(m.eqns) | set(m.pre_eqns), in_vars, out_var, repl, spot_check, key)
     here = location(f"{path}{m.d2}", work.jaxpr.eqns[m.d2])
@@ -947,7 +963,8 @@ def _route_level(closed, path: str, records: list, kernels: str, spot_check: boo
       def r(read):
         return [repl(read(m.q), read(m.k), read(m.v),
                      None if m.bias is None else read(m.bias),
-                     None if m.mask is None else read(m.mask))]
+                     None if m.mask is None else read(m.mask),
+                     None if m.mask2 is None else read(m.mask2))]
       return r
 
     repls[m.d2] = make()
