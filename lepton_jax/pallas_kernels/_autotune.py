@@ -157,6 +157,9 @@ class TuneSpec:
   candidates: Callable[[tuple, dict], list]
   # (block_sizes, args, kwargs) -> (ok, reason)
   is_legal: Callable[[Any, tuple, dict], tuple]
+  # (args, kwargs with "backend") -> True when the kernel that runs ignores block sizes (the
+  # Mosaic GPU norms / cross-entropy / matmul: fixed tiles); then one candidate is timed
+  fixed_tiles: Callable[[tuple, dict], bool] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -259,6 +262,10 @@ def autotune(kernel: Callable, *args, candidates: Sequence[Any] | None = None,
   if not legal:
     raise KernelError(f"autotune({spec.name}): none of the {len(cands)} candidates is legal for these "
                       f"shapes: {[r for _, r in illegal][:3]}")
+  if spec.fixed_tiles is not None and spec.fixed_tiles(args, dict(kwargs, backend=resolved.backend)):
+    illegal += [(c, "the Mosaic GPU kernel that serves these shapes has fixed tiles (block sizes do "
+                 "not change it): one candidate timed") for c, _ in legal[1:]]
+    legal = legal[:1]
   timings = []
   for c, _ in legal:
     def run(*a, _c=c):

@@ -751,7 +751,13 @@ def _is_legal(bs, args, kwargs):
   return _legal(bs, impl, args[0].dtype)
 
 
+def _fixed(args, kwargs):
+  lg = args[0]
+  return _registry.mosaic_tiles_fixed(
+      kwargs, mosaic_supported(int(lg.size // max(1, lg.shape[-1])), lg.shape[-1], lg.dtype))
+
+
 softmax_cross_entropy._lepton_tune_spec = _autotune.TuneSpec(
-    "softmax_cross_entropy", CEBlockSizes, _describe, _cands, _is_legal)
+    "softmax_cross_entropy", CEBlockSizes, _describe, _cands, _is_legal, _fixed)
 linear_softmax_cross_entropy._lepton_tune_spec = _autotune.TuneSpec(
     "linear_softmax_cross_entropy", CEBlockSizes, _describe, _cands, _is_legal)

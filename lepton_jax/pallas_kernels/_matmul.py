@@ -348,4 +348,11 @@ def _is_legal(bs, args, kwargs):
   return _legal(bs, impl, args[0].dtype)
 
 
-matmul._lepton_tune_spec = _autotune.TuneSpec("matmul", MatmulBlockSizes, _describe, _cands, _is_legal)
+def _fixed(args, kwargs):
+  x, w = args[0], args[1]
+  return _registry.mosaic_tiles_fixed(
+      kwargs, mosaic_supported(int(x.size // max(1, x.shape[-1])), w.shape[1], x.shape[-1], x.dtype))
+
+
+matmul._lepton_tune_spec = _autotune.TuneSpec("matmul", MatmulBlockSizes, _describe, _cands, _is_legal,
+                                              _fixed)

@@ -378,5 +378,13 @@ def _is_legal(bs, args, kwargs):
   return _legal(bs, impl, x.shape[-1], int(x.size // max(1, x.shape[-1])), x.dtype)
 
 
-rms_norm._lepton_tune_spec = _autotune.TuneSpec("rms_norm", NormBlockSizes, _describe, _cands, _is_legal)
-layer_norm._lepton_tune_spec = _autotune.TuneSpec("layer_norm", NormBlockSizes, _describe, _cands, _is_legal)
+def _fixed(args, kwargs):
+  x = args[0]
+  return _registry.mosaic_tiles_fixed(
+      kwargs, mosaic_supported(int(x.size // max(1, x.shape[-1])), x.shape[-1], x.dtype))
+
+
+rms_norm._lepton_tune_spec = _autotune.TuneSpec("rms_norm", NormBlockSizes, _describe, _cands, _is_legal,
+                                                _fixed)
+layer_norm._lepton_tune_spec = _autotune.TuneSpec("layer_norm", NormBlockSizes, _describe, _cands,
+                                                  _is_legal, _fixed)

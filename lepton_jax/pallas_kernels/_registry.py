@@ -159,6 +159,15 @@ def use_mosaic(interpret) -> bool:
   return os.environ.get(_GPU_FLAVOR_ENV, "").strip().lower() == "mosaic"
 
 
+def mosaic_tiles_fixed(kwargs, supported: bool) -> bool:
+  """Autotune: whether ``kwargs["backend"]`` runs a Mosaic GPU kernel that ignores block sizes
+  (then sweeping candidates would time one kernel many times)."""
+  if "backend" not in kwargs or not supported:
+    return False
+  r = resolve_backend(kwargs["backend"])
+  return r.impl == "gpu" and use_mosaic(r.interpret)
+
+
 def abstract_tpu_mesh(device_kind: str = "TPU v5p", num_cores: int | None = None):
   """An abstract one-device TPU mesh: ``with jax.sharding.use_abstract_mesh(abstract_tpu_mesh()):``
   makes Pallas TPU lowering on a CPU host target ``device_kind`` (its tiling and VMEM rules).

@@ -90,3 +90,18 @@ def test_mosaic_gpu_chunks_fit_tma_and_shared_memory():
   for m, n in ((4096, 11008), (64, 64), (192, 128)):
     tm, tn = _mgpu.mm_tiles(m, n)
     assert _mgpu.mm_smem_bytes(tm, tn, 2, save_z=True) <= 227 * 1024
+
+
+def test_autotune_times_one_candidate_for_fixed_mosaic_tiles(tmp_path, monkeypatch):
+  """The Mosaic GPU norm ignores block sizes: autotune times one candidate and says why for the
+  rest; with the Triton kernel (LEPTON_PALLAS_GPU unset) every legal candidate is timed."""
+  x, s = jnp.ones((64, 64)), jnp.ones((64,))
+  cands = [lpk.NormBlockSizes(16), lpk.NormBlockSizes(32)]
+  cache = lpk.AutotuneCache(str(tmp_path / "tune.json"))
+  r = lpk.autotune(lpk.rms_norm, x, s, backend="interpret", candidates=cands, cache=cache, repeats=1,
+                   force=True)
+  assert len(r.timings) == 1 and len(r.illegal) == 1 and "fixed tiles" in r.illegal[0][1]
+  monkeypatch.delenv("LEPTON_PALLAS_GPU")
+  r = lpk.autotune(lpk.rms_norm, x, s, backend="interpret", candidates=cands, cache=cache, repeats=1,
+                   force=True)
+  assert len(r.timings) == 2 and not r.illegal
