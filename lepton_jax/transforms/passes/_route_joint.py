@@ -273,11 +273,12 @@ def _regions(jaxpr, du: DefUse, jf: JointForward, known=None, closed=None) -> li
   fwd = set(jf.eqns) | set(jf.pre)
   root = jaxpr.eqns[jf.root].outvars[0]
   inputs = {a for a in jf.inputs if isinstance(a, core.Var)}
-  resid = {v for i in fwd for v in jaxpr.eqns[i].outvars
-           if core.is_var(v) and v is not root and any(u not in fwd for u in du.users(v))}
+  consts = _consts_of(jaxpr)
+  # Constants (a zeros broadcast that CSE shares between two norms) are not residuals.
+  resid = {v for i in fwd for v in jaxpr.eqns[i].outvars if core.is_var(v) and v is not root
+           and v not in consts and any(u not in fwd for u in du.users(v))}
   if not resid or any(OUTPUT in du.users(v) for v in resid):
     return []
-  consts = _consts_of(jaxpr)
   # Values computed from the inputs and constants only (the JVP's coefficients such as ``2 * x``
   # of ``square(x)`` are computed next to the forward) may be read by the backward too.
   derived = set(inputs)
@@ -575,7 +576,8 @@ def _finish(jaxpr, du: DefUse, j: _Joint, outputs, combos) -> str | None:
     stack.extend(du.producer(a) for a in jaxpr.eqns[i].invars
                  if isinstance(a, core.Var) and du.producer(a) is not None)
   fwd = j.fwd
-  resid = {v for i in fwd for v in jaxpr.eqns[i].outvars if v is not root}
+  consts = _consts_of(jaxpr)
+  resid = {v for i in fwd for v in jaxpr.eqns[i].outvars if v is not root and v not in consts}
   if any(u not in fwd and u not in keep and u != OUTPUT for v in resid for u in du.users(v)) or \
       any(u == OUTPUT for v in resid for u in du.users(v)):
     return "a residual is also read outside the backward"
@@ -667,6 +669,7 @@ def route_joint_level(closed, path: str, records: list, *, forwards: Callable, k
   if not found:
     return closed
   known = known_consts(closed)
+  consts = _consts_of(jaxpr)
   replace, skip, used = {}, set(), set()
   for jf in found:
     if (set(jf.eqns) | set(jf.pre)) & used:
@@ -705,7 +708,10 @@ def route_joint_level(closed, path: str, records: list, *, forwards: Callable, k
     replace[jf.root] = fwd_fn
     first_out = min(du.producer(y) for ys in j.outputs for y in ys)
     replace[first_out] = bwd_fn
-    skip |= (set(jf.eqns) - {jf.root}) | (set(j.bwd) - {first_out})
+    # Forward eqns computing constants only stay (another part of the program may share them;
+    # dead ones are removed by the next dce).
+    skip |= {i for i in set(jf.eqns) - {jf.root}
+             if not any(v in consts for v in jaxpr.eqns[i].outvars)} | (set(j.bwd) - {first_out})
     records.append(Rewrite("route_kernels", jf.pattern, here, len(jf.eqns) + len(j.bwd)))
   if not replace:
     return closed
