@@ -6,8 +6,8 @@ shared memory by TMA through ``plgpu.emit_pipeline`` (copies of step ``j + 1`` o
 compute of step ``j``), 128-byte swizzled tiles. A TMA box holds at most 256 elements per
 dimension: Mosaic GPU splits swizzled tiles into per-tile boxes, but the untiled vector copies
 (scale / bias / dscale / dbias chunks) are single boxes, and shared memory is 227 KiB, so every
-long axis (features, vocabulary, K) is walked in chunks of <= 256 columns (128 for float32
-norms / CE).
+long axis (features, vocabulary, K) is walked in chunks of <= 256 columns (64 for the norms /
+CE: registers, see :data:`STREAM_CHUNK`).
 
 * Norms (``norm_fwd`` / ``norm_bwd``): a CTA owns 64 rows; the feature axis is walked twice
   (statistics, then output), so no row has to fit in shared memory. The layer-norm statistics
@@ -187,16 +187,29 @@ class Outs:
     plgpu.wait_smem_to_gmem(0)
 
 
+# Chunk of the streamed axis of the norm / CE kernels: 64 columns. Registers decide it: a
+# [64, C] float32 tile in the WGMMA layout holds C / 2 values per thread, and the backward keeps
+# about four such tiles live (x-hat, dy, g, dx), i.e. 128 registers at C = 64 (C = 256 would be
+# 512: spills past the 255-register limit). Bandwidth comes from a 4-deep TMA pipeline
+# (4 x 8 KiB bf16 / 16 KiB f32 in flight per CTA) and the small shared memory, which lets
+# several CTAs share an SM.
+STREAM_CHUNK = 64
+STREAM_STEPS = 4
+
+
 def norm_chunk(d: int, dtype) -> int | None:
-  """Feature chunk: 256 columns for 16-bit, 128 for float32 (shared memory: x and the output,
-  double-buffered, plus dy in the backward, within 227 KiB)."""
-  return chunk_for(d, MAX_BOX if jnp.dtype(dtype).itemsize <= 2 else 128)
+  """Columns per pipeline step of the norm / CE kernels (:data:`STREAM_CHUNK`); None unless
+  64 divides ``d``."""
+  del dtype
+  return chunk_for(d, STREAM_CHUNK)
 
 
 def norm_smem_bytes(d: int, dtype) -> int:
+  """Shared memory of the larger (backward) norm kernel: x and dy rings, dx double-buffered,
+  the scale ring, float32 dscale / dbias chunks, statistics."""
   c = norm_chunk(d, dtype)
   tile = ROWS * c * jnp.dtype(dtype).itemsize
-  return 6 * tile + 2 * 2 * c * 4 + 2 * c * 4 + 4 * ROWS * 4 + 2048    # bwd: the larger
+  return (2 * STREAM_STEPS + 2) * tile + STREAM_STEPS * c * 4 + 2 * 2 * c * 4 + 4 * ROWS * 4 + 2048
 
 
 # ----------------------------------------------------------------------------- norms
@@ -234,8 +247,8 @@ def norm_fwd(x, scale, bias, *, kind: str, eps: float, features: int, interpret=
       return mean + delta * w, m2 + cm2 + delta * delta * (n_a * w)
 
     init = (t.full((ROWS,), 0.0),) if kind == "rms" else (t.full((ROWS,), 0.0), t.full((ROWS,), 0.0))
-    stats = plgpu.emit_pipeline(stat_step, grid=(nc,), in_specs=[tile], max_concurrent_steps=2,
-                                init_carry=init)(x_ref.at[rows])
+    stats = plgpu.emit_pipeline(stat_step, grid=(nc,), in_specs=[tile],
+                                max_concurrent_steps=min(STREAM_STEPS, nc), init_carry=init)(x_ref.at[rows])
     if kind == "rms":
       mean = t.full((ROWS,), 0.0)
       rstd = lax.rsqrt(stats[0] * (1.0 / features) + eps)
@@ -255,7 +268,7 @@ def norm_fwd(x, scale, bias, *, kind: str, eps: float, features: int, interpret=
       outs.send(slots, [y_ref.at[rows, pl.ds(j * C, C)]])
 
     plgpu.emit_pipeline(out_step, grid=(nc,), in_specs=[tile, vec, vec],
-                        max_concurrent_steps=2)(x_ref.at[rows], s_ref, b_ref)
+                        max_concurrent_steps=min(STREAM_STEPS, nc))(x_ref.at[rows], s_ref, b_ref)
     mean_smem[...] = mean
     rstd_smem[...] = rstd
     plgpu.commit_smem()
@@ -313,7 +326,8 @@ def norm_bwd(x, scale, mean, rstd, dy, *, kind: str, features: int, interpret=Fa
       return c1 + g.sum(axis=1), c2 + (g * xhat).sum(axis=1)
 
     c1, c2 = plgpu.emit_pipeline(
-        red_step, grid=(nc,), in_specs=[tile, vec, tile], max_concurrent_steps=2,
+        red_step, grid=(nc,), in_specs=[tile, vec, tile],
+        max_concurrent_steps=min(STREAM_STEPS, nc),
         init_carry=(t.full((ROWS,), 0.0), t.full((ROWS,), 0.0)))(x_ref.at[rows], s_ref, dy_ref.at[rows])
     c1 = c1 * (1.0 / features)
     c2 = c2 * (1.0 / features)
@@ -333,7 +347,8 @@ def norm_bwd(x, scale, mean, rstd, dy, *, kind: str, features: int, interpret=Fa
       cols = pl.ds(j * C, C)
       outs.send(slots, [dx_ref.at[rows, cols], ds_ref.at[i, cols], db_ref.at[i, cols]])
 
-    plgpu.emit_pipeline(out_step, grid=(nc,), in_specs=[tile, vec, tile], max_concurrent_steps=2,
+    plgpu.emit_pipeline(out_step, grid=(nc,), in_specs=[tile, vec, tile],
+                        max_concurrent_steps=min(STREAM_STEPS, nc),
                         )(x_ref.at[rows], s_ref, dy_ref.at[rows])
     Outs.done()
 
@@ -380,8 +395,8 @@ def ce_fwd(logits, labels, *, interpret=False, cost_estimate=None):
       return m_new, l, ll
 
     init = (t.full((ROWS,), -jnp.inf), t.full((ROWS,), 0.0), t.full((ROWS,), 0.0))
-    m, l, ll = plgpu.emit_pipeline(step, grid=(nv,), in_specs=[tile], max_concurrent_steps=2,
-                                   init_carry=init)(x_ref.at[rows])
+    m, l, ll = plgpu.emit_pipeline(step, grid=(nv,), in_specs=[tile],
+                                   max_concurrent_steps=min(STREAM_STEPS, nv), init_carry=init)(x_ref.at[rows])
     lse = m + jnp.log(l)
     lse_smem[...] = lse
     loss_smem[...] = lse - ll
@@ -435,7 +450,8 @@ def ce_bwd(logits, labels, lse, g, *, interpret=False, cost_estimate=None):
       dx_smem[...] = (p * g).astype(dtype)
       outs.send(slots, [dx_ref.at[rows, pl.ds(j * C, C)]])
 
-    plgpu.emit_pipeline(step, grid=(nv,), in_specs=[tile], max_concurrent_steps=2)(x_ref.at[rows])
+    plgpu.emit_pipeline(step, grid=(nv,), in_specs=[tile],
+                        max_concurrent_steps=min(STREAM_STEPS, nv))(x_ref.at[rows])
     Outs.done()
 
   def kernel(*refs):
