@@ -39,6 +39,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from lepton_jax.jaxpr._compiled import figures_of, read_compiled  # noqa: E402
 from lepton_jax.transforms import adaptive_jit  # noqa: E402
+from lepton_jax.transforms.passes._pipeline import normalize_passes, pass_gains  # noqa: E402
 
 # ---------------------------------------------------------------- work-removal programs
 
@@ -243,6 +244,13 @@ def _measure(name, group, fun, args, *, xla_removes=None, unrolled=None):
   }
   if xla_removes is not None:
     row["xla_removes_it_itself"] = xla_removes
+  if group == "work":
+    # What each default pass gained in the compiled program (routing off: these rows have no
+    # hotspots). Loop rows use the unrolled twin, where XLA counts every iteration.
+    prog = unrolled if unrolled is not None else fun
+    gains = pass_gains(jax.make_jaxpr(prog)(*args), normalize_passes("default"), kernels=None)
+    row["per_pass_compiled"] = [{"pass": n, "rewrites": k, "temp_bytes": f.temp_bytes,
+                                 "flops": f.flops} for n, k, f in gains]
   if unrolled is not None:
     u_base = figures_of(unrolled, *args)
     u_ours = read_compiled(adaptive_jit(unrolled).lower(*args).compile())
@@ -292,7 +300,8 @@ def main(argv=None):
                "baseline": "jax.jit of the same function, same run",
                "note": ("ratios are adaptive_jit / jax.jit; temp/FLOPs from XLA's memory_analysis / "
                         "cost_analysis of the compiled programs; cost_analysis counts a rolled loop "
-                        "body once, so loop rows add flops_unrolled (same program, scans unrolled)"),
+                        "body once, so loop rows add flops_unrolled (same program, scans unrolled); "
+                        "per_pass_compiled: compiled figures after each default pass (work rows)"),
                "rows": rows}, f, indent=2)
   print(f"wrote {out}")
 
