@@ -399,3 +399,29 @@ def test_cse_into_branches_never_merges_stateful_rng():
     return lax.cond(p, lambda: lax.rng_uniform(0.0, 1.0, x.shape) + x, lambda: r + x)
   new, recs = cse(jax.make_jaxpr(f)(_XS[0], True))
   assert recs == [] and _prims(new).count("rng_uniform") == 2
+
+
+def test_accumulate_through_nnx_value_and_grad_of_a_looped_lora_block():
+  """A weight-shared block applied in a loop with a LoRA adapter (w + a @ b formed in the body):
+  the training step routes the adapter's per-iteration transposes after the loop."""
+  from flax import nnx
+
+  class Looped(nnx.Module):
+    def __init__(self, rngs):
+      init = nnx.initializers.normal(0.1)
+      self.w = nnx.Param(init(rngs.params(), (_D, _D)))
+      self.a = nnx.Param(init(rngs.params(), (_D, 4)))
+      self.b = nnx.Param(init(rngs.params(), (4, _D)))
+
+    def __call__(self, x):
+      step = lambda h, _: (h + jnp.tanh(h @ (self.w[...] + self.a[...] @ self.b[...])), None)
+      return lax.scan(step, x, None, length=5)[0]
+
+  model = Looped(nnx.Rngs(0))
+  x = _XS[0]
+  loss = lambda m, x: (m(x) ** 2).mean()
+  step = adaptive_jit(nnx.value_and_grad(loss))
+  assert "accumulate" in {r.pass_name for r in step.explain(model, x).rewrites}
+  (l1, g1), (l0, g0) = step(model, x), nnx.value_and_grad(loss)(model, x)
+  _close(l1, l0, 1e-5)
+  _close(nnx.state(g1), nnx.state(g0), 1e-4)
