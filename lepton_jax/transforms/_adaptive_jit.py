@@ -459,12 +459,14 @@ class AdaptiveJitted:
     closed = self._closed_for(args, kwargs)
     with warnings.catch_warnings(record=True) as caught:
       warnings.simplefilter("always")
-      new, records = run_pipeline(closed, self._passes, kernels=self._kernels)
+      new, records = res = run_pipeline(closed, self._passes, kernels=self._kernels,
+                                        figures=True)
     for w in caught:
       warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     figs = (None, None)
     if not any(isinstance(c, jax.core.Tracer) for c in closed.consts):
-      figs = (ljx.compiled_figures(closed), ljx.compiled_figures(new))
+      # The chosen program's figures come from the routing decision (no second compile).
+      figs = (ljx.compiled_figures(closed), res.figures or ljx.compiled_figures(new))
     return ExplainReport(
         function=getattr(self, "__name__", "fun"),
         passes=tuple(n for n, _ in self._passes

@@ -1,0 +1,113 @@
+"""Benchmark: ``adaptive_jit(buckets=...)`` on token models over random lengths vs ``jax.jit``.
+
+Two models (``tests/transforms/_lm_fixtures.py``): a plain-JAX decoder LM (embedding, causal
+attention, MLP, tied output, mean next-token loss) and a linen lm1b-style decoder whose loss uses
+lm1b's weighted cross-entropy, plus an encoder with a ``[B,1,1,S]`` padding mask (the lm1b-style
+model's ``tokens > 0`` mask). Each is run forward and as ``jax.value_and_grad`` over the same
+random lengths (default 40 in 16..512, batch 2). Reported: compiles (deterministic), pow2
+buckets touched, max relative error against ``jax.jit`` at the true length (logits / loss /
+gradients), and the total wall time of all calls (compiles included) of each, run one after the
+other on the same inputs; the ratio is ours / jax.jit's.
+
+Run ``python -m benchmarks.buckets [--lengths 40] [--kernels auto]``. Writes
+``benchmarks/results/buckets_<device-kind>.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import sys
+import time
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+import lepton_jax as lj  # noqa: E402
+from tests.transforms import _lm_fixtures as F  # noqa: E402
+
+
+def _models():
+  dec = F.decoder_params(jax.random.key(0))
+  lm1b = F.Lm1bLike(layers=2, max_len=1024)
+  lm1b_params = lm1b.init(jax.random.key(1), jnp.ones((1, 8), jnp.int32))
+  lm1b_loss = lambda p, tok: F.weighted_xent(lm1b.apply(p, tok), tok)
+  return {
+      "decoder_lm": (dec, F.decoder_logits, F.decoder_loss),
+      "lm1b_like_padding_mask": (lm1b_params, lm1b.apply, lm1b_loss),
+  }
+
+
+def _rel(a, b):
+  errs = [float(np.max(np.abs(np.asarray(x, np.float64) - np.asarray(y, np.float64)))
+                / max(1e-12, float(np.max(np.abs(np.asarray(y, np.float64))))))
+          for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b))]
+  return max(errs)
+
+
+def run(n_lengths: int, kernels, seed: int = 0):
+  rng = np.random.default_rng(seed)
+  lengths = [int(x) for x in rng.integers(16, 513, n_lengths)]
+  rows = []
+  for name, (params, fwd, loss) in _models().items():
+    for form, fn in (("forward", fwd), ("value_and_grad", jax.value_and_grad(loss))):
+      batches = []
+      for n in lengths:
+        tok = rng.integers(1, F.VOCAB, (2, n))
+        tok[1, n - n // 4:] = 0            # padding inside the batch (masked by the model)
+        batches.append(jnp.asarray(tok, jnp.int32))
+      ours = lj.adaptive_jit(fn, kernels=kernels,
+                             buckets={"argnum": 1, "axis": 1, "sizes": "pow2"})
+      plain = jax.jit(fn)
+      t0 = time.perf_counter()
+      outs_plain = [jax.block_until_ready(plain(params, b)) for b in batches]
+      t_plain = time.perf_counter() - t0
+      t0 = time.perf_counter()
+      with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        outs_ours = [jax.block_until_ready(ours(params, b)) for b in batches]
+      t_ours = time.perf_counter() - t0
+      err = max(_rel(a, b) for a, b in zip(outs_ours, outs_plain))
+      info = ours.cache_info()
+      buckets = len({1 << (n - 1).bit_length() for n in lengths})
+      row = dict(model=name, form=form, calls=len(lengths), distinct_lengths=len(set(lengths)),
+                 pow2_buckets=buckets, compiles=info.compiles,
+                 jit_compiles=len(set(lengths)), fallbacks=info.bucket_fallbacks,
+                 max_rel_err=err, seconds=t_ours, jit_seconds=t_plain,
+                 time_ratio=t_ours / t_plain)
+      rows.append(row)
+      print(f"{name:<24}{form:<16}compiles {info.compiles:>3} (buckets {buckets}, jax.jit "
+            f"{row['jit_compiles']})  err {err:.1e}  time {t_ours:7.1f}s vs {t_plain:7.1f}s "
+            f"= {row['time_ratio']:.2f}x", flush=True)
+  return lengths, rows
+
+
+def main():
+  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  ap.add_argument("--lengths", type=int, default=40)
+  ap.add_argument("--kernels", default="auto", choices=["auto", "xla", "none"])
+  args = ap.parse_args()
+  kernels = None if args.kernels == "none" else args.kernels
+  lengths, rows = run(args.lengths, kernels)
+  dev = jax.devices()[0]
+  out = dict(benchmark="buckets", device=str(dev.device_kind), platform=dev.platform,
+             jax_version=jax.__version__, date=datetime.datetime.now().isoformat(timespec="seconds"),
+             kernels=args.kernels, lengths=lengths, rows=rows,
+             note="seconds = total wall time of all calls in order (compiles included); "
+                  "jax.jit compiles once per distinct length, adaptive_jit once per pow2 bucket")
+  os.makedirs(os.path.join(os.path.dirname(__file__), "results"), exist_ok=True)
+  path = os.path.join(os.path.dirname(__file__), "results",
+                      f"buckets_{dev.platform}.json")
+  with open(path, "w") as f:
+    json.dump(out, f, indent=1)
+  print("wrote", path)
+
+
+if __name__ == "__main__":
+  main()
