@@ -392,7 +392,9 @@ class AdaptiveJitted:
     Arguments may be arrays or ``jax.ShapeDtypeStruct``s. ``.compile()`` of the result is
     callable with the same (dynamic) arguments, and ``.memory_analysis()`` /
     ``.cost_analysis()`` describe the rewritten program. With ``buckets``, the arguments
-    are padded to their bucket first (the compiled function takes padded arguments).
+    are padded to their bucket first: the result is the bucket's masked program with the given
+    arguments' true length fixed (the compiled function takes padded arguments and returns
+    bucket-size outputs, of which the first true-length positions are valid).
     Flax NNX objects are lowered as pytrees (like ``jax.jit``): calling the compiled
     function does not update them in place.
 
