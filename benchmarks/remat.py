@@ -23,6 +23,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 from lepton_jax._errors import BudgetError
 from lepton_jax.transforms import remat_plan
@@ -81,6 +82,127 @@ def cnn(params, x, wrap=_plain):  # ResNet-style residual conv blocks
   return jnp.mean(x ** 2)
 
 
+# ------------------------------------------------ Flax NNX language models (lm1b-, Gemma-like)
+# Small models written for this benchmark after the structure of Flax's examples/lm1b (pre-norm
+# decoder blocks: LayerNorm, multi-head causal attention without biases, ReLU MLP; sinusoidal
+# positions; logits through the shared embedding) and examples/gemma (scaled embedding, RMSNorm,
+# grouped-query attention with rotary positions and soft-capped logits, gated GELU feed-forward,
+# final logit soft-cap). ``remat`` is how a user would checkpoint one block (``nnx.remat``).
+
+
+def _sinusoid(length, d):
+  pos = np.arange(length)[:, None]
+  inv = np.exp(-np.log(10000.0) * np.arange(0, d, 2) / d)
+  table = np.zeros((length, d), np.float32)
+  table[:, 0::2], table[:, 1::2] = np.sin(pos * inv), np.cos(pos * inv)
+  return table
+
+
+class _Lm1bBlock(nnx.Module):
+  def __init__(self, d, heads, mlp, rngs):
+    self.norm1 = nnx.LayerNorm(d, rngs=rngs)
+    self.attn = nnx.MultiHeadAttention(heads, d, use_bias=False, decode=False, rngs=rngs)
+    self.norm2 = nnx.LayerNorm(d, rngs=rngs)
+    self.up = nnx.Linear(d, mlp, rngs=rngs)
+    self.down = nnx.Linear(mlp, d, rngs=rngs)
+
+  def __call__(self, x, mask):
+    y = self.norm1(x)
+    x = x + self.attn(y, y, y, mask=mask)
+    return x + self.down(nnx.relu(self.up(self.norm2(x))))
+
+
+class Lm1bLike(nnx.Module):
+  def __init__(self, rngs, vocab=256, d=64, heads=4, mlp=256, layers=4):
+    self.embed = nnx.Embed(vocab, d, rngs=rngs)
+    self.blocks = nnx.List([_Lm1bBlock(d, heads, mlp, rngs) for _ in range(layers)])
+    self.norm = nnx.LayerNorm(d, rngs=rngs)
+
+  def __call__(self, tokens, remat=_plain):
+    t = tokens.shape[1]
+    shifted = jnp.pad(tokens, ((0, 0), (1, 0)))[:, :-1]  # predict token i from tokens < i
+    x = self.embed(shifted) + _sinusoid(t, x_dim := self.embed.features)[None]  # fixed positions
+    mask = nnx.make_causal_mask(tokens)
+    for blk in self.blocks:
+      x = remat(lambda blk, x, mask: blk(x, mask))(blk, x, mask)
+    return self.embed.attend(self.norm(x)) / math.sqrt(x_dim)
+
+
+def _rms(x, scale):
+  return x * jax.lax.rsqrt(jnp.mean(x * x, -1, keepdims=True) + 1e-6) * (1.0 + scale)
+
+
+def _rope(x, positions, base=10000.0):
+  h = x.shape[-1] // 2
+  freq = positions[:, None] / base ** (np.arange(h) / h)
+  sin, cos = jnp.sin(freq)[None, :, None, :], jnp.cos(freq)[None, :, None, :]
+  a, b = x[..., :h], x[..., h:]
+  return jnp.concatenate([a * cos - b * sin, b * cos + a * sin], -1)
+
+
+class _GemmaBlock(nnx.Module):
+  def __init__(self, d, heads, kv_heads, head_dim, ff, rngs):
+    init = nnx.initializers.normal(0.05)
+    self.heads, self.kv_heads = heads, kv_heads
+    self.pre_attn = nnx.Param(jnp.zeros(d))
+    self.q = nnx.Param(init(rngs.params(), (heads, d, head_dim)))
+    self.kv = nnx.Param(init(rngs.params(), (2, kv_heads, d, head_dim)))
+    self.o = nnx.Param(init(rngs.params(), (heads, head_dim, d)))
+    self.pre_ff = nnx.Param(jnp.zeros(d))
+    self.gate_up = nnx.Param(init(rngs.params(), (2, d, ff)))
+    self.down = nnx.Param(init(rngs.params(), (ff, d)))
+
+  def __call__(self, x, mask, positions):
+    y = _rms(x, self.pre_attn[...])
+    q = _rope(jnp.einsum("btd,ndh->btnh", y, self.q[...]), positions)
+    k, v = jnp.einsum("btd,ckdh->cbtkh", y, self.kv[...])
+    k = _rope(k, positions)
+    b, t, n, hd = q.shape
+    g = n // self.kv_heads
+    q = q.reshape(b, t, self.kv_heads, g, hd) * hd ** -0.5
+    logits = jnp.einsum("btkgh,bskh->btkgs", q, k)
+    logits = 50.0 * jnp.tanh(logits / 50.0)  # attention logit soft-cap
+    logits = jnp.where(mask[:, :, None, None, :], logits, -2.3819763e38)
+    enc = jnp.einsum("btkgs,bskh->btkgh", jax.nn.softmax(logits, -1), v).reshape(b, t, n, hd)
+    x = x + jnp.einsum("btnh,nhd->btd", enc, self.o[...])
+    y = _rms(x, self.pre_ff[...])
+    gate, up = jnp.einsum("btd,cdf->cbtf", y, self.gate_up[...])
+    return x + (jax.nn.gelu(gate) * up) @ self.down[...]
+
+
+class GemmaLike(nnx.Module):
+  def __init__(self, rngs, vocab=256, d=64, heads=4, kv_heads=2, head_dim=16, ff=256, layers=4):
+    self.embed = nnx.Embed(vocab, d, embedding_init=nnx.initializers.normal(1.0), rngs=rngs)
+    self.blocks = nnx.List([_GemmaBlock(d, heads, kv_heads, head_dim, ff, rngs) for _ in range(layers)])
+    self.final = nnx.Param(jnp.zeros(d))
+
+  def __call__(self, tokens, remat=_plain):
+    t = tokens.shape[1]
+    x = self.embed(tokens) * math.sqrt(self.embed.features)
+    mask = jnp.tril(jnp.ones((t, t), bool))[None]
+    positions = jnp.arange(t, dtype=jnp.float32)
+    for blk in self.blocks:
+      x = remat(lambda blk, x, mask, pos: blk(x, mask, pos))(blk, x, mask, positions)
+    logits = self.embed.attend(_rms(x, self.final[...]))
+    return 30.0 * jnp.tanh(logits / 30.0)  # final logit soft-cap
+
+
+def _nnx_lm(model, tokens):
+  """``loss(state, tokens, wrap=...)``: next-token cross-entropy of an NNX LM, differentiated
+  w.r.t. its parameters; ``wrap`` checkpoints each block with ``nnx.remat``."""
+  gdef, state = nnx.split(model)
+
+  def loss(state, tokens, wrap=_plain):
+    m = nnx.merge(gdef, state)
+    remat = _plain
+    if wrap is not _plain:
+      remat = lambda f: nnx.remat(f, policy=wrap.policy)
+    logits = m(tokens[:, :-1], remat=remat)
+    logp = jax.nn.log_softmax(logits)
+    return -jnp.mean(jnp.take_along_axis(logp, tokens[:, 1:, None], -1))
+  return loss, (state, tokens)
+
+
 def models(small: bool):
   rng = np.random.default_rng(0)
   f32 = lambda a: jnp.asarray(a, jnp.float32)
@@ -97,6 +219,12 @@ def models(small: bool):
     return p if stacked else [jax.tree.map(lambda a: a[i], p) for i in range(n)]
   x = f32(rng.normal(size=(2, tt, td)))
   c, hw, nb = (8, 16, 6) if small else (64, 56, 8)
+  lm_cfg = dict(vocab=256, d=64, heads=4, mlp=256, layers=4) if small else \
+      dict(vocab=32000, d=512, heads=8, mlp=2048, layers=6)
+  gemma_cfg = dict(vocab=256, d=64, heads=4, kv_heads=2, head_dim=16, ff=256, layers=4) if small else \
+      dict(vocab=32000, d=512, heads=8, kv_heads=4, head_dim=64, ff=2048, layers=6)
+  seq = 65 if small else 2049
+  tokens = jnp.asarray(rng.integers(0, lm_cfg["vocab"], (4 if small else 8, seq)), jnp.int32)
   conv = ([(f32(rng.normal(size=(3, 3, c, c)) * 0.1), f32(rng.normal(size=(3, 3, c, c)) * 0.1)) for _ in range(nb)],
           f32(rng.normal(size=(4, hw, hw, c))))
   return {
@@ -105,6 +233,8 @@ def models(small: bool):
       "transformer": (transformer, (tp(tl, False), x)),
       "cnn": (cnn, conv),
       "transformer_scanned": (transformer_scanned, (tp(2 * tl, True), x)),
+      "lm1b_like": _nnx_lm(Lm1bLike(nnx.Rngs(0), **lm_cfg), tokens),
+      "gemma_like": _nnx_lm(GemmaLike(nnx.Rngs(1), **gemma_cfg), tokens),
   }
 
 
@@ -124,6 +254,13 @@ def _row(config, temp, flops, base, **extra):
           "compiled_flops": flops, "flops_ratio": flops / max(base[1], 1.0), **extra}
 
 
+def _checkpoint_with(policy):
+  """``wrap``: ``jax.checkpoint(f, policy=policy)`` around one layer (NNX models: ``nnx.remat``)."""
+  wrap = lambda f: jax.checkpoint(f, policy=policy)
+  wrap.policy = policy
+  return wrap
+
+
 def run_model(name, fun, args, budgets=BUDGETS):
   base = compiled(fun, args)
   rows = [_row("plain jax.grad", *base, base)]
@@ -131,7 +268,7 @@ def run_model(name, fun, args, budgets=BUDGETS):
     p = getattr(jax.checkpoint_policies, pol)
     rows.append(_row(f"jax.checkpoint({pol}) whole", *compiled(jax.checkpoint(fun, policy=p), args), base,
                      policy=pol))
-    per_layer = lambda *a, p=p: fun(*a, wrap=lambda f: jax.checkpoint(f, policy=p))
+    per_layer = lambda *a, p=p: fun(*a, wrap=_checkpoint_with(p))
     rows.append(_row(f"jax.checkpoint({pol}) per layer", *compiled(per_layer, args), base, policy=pol))
   targets = [(f"lj.remat_plan({b})", b) for b in budgets]
   # dominance: at each policy's compiled temp (when below plain's), fit and recompute no more
@@ -139,21 +276,22 @@ def run_model(name, fun, args, budgets=BUDGETS):
               if r["compiled_temp_bytes"] < base[0]]
   for label, budget in targets:
     f = remat_plan(fun, budget=budget)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     try:
       plan = f.plan(*args)
     except BudgetError as e:
       rows.append({"config": label, "budget": budget, "infeasible": True,
                    "smallest_feasible_bytes": e.smallest_feasible_bytes,
                    "smallest_feasible_ratio": e.smallest_feasible_bytes / base[0],
-                   "planning_s": time.perf_counter() - t0})
+                   "planning_s": time.perf_counter() - t0, "planning_cpu_s": time.process_time() - c0})
       continue
-    plan_s = time.perf_counter() - t0
+    plan_s, plan_cpu = time.perf_counter() - t0, time.process_time() - c0
     temp, flops = compiled(f, args)  # independent of the plan object
     row = _row(label, temp, flops, base, budget=budget, budget_bytes=plan.budget_bytes,
                within_budget=temp <= plan.budget_bytes, matches_plan=temp == plan.compiled_bytes,
-               planning_s=plan_s, solver=plan.solver, form=plan.form, segments=plan.num_segments,
-               depth=plan.depth, compiles=len(plan.candidates), model_peak_bytes=plan.peak_bytes)
+               planning_s=plan_s, planning_cpu_s=plan_cpu, solver=plan.solver, form=plan.form,
+               segments=plan.num_segments, depth=plan.depth, candidates=len(plan.candidates),
+               model_peak_bytes=plan.peak_bytes, recompute_flops=plan.recompute_flops)
     if isinstance(budget, int):
       pol_row = next(r for r in rows if label.endswith(f"at {r['config']})"))
       row["dominates"] = bool(temp <= pol_row["compiled_temp_bytes"]
@@ -161,13 +299,19 @@ def run_model(name, fun, args, budgets=BUDGETS):
     rows.append(row)
   fr = [r for r in rows if isinstance(r.get("budget"), float) and not r.get("infeasible")]
   monotone = all(a["compiled_flops"] >= b["compiled_flops"] - 1.0 for a, b in zip(fr, fr[1:]))
+  # a JAX policy that fits a plan's budget must not recompute less than the plan
+  pol_rows = [r for r in rows if "policy" in r]
+  dominated = [[r["config"], q["config"]] for r in rows if "within_budget" in r for q in pol_rows
+               if q["compiled_temp_bytes"] <= r["budget_bytes"] and q["compiled_flops"] < r["compiled_flops"] - 1.0]
   return {"model": name, "platform": jax.default_backend(), "plain_temp_bytes": base[0],
-          "plain_flops": base[1], "monotone_in_budget": monotone, "rows": rows}
+          "plain_flops": base[1], "monotone_in_budget": monotone, "dominated_by_policy": dominated,
+          "rows": rows}
 
 
 def print_model(res):
   print(f"\n{res['model']}  (plain jax.grad: {res['plain_temp_bytes']} B temp, {res['plain_flops']:.3g} FLOPs; "
-        f"monotone in budget: {res['monotone_in_budget']})")
+        f"monotone in budget: {res['monotone_in_budget']}; dominated by a policy: "
+        f"{res['dominated_by_policy'] or 'never'})")
   print(f"  {'config':<58}{'temp/plain':>11}{'FLOPs/plain':>12}{'plan s':>8}  check")
   for r in res["rows"]:
     if r.get("infeasible"):

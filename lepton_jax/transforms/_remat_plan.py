@@ -91,13 +91,17 @@ def remat_plan(fun: Callable | None = None, /, *, budget, offload: bool = False,
 
   Each intermediate that ``jax.grad`` would save is kept on device, recomputed in
   the backward pass, or (``offload=True``) offloaded to ``pinned_host`` memory.
-  The judge is the compiled program: candidate plans (segment trees ranked by the
-  planner's jaxpr model, and JAX's own ``dots_saveable`` / ``nothing_saveable``
-  policies per segment and whole-function) are compiled as
-  ``jax.jit(jax.grad(planned))`` on the default backend, and the least-recompute
-  one whose XLA temp bytes (``memory_analysis().temp_size_in_bytes``) fit
-  ``budget`` is returned; a plan the compiler does not keep within the budget
-  is never returned. Recomputation runs in per-region ``custom_vjp`` backward
+  The judge is the compiled program: a candidate set that does not depend on the
+  budget (segment trees ranked by the planner's jaxpr model, JAX's own
+  ``dots_saveable`` / ``nothing_saveable`` policies per repeated layer, per scan
+  iteration and per balanced segment, whole-function ``jax.checkpoint`` off CPU,
+  a recompute-everything floor) is compiled once per program structure as
+  ``jax.jit(jax.grad(planned))`` on the default backend and shared by every
+  budget and wrapper of that program; the least-recompute candidate whose XLA
+  temp bytes (``memory_analysis().temp_size_in_bytes``) fit ``budget`` is
+  returned. So a plan the compiler does not keep within the budget is never
+  returned, a larger budget never recomputes more, and a JAX policy in the set
+  that fits the budget never recomputes less than the plan. Recomputation runs in per-region ``custom_vjp`` backward
   passes tied to the incoming cotangent (``optimization_barrier``; on XLA:CPU,
   which drops barriers, inside a ``lax.cond`` on the cotangent). Values and
   gradients equal those of ``fun``.

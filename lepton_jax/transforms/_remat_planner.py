@@ -46,10 +46,12 @@ from lepton_jax.transforms._remat_types import Candidate, CostModel, RematPlan, 
 
 _API = "lj.remat_plan"
 _MAX_DEPTH = 2                    # nesting of segment trees (each level re-runs its range once more)
-_TREE_FRACTIONS = (0.2, 0.4, 0.6, 0.8)  # model-peak targets (of plain grad's model) of tree candidates
+_TREE_FRACTIONS = (0.25, 0.5, 0.75)  # model-peak targets (of plain grad's model) of tree candidates
 _POLICIES = ("nothing_saveable", "dots_saveable")
-_POLICY_SEGMENTS = (4,)           # per-segment policy candidates when no repeated layers are found
-_FLOOR_TREES = 2                  # recompute-everything trees (the smallest peaks)
+_POLICY_SEGMENTS = {"nothing_saveable": (2, 4), "dots_saveable": (4,)}  # balanced-segment counts
+_CALIBRATED_FRACTIONS = (0.45, 0.7, 0.9, 0.3, 0.6)  # compiled-temp targets of calibrated trees (in turn)
+_MAX_CALIBRATED = 3               # calibrated tree plans compiled (one parallel round)
+_FLOOR_TREES = 1                  # recompute-everything trees (the smallest peak)
 _MAX_STRUCTURES = 32              # program structures kept by the process-wide cache
 _COMPILE_THREADS = max(1, min(4, os.cpu_count() or 1))
 
@@ -161,8 +163,38 @@ class _Structure:
       if self.options is None:
         opts = self._make_options()
         self._screen(opts)
+        opts += self._calibrated_trees(opts)
         self.options = opts
       return self.options
+
+  def _calibrated_trees(self, opts: list) -> list:
+    """Tree plans aimed at compiled fractions of plain grad's temp that the set does not reach yet.
+
+    The model's bytes are not XLA's: each compiled tree gives compiled bytes per modelled byte; a
+    target's model budget is divided by the ratio of the compiled tree nearest to it. Fixed
+    targets, not the caller's budget: the candidate set stays the same for every budget.
+    """
+    base = self.base.temp_bytes
+    trees = [(self.screened[o.key].temp_bytes, o.node.peak) for o in opts if o.key[0] == "tree" and o.node.peak > 0]
+    if not trees:
+      return []
+    temps = [t for t, _ in trees]
+    search = self._search
+    seen = {o.key for o in opts}
+    new = []
+    for frac in _CALIBRATED_FRACTIONS:
+      goal = frac * base
+      if any(0.85 * goal <= t <= goal for t in temps):
+        continue  # a candidate already sits just under this target
+      temp, peak = min(trees, key=lambda tp: abs(tp[0] - goal))
+      o = self._tree_option(search, int(goal * peak / max(temp, 1)), self._max_depth)
+      if o is not None and o.key not in seen:
+        seen.add(o.key)
+        new.append(o)
+      if len(new) >= _MAX_CALIBRATED:
+        break
+    self._screen(new)
+    return new
 
   def _make_options(self) -> list:
     g = self.g
@@ -176,9 +208,9 @@ class _Structure:
     for name in _POLICIES:
       if layers is not None or g.scans:  # JAX's policy per layer, as a user writes it
         add(self._policy_option(name, layers))
-      else:                               # no repeated layers found: balanced segments
-        for o in self._policy_options(name, _POLICY_SEGMENTS, whole=False):
-          add(o)
+      # and per balanced segment (a few regions of several layers: fewer boundaries kept)
+      for o in self._policy_options(name, _POLICY_SEGMENTS[name], whole=False):
+        add(o)
       if self.platform != "cpu":
         # Whole-function jax.checkpoint keeps its savings only where XLA keeps optimization
         # barriers; XLA:CPU compiles it to plain jax.grad's program (benchmarks/remat.py
@@ -186,9 +218,9 @@ class _Structure:
         add(_Option(("whole", name), f"jax.checkpoint({name})",
                     lambda p=getattr(jax.checkpoint_policies, name): _apply_policy(g, (), p, "checkpoint"),
                     math.inf, name, "checkpoint", policy_name=name))
-    search = _TreeSearch(g, self.cm, self.offload, self.solver)
+    search = self._search = _TreeSearch(g, self.cm, self.offload, self.solver)
     n_units = len(g.cands) + sum(len(s.cands) for s in g.scans.values())
-    max_depth = max(1, min(_MAX_DEPTH, int(math.ceil(math.log2(max(n_units, 2))))))
+    max_depth = self._max_depth = max(1, min(_MAX_DEPTH, int(math.ceil(math.log2(max(n_units, 2))))))
     for frac in _TREE_FRACTIONS:
       add(self._tree_option(search, int(frac * self.model_base), max_depth))
     strip = len(self.prefix)
@@ -308,9 +340,11 @@ class _Structure:
 def _structure_key(closed, flat_specs, argnums, offload, solver, cm, platform) -> tuple:
   consts = []
   for c in closed.consts:
-    a = np.asarray(c)
-    consts.append((a.shape, str(a.dtype), hashlib.sha1(np.ascontiguousarray(a).view(np.uint8)).hexdigest()
-                   if a.dtype != object else repr(c)))
+    try:  # the constants' bytes: programs that differ only in a captured array do not share
+      a = np.ascontiguousarray(np.asarray(c))
+      consts.append((a.shape, str(a.dtype), hashlib.sha1(a.view(np.uint8)).hexdigest()))
+    except (TypeError, ValueError):  # not viewable as bytes (e.g. PRNG key arrays): never shared
+      consts.append(("id", id(c)))
   avals = tuple((tuple(s.shape), str(s.dtype)) if hasattr(s, "shape") else repr(s) for s in flat_specs)
   return (str(closed.jaxpr), avals, tuple(consts), tuple(argnums), offload, solver, cm, platform)
 

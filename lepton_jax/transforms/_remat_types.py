@@ -185,6 +185,10 @@ class RematPlan:
         f" (plain jax.grad saves {format_bytes(self.baseline_saved_bytes)})",
         f"  offload       {format_bytes(self.offloaded_bytes):>10}   recompute {self.recompute_flops:.3g} FLOPs"
         f" (compiled)   est. {self.estimated_seconds * 1e3:.3g} ms   planned in {self.planning_seconds:.2f} s",
+        f"  host<->device {format_bytes(self.transfer_bytes):>10} moved per step (to host and back) at a stated "
+        f"{format_bytes(int(self.cost_model.host_bandwidth))}/s"
+        f" = {self.transfer_bytes / self.cost_model.host_bandwidth * 1e3:.3g} ms"
+        f" (recompute priced at {self.cost_model.device_flops:.3g} FLOP/s)",
         "",
         f"  {'name':<16} {'decision':<10} {'seg':>3} {'shape':<20} {'count':>5} {'bytes':>10} {'FLOPs':>10}  primitive",
     ]

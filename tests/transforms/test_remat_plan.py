@@ -489,6 +489,10 @@ def test_offload_plan_fits_compiled_budget():
   _close(jax.jit(jax.grad(f))(params, x), jax.grad(mlp_loss)(params, x))
   if plan.offloaded_bytes:  # offloaded residuals live in host memory in the jaxpr
     assert "<host>" in str(jax.make_jaxpr(jax.grad(f))(params, x))
+    assert plan.transfer_bytes > 0
+  # bytes moved per step and the stated bandwidth they are priced at
+  assert "moved per step" in str(plan) and plan.cost_model.host_bandwidth == 1e12
+  assert plan.estimated_seconds == pytest.approx(plan.recompute_flops / 1e9 + plan.transfer_bytes / 1e12)
 
 
 def test_offload_tree_plan_places_residuals_in_pinned_host():
