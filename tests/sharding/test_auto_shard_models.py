@@ -116,7 +116,7 @@ def test_gemma_stacked_kv_kernel_is_a_parameter_under_every_strategy():
   assert roles["args[2]"] == roles["args[3]"] == "batch"
 
 
-@pytest.mark.parametrize("name,mesh_key", [("gemma", "2x4"), ("lm1b", "8"), ("vit", "4x2"), ("resnet", "8"),
+@pytest.mark.parametrize("name,mesh_key", [("gemma", "2x4"), ("lm1b", "8"), ("vit", "8"), ("resnet", "8"),
                                            ("gemma", "4x2"), ("scanned_lm", "2x2x2")])
 def test_auto_not_worse_than_baselines_compiled(name, mesh_key):
   step, args = _case(name)
