@@ -3,7 +3,7 @@
 A *template* is a small reference function written the way real code spells the
 hotspot (Flax ``RMSNorm`` / ``LayerNorm``, hand-written ``jnp`` norms,
 ``optax.softmax_cross_entropy_with_integer_labels``, ``log_softmax`` +
-``take_along_axis``, ``act(x @ w + b)``). It is traced to a jaxpr (raw, and normalised
+``take_along_axis``, the one-hot spellings of Flax's examples, ``act(x @ w + b)``). It is traced to a jaxpr (raw, and normalised
 by the same passes that run before routing), and a program sub-graph matches when its
 data-flow DAG is *identical* to the template's, equation by equation: same primitives,
 same parameters, same constants, the same template inputs bound consistently. The only
@@ -207,6 +207,14 @@ def _ce_onehot_eq(logits, labels):
   return -jnp.sum(onehot * jax.nn.log_softmax(logits, axis=-1), axis=-1)
 
 
+def _ce_onehot_select(logits, labels):
+  """``flax.training.common_utils.onehot`` with its defaults, as Flax's lm1b / wmt train loops
+  call it: ``select(labels[..., None] == arange(V), 1.0, 0.0)``."""
+  hit = labels[..., None] == jnp.arange(logits.shape[-1]).reshape((1,) * labels.ndim + (-1,))
+  onehot = jax.lax.select(hit, jnp.full(hit.shape, 1.0), jnp.full(hit.shape, 0.0)).astype(jnp.float32)
+  return -jnp.sum(onehot * jax.nn.log_softmax(logits, axis=-1), axis=-1)
+
+
 def _ce_optax_dense(logits, labels):
   import optax
   return optax.softmax_cross_entropy(logits, jax.nn.one_hot(labels, logits.shape[-1]))
@@ -251,6 +259,8 @@ def _build_templates() -> tuple[Template, ...]:
   t.append(Template("softmax_cross_entropy", "log_softmax", _ce_logsm, (_LOG, _LAB)))
   t.append(Template("softmax_cross_entropy", "onehot_log_softmax", _ce_onehot, (_LOG, _LAB)))
   t.append(Template("softmax_cross_entropy", "onehot_eq_log_softmax", _ce_onehot_eq, (_LOG, _LAB)))
+  t.append(Template("softmax_cross_entropy", "onehot_select_log_softmax", _ce_onehot_select,
+                    (_LOG, _LAB)))
   t.append(Template("softmax_cross_entropy", "optax_dense_onehot", _ce_optax_dense, (_LOG, _LAB)))
   t.append(Template("softmax_cross_entropy", "log_softmax_keepdims", _ce_logsm_keep, (_LOG, _LAB)))
   t.append(Template("softmax_cross_entropy", "log_softmax_labels1", _ce_logsm_lab1, (_LOG, _LAB1),
