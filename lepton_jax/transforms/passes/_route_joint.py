@@ -208,15 +208,19 @@ def _cotangent_candidates(jaxpr, du: DefUse, jf: JointForward, fwd, resid, allow
   earliest first; then values recovered from folded constant cotangents (Literals)."""
   root = jaxpr.eqns[jf.root].outvars[0]
   inputs = {a for a in jf.inputs if isinstance(a, core.Var)}
+  fwd_out = {v for i in fwd for v in jaxpr.eqns[i].outvars}
   cands: dict = {}
 
   def consider(a, depth):
-    if not isinstance(a, core.Var) or a in inputs or a is root or a in resid:
-      return
-    if a not in consts and a in allowed:
+    # The cotangent may be computed from the forward's inputs (loss weights from the labels)
+    # or constants, but is no input, root, residual or other forward value.
+    if not isinstance(a, core.Var) or a in inputs or a is root or a in resid or a in fwd_out:
       return
     if _same_type(a, root):
       cands[a] = du.producer(a) if du.producer(a) is not None else -1
+      i = du.producer(a)   # ``-sum`` losses: the backward may read ``neg(dO)``; try dO itself too
+      if i is not None and jaxpr.eqns[i].primitive.name == "neg" and depth < 3:
+        consider(jaxpr.eqns[i].invars[0], depth + 1)
       return
     i = du.producer(a)
     if depth >= 3 or i is None or i in fwd:
