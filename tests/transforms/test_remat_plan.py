@@ -216,7 +216,7 @@ def test_mlp_tower_compiled_budget_and_grads(mlp_case):
 def transformer_cases():
   x = _normal(2, (2, 8, 32))
   out = {}
-  for scanned, fun, layers in ((False, transformer_unrolled, 4), (True, transformer_scanned, 4)):
+  for scanned, fun, layers in ((False, transformer_unrolled, 3), (True, transformer_scanned, 4)):
     params = transformer_params(layers=layers, stacked=scanned)
     out[scanned] = (fun, params, x, jax.jit(jax.grad(fun))(params, x))
   return out
