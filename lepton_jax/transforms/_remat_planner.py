@@ -208,11 +208,9 @@ class _Structure:
     for name in _POLICIES:
       if layers is not None or g.scans:  # JAX's policy per layer, as a user writes it
         add(self._policy_option(name, layers))
-      # and per balanced segment (a few regions of several layers each: fewer boundaries kept);
-      # about as many segments as layers would repeat the per-layer candidate
-      n_layers = (len(layers[0]) if layers is not None else 0) + len(g.scans)
-      ks = [k for k in _POLICY_SEGMENTS[name] if n_layers < 2 or 1.5 * k <= n_layers]
-      for o in self._policy_options(name, ks, whole=False):
+      # and per balanced segment over the whole program (the head and loss inside regions too,
+      # unlike per layer; a few regions of several layers: fewer boundaries kept)
+      for o in self._policy_options(name, _POLICY_SEGMENTS[name], whole=False):
         add(o)
       if self.platform != "cpu":
         # Whole-function jax.checkpoint keeps its savings only where XLA keeps optimization
