@@ -302,7 +302,10 @@ class AdaptiveJitted:
   def _masked_impl(self, static: _Static, bucketed, n, donated, kept, state):
     """A bucket's program: the masked jaxpr (first input: the true length ``n``)."""
     self._compiles += 1
-    leaves = _interleave(static.donate_mask, donated, kept)
+    return self._run_bucket(bucketed, n, _interleave(static.donate_mask, donated, kept), state)
+
+  def _run_bucket(self, bucketed, n, leaves, state):
+    """``(out, new_state)`` of the bucket's masked program (rewritten) at true length ``n``."""
     state_leaves = jax.tree_util.tree_leaves(state) if state is not None else []
     new, _ = run_pipeline(bucketed.program.closed, self._passes, kernels=self._kernels)
     outs = eval_jaxpr(new.jaxpr, new.consts, n, *leaves, *state_leaves)
@@ -421,11 +424,8 @@ class AdaptiveJitted:
     plan, n = bucketed
 
     def fn(*args, **kwargs):
-      static, leaves, _, state = self._split(args, kwargs)
-      state_leaves = jax.tree_util.tree_leaves(state) if state is not None else []
-      new, _ = run_pipeline(plan.program.closed, self._passes, kernels=self._kernels)
-      outs = eval_jaxpr(new.jaxpr, new.consts, n, *leaves, *state_leaves)
-      return jax.tree_util.tree_unflatten(plan.out_tree, outs)[0]
+      _, leaves, _, state = self._split(args, kwargs)
+      return self._run_bucket(plan, n, leaves, state)[0]
 
     return jax.jit(fn, static_argnums=self._static_argnums,
                    static_argnames=self._static_argnames).lower(*args, **kwargs)

@@ -126,7 +126,7 @@ def _is_int_sequence(v) -> bool:
       else isinstance(x, (int, np.integer)) and not isinstance(x, bool) for x in v)
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(eq=False)
 class MaskedProgram:
   """A bucket's masked program (``closed``: invars ``(n, *flat_padded_inputs)``).
 
@@ -140,12 +140,6 @@ class MaskedProgram:
   out_tags: tuple
   rules: tuple
   size: int
-
-  def __hash__(self):
-    return id(self)
-
-  def __eq__(self, other):
-    return self is other
 
 
 class _Walk:
@@ -281,7 +275,6 @@ class _Walk:
       itags = [g[1] for g in got]
       otags = [self.tags(a.aval, b.aval, self.where(eP)) for a, b in zip(eP.outvars, eL.outvars)]
       self.rules.append((eP.primitive.name, tuple(tuple(sorted(t.items())) for t in otags)))
-      self._probe_eqn = eL
       outs = self.eqn(eP, eL, ins, itags, otags)
       for v, x, t in zip(eP.outvars, outs, otags):
         if not isinstance(v, core.DropVar):
@@ -289,8 +282,7 @@ class _Walk:
           tenv[v] = t
     outs, otags = [], []
     for aP, aL in zip(jP.outvars, jL.outvars):
-      x, _ = read(aP, aL, None) if not isinstance(aP, core.Literal) else (
-          self.literal(aP.val, aL.val, "an output"), {})
+      x, _ = read(aP, aL, None)
       outs.append(x)
       otags.append(self.tags(aP.aval, aL.aval, "an output"))
     return outs, otags
@@ -329,7 +321,7 @@ class _Walk:
       return bind_eqn(eP, ins)
     handler = getattr(self, "_" + name.replace("-", "_"), None)
     if handler is not None:
-      return handler(eP, ins, itags, otags)
+      return handler(eP, eL, ins, itags, otags)
     if name in _REDUCE_FILL:
       axes = tuple(eP.params.get("axes", ()))
       x = self.mask(ins[0], {d: c for d, c in itags[0].items() if d in axes}, _REDUCE_FILL[name])
@@ -341,16 +333,14 @@ class _Walk:
         x = self.mask(x, {ax: itags[0][ax]}, _CUM_FILL[name])
       return bind_eqn(eP, [x])
     if name in _SCATTER_FILL or name == "scatter":
-      return self._scatter_family(eP, ins, itags, otags)
+      return self._scatter_family(eP, eL, ins, itags, otags)
     if info.kind == "random":
       raise UnsafeBucketing(f"{self.where(eP)} draws random numbers along the padded axis (the "
                             "unpadded program's draw would differ)")
-    if info.kind == "effect" and name == "optimization_barrier":
-      return bind_eqn(eP, ins)
     raise UnsafeBucketing(f"{self.where(eP)} is not known to keep positions along the padded axis "
                           "independent")
 
-  def _reshape(self, eP, ins, itags, otags):
+  def _reshape(self, eP, eL, ins, itags, otags):
     if eP.params.get("dimensions") not in (None, ()):
       raise UnsafeBucketing(f"{self.where(eP)} with dimensions is not supported along the padded axis")
     ishape = eP.invars[0].aval.shape
@@ -370,18 +360,18 @@ class _Walk:
       raise UnsafeBucketing(f"{self.where(eP)} merges or splits the padded axis with another axis")
     return bind_eqn(eP, ins)
 
-  def _dot_general(self, eP, ins, itags, otags):
+  def _dot_general(self, eP, eL, ins, itags, otags):
     (lc, rc), _ = eP.params["dimension_numbers"]
     x, y = ins
     x = self.mask(x, {d: c for d, c in itags[0].items() if d in lc}, "zero")
     y = self.mask(y, {d: c for d, c in itags[1].items() if d in rc}, "zero")
     return bind_eqn(eP, [x, y])
 
-  def _slice(self, eP, ins, itags, otags):
+  def _slice(self, eP, eL, ins, itags, otags):
     p = eP.params
     startP, limitP = list(p["start_indices"]), list(p["limit_indices"])
     strides = p["strides"] or (1,) * len(startP)
-    startL = list(self._probe_eqn.params["start_indices"])
+    startL = list(eL.params["start_indices"])
     dyn = []
     for d in range(len(startP)):
       rel = startP[d] != startL[d]
@@ -404,14 +394,14 @@ class _Walk:
       x = lax.dynamic_slice_in_dim(x, start, size, axis=d)
     return [x]
 
-  def _pad(self, eP, ins, itags, otags):
+  def _pad(self, eP, eL, ins, itags, otags):
     # Padding *after* a tagged axis (the transpose of ``x[:, :-1]``): the positions between the
     # valid data and the new end must hold the padding value, so invalid input positions are
     # set to it first. Padding *before* by a length-dependent amount (the transpose of
     # ``x[:, -1]``) places the input at ``n + offset`` instead.
     x, value = ins
     cfgP = eP.params["padding_config"]
-    cfgL = self._probe_eqn.params["padding_config"]
+    cfgL = eL.params["padding_config"]
     fill, moved = {}, {}
     for d, ((lo, hi, interior), (loL, hiL, intL)) in enumerate(zip(cfgP, cfgL)):
       if (lo, hi, interior) != (loL, hiL, intL):
@@ -439,36 +429,36 @@ class _Walk:
     starts = [n + moved[d] if d in moved else jnp.int32(0) for d in range(len(out_shape))]
     return [lax.dynamic_update_slice(base, x, starts)]
 
-  def _concatenate(self, eP, ins, itags, otags):
+  def _concatenate(self, eP, eL, ins, itags, otags):
     d = eP.params["dimension"]
     if d in otags[0]:
       if any(d in t for t in itags[:-1]) or d not in itags[-1]:
         raise UnsafeBucketing(f"{self.where(eP)} concatenates after the padded axis")
     return bind_eqn(eP, ins)
 
-  def _rev(self, eP, ins, itags, otags):
+  def _rev(self, eP, eL, ins, itags, otags):
     if set(eP.params["dimensions"]) & set(itags[0]):
       raise UnsafeBucketing(f"{self.where(eP)} reverses the padded axis")
     return bind_eqn(eP, ins)
 
-  def _sort(self, eP, ins, itags, otags):
+  def _sort(self, eP, eL, ins, itags, otags):
     d = eP.params["dimension"]
     if any(d in t for t in itags):
       raise UnsafeBucketing(f"{self.where(eP)} sorts along the padded axis")
     return bind_eqn(eP, ins)
 
-  def _top_k(self, eP, ins, itags, otags):
+  def _top_k(self, eP, eL, ins, itags, otags):
     last = len(eP.invars[0].aval.shape) - 1
     if last in itags[0]:
       raise UnsafeBucketing(f"{self.where(eP)} takes top-k along the padded axis")
     return bind_eqn(eP, ins)
 
-  def _split(self, eP, ins, itags, otags):
+  def _split(self, eP, eL, ins, itags, otags):
     if eP.params["axis"] in itags[0]:
       raise UnsafeBucketing(f"{self.where(eP)} splits the padded axis")
     return bind_eqn(eP, ins)
 
-  def _conv_general_dilated(self, eP, ins, itags, otags):
+  def _conv_general_dilated(self, eP, eL, ins, itags, otags):
     dn = eP.params["dimension_numbers"]
     lhs_batch = dn.lhs_spec[0] if dn is not None else 0
     out_batch = dn.out_spec[0] if dn is not None else 0
@@ -476,7 +466,7 @@ class _Walk:
       raise UnsafeBucketing(f"{self.where(eP)} convolves along the padded axis")
     return bind_eqn(eP, ins)
 
-  def _gather(self, eP, ins, itags, otags):
+  def _gather(self, eP, eL, ins, itags, otags):
     dn = eP.params["dimension_numbers"]
     sizes = eP.params["slice_sizes"]
     oshape = eP.invars[0].aval.shape
@@ -488,7 +478,7 @@ class _Walk:
         raise UnsafeBucketing(f"{self.where(eP)} reads along the padded axis at computed indices")
     return bind_eqn(eP, ins)
 
-  def _dynamic_slice(self, eP, ins, itags, otags):
+  def _dynamic_slice(self, eP, eL, ins, itags, otags):
     # A full-size slice along a tagged dim is position-wise (the start clamps to 0); so is a
     # slice at a constant start whose size follows the length (``lax.dynamic_slice_in_dim(
     # padded, 0, padded.shape[1] - 1)``, Flax's ``shift_right``): it keeps the valid prefix.
@@ -503,7 +493,7 @@ class _Walk:
       raise UnsafeBucketing(f"{self.where(eP)} takes its offset from the padded axis")
     return bind_eqn(eP, ins)
 
-  def _dynamic_update_slice(self, eP, ins, itags, otags):
+  def _dynamic_update_slice(self, eP, eL, ins, itags, otags):
     shape = eP.invars[0].aval.shape
     ushape = eP.invars[1].aval.shape
     for d in set(itags[0]) | set(itags[1]):
@@ -513,7 +503,7 @@ class _Walk:
       raise UnsafeBucketing(f"{self.where(eP)} takes its offset from the padded axis")
     return bind_eqn(eP, ins)
 
-  def _scatter_family(self, eP, ins, itags, otags):
+  def _scatter_family(self, eP, eL, ins, itags, otags):
     name = eP.primitive.name
     dn = eP.params["dimension_numbers"]
     operand_t, idx_t, upd_t = itags[0], itags[1], itags[2]
@@ -530,7 +520,7 @@ class _Walk:
       return bind_eqn(eP, [ins[0], ins[1], upd] + list(ins[3:]))
     return bind_eqn(eP, ins)
 
-  def _reduce_window_generic(self, eP, ins, itags, otags):
+  def _reduce_window_generic(self, eP, eL, ins, itags, otags):
     dims = eP.params.get("window_dimensions", ())
     strides = eP.params.get("window_strides", ())
     for t in itags:
@@ -542,7 +532,7 @@ class _Walk:
   _reduce_window_sum = _reduce_window_max = _reduce_window_min = _reduce_window_generic
   _reduce_window = _select_and_scatter_add = _select_and_gather_add = _reduce_window_generic
 
-  def _fft(self, eP, ins, itags, otags):
+  def _fft(self, eP, eL, ins, itags, otags):
     nd = len(eP.params["fft_lengths"])
     rank = len(eP.invars[0].aval.shape)
     if any(d >= rank - nd for d in itags[0]) or any(d >= rank - nd for d in otags[0]):
@@ -674,7 +664,3 @@ def build_masked(closedP, closedL, P: int, L: int, in_tags: Sequence[Tags]) -> M
   closed = jax.make_jaxpr(masked)(jax.ShapeDtypeStruct((), jnp.int32), *specs)
   return MaskedProgram(closed, holder["out_tags"], holder["rules"], int(P))
 
-
-def rules_of(closedP, closedL, P: int, L: int, in_tags: Sequence[Tags]) -> tuple:
-  """The walk's rules for the pair of traces (used to check a new length against a bucket)."""
-  return build_masked(closedP, closedL, P, L, in_tags).rules

@@ -255,19 +255,13 @@ def _erased_key(args, kwargs, argnum, axis):
 class Bucketed:
   """A bucket's program: the masked program and how its flat outputs map back to pytrees.
 
-  Hashed by identity: it is a static argument of the wrapper's inner jit (one executable per
-  bucket and argument structure).
+  Hashed by identity (``eq=False``): it is a static argument of the wrapper's inner jit (one
+  executable per bucket and argument structure).
   """
   program: MaskedProgram
   out_tree: Any
   n_user_out: int
   trace_p: Any = None   # the trace at the bucket size (reused to check new lengths)
-
-  def __hash__(self):
-    return id(self)
-
-  def __eq__(self, other):
-    return self is other
 
 
 def _in_tags(jitted: BucketContext, static, args_p, kwargs, n_invars):
@@ -300,8 +294,6 @@ def _build(jitted: BucketContext, args, kwargs, P: int, Q: int, trace_p=None):
   try:
     st_p, cl_p, tree_p = trace_p or jitted.trace(tuple(args_p), kwargs)
     _, cl_q, tree_q = jitted.trace(tuple(args_q), kwargs)
-  except UnsafeBucketing:
-    raise
   except Exception as e:  # tracing at the bucket size failed
     raise UnsafeBucketing(f"tracing at another length failed: {type(e).__name__}: {e}") from None
   if tree_p != tree_q:
