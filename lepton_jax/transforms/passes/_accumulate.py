@@ -318,11 +318,7 @@ def _rewrite_scan(eqn):
   producer = plan["producer"]
   post = []
 
-  def need(a):
-    if isinstance(a, core.Literal) or a in env:
-      return
-    i = producer[a]
-    e = jaxpr.eqns[i]
+  def copy(e):  # e after the loop, on renamed variables (its inputs copied first)
     for b in e.invars:
       need(b)
     outs = [core.Var(v.aval) for v in e.outvars]
@@ -330,14 +326,12 @@ def _rewrite_scan(eqn):
     post.append(e.replace(invars=[b if isinstance(b, core.Literal) else env[b] for b in e.invars],
                           outvars=outs))
 
+  def need(a):
+    if not (isinstance(a, core.Literal) or a in env):
+      copy(jaxpr.eqns[producer[a]])
+
   for i in region:
-    e = jaxpr.eqns[i]
-    for b in e.invars:
-      need(b)
-    outs = [core.Var(v.aval) for v in e.outvars]
-    env.update(zip(e.outvars, outs))
-    post.append(e.replace(invars=[b if isinstance(b, core.Literal) else env[b] for b in e.invars],
-                          outvars=outs))
+    copy(jaxpr.eqns[i])
   for j, terms, _ in accs:
     total = ein[nc + j]
     for t in terms:
