@@ -335,18 +335,49 @@ class _Lock:
     self.token = uuid.uuid4().hex
     self.held = False
 
+  def _publish(self, me: dict) -> bool:
+    """Creates the lock file with its whole content at once (a private file, then ``link``).
+
+    ``O_CREAT|O_EXCL`` followed by a write leaves an empty lock file when the process is killed in
+    between, and nobody can tell whose it was; ``link`` either publishes the complete file or fails.
+    """
+    side = os.path.dirname(self.path)
+    tmp = os.path.join(side, f"lock.tmp.{os.getpid()}.{self.token}")
+    with open(tmp, "w") as f:
+      json.dump(me, f)
+      f.flush()
+      os.fsync(f.fileno())
+    try:
+      os.link(tmp, self.path)
+      return True
+    except FileExistsError:
+      return False
+    finally:
+      try:
+        os.unlink(tmp)
+      except FileNotFoundError:
+        pass
+
+  def _sweep_private_files(self) -> None:
+    """Removes ``lock.tmp.<pid>.*`` files left by processes killed inside ``_publish``."""
+    side = os.path.dirname(self.path)
+    for name in os.listdir(side):
+      parts = name.split(".")
+      if len(parts) == 4 and parts[:2] == ["lock", "tmp"] and parts[2].isdigit():
+        if int(parts[2]) != os.getpid() and not _pid_alive(int(parts[2])):
+          try:
+            os.unlink(os.path.join(side, name))
+          except FileNotFoundError:
+            pass
+
   def acquire(self) -> None:
     os.makedirs(os.path.dirname(self.path), exist_ok=True)
+    self._sweep_private_files()
     me = {"pid": os.getpid(), "host": socket.gethostname(), "token": self.token,
           "since": time.strftime("%Y-%m-%d %H:%M:%S")}
-    for _ in range(20):
-      try:
-        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-      except FileExistsError:
-        pass
-      else:
-        with os.fdopen(fd, "w") as f:
-          json.dump(me, f)
+    deadline = time.monotonic() + 15.0
+    while time.monotonic() < deadline:
+      if self._publish(me):
         self.held = True
         return
       try:
@@ -354,8 +385,14 @@ class _Lock:
           other = json.load(f)
       except FileNotFoundError:
         continue
-      except (OSError, ValueError):  # being written right now, or a torn write of a dead holder
-        if time.time() - os.path.getmtime(self.path) < 5:
+      except (OSError, ValueError):
+        # Not written by _publish (which never leaves a partial file): an older version's torn
+        # write, or a file being replaced right now. Wait a moment; if it stays unreadable it is dead.
+        try:
+          age = time.time() - os.path.getmtime(self.path)
+        except FileNotFoundError:
+          continue
+        if age < 2:
           time.sleep(0.05)
           continue
         other = {"pid": -1, "host": socket.gethostname()}
@@ -375,7 +412,7 @@ class _Lock:
           f"TieredCheckpointManager ({who}, since {other.get('since', '?')}); two writers would "
           "delete each other's steps. Close the other manager first (or use another directory); "
           f"if that process no longer exists, delete {self.path}")
-    raise CheckpointLockError(f"{_API}: could not acquire {self.path} (it keeps changing)")
+    raise CheckpointLockError(f"{_API}: could not acquire {self.path} within 15 s (it keeps changing)")
 
   def release(self) -> None:
     if not self.held:

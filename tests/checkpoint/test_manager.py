@@ -5,6 +5,7 @@ import os
 import pathlib
 import shutil
 import sys
+import time
 import warnings
 
 import jax
@@ -513,6 +514,17 @@ def test_second_manager_is_refused_and_stale_locks_are_taken_over(tmp_path):
   assert m3.latest_step() == 1
   m3.close()
   assert not lock.exists()
+  # A holder killed between creating the lock file and writing it (what older versions could leave):
+  # an empty lock file that stays empty is a dead holder's, not "keeps changing" (a CI failure).
+  lock.write_text("")
+  os.utime(lock, (time.time() - 10, time.time() - 10))
+  stale_tmp = lock.parent / f"lock.tmp.{dead.pid}.0123abcd"  # left by a kill inside the atomic publish
+  stale_tmp.write_text("{}")
+  with pytest.warns(UserWarning, match="taking over the lock .* gone \\(pid -1 "):
+    m4 = _mk(tmp_path)
+  assert not stale_tmp.exists()
+  assert json.loads(lock.read_text())["pid"] == os.getpid()
+  m4.close()
 
 
 def test_interrupted_resave_and_leftover_directories_are_recovered(tmp_path):
