@@ -1,7 +1,10 @@
-"""Compression transforms vs plain JAX: a transformer-style MLP block (compiled figures) and a tiny
-lm1b-like language model (mixed-precision loss curve vs float32, int8/int4 weight-only eval loss).
+"""Compression transforms vs plain JAX: a transformer-style MLP block (compiled figures), a tiny
+lm1b-like language model and a tiny Gemma-like one (grouped-query attention, RMSNorm, rotary
+positions, gated GELU MLP, tied embeddings; ``benchmarks/_gemma_like.py``): mixed-precision loss
+curves vs float32 and its run-to-run noise, int8/int4 weight-only eval loss, compiled FLOPs/bytes and
+step times.
 
-Run: ``python -m benchmarks.compression [--only mlp|lm] [--out benchmarks/results/compression_cpu.json]``.
+Run: ``python -m benchmarks.compression [--only mlp|lm|gemma] [--out benchmarks/results/compression_cpu.json]``.
 All bytes/FLOPs come from XLA (``jax.jit(f).lower(...).compile()``: ``memory_analysis()`` and
 ``cost_analysis()``) on the default backend. On CPU, XLA converts bf16 matmul operands back to
 float32, so bf16 is not faster there; the figures show what the compiled program holds (bf16
@@ -11,6 +14,7 @@ residuals) and the step time is reported for completeness only.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import os
@@ -20,6 +24,7 @@ import time
 if __name__ == "__main__":  # run as a script: this file's folder would shadow the stdlib `compression` package
   _here = os.path.dirname(os.path.abspath(__file__))
   sys.path[:] = [q for q in sys.path if os.path.abspath(q or ".") != _here]
+  sys.path.insert(0, os.path.dirname(_here))  # the repository root (benchmarks._gemma_like)
 
 import glob
 
@@ -190,10 +195,108 @@ def lm1b_like():
   return out
 
 
+# --------------------------------------------------------------------------- Gemma-like LM
+# benchmarks/_gemma_like.py: RMSNorm, rotary positions, grouped-query attention (4 query heads over 2
+# key/value heads, einsum 'BTKGH,BSKH->BTKGS'), gated GELU MLP, tied embeddings; the same corpus.
+
+GEMMA = dict(seq=64, batch=16, steps=100, lr=3e-3, warmup=10, eval_batches=4, eval_batch=64)
+
+
+def gemma_like():
+  """bf16 mixed precision vs float32 over 100 steps (two batch orders), int8/int4 weight-only eval
+  loss and weight bytes, compiled FLOPs / bytes and step times vs plain JAX."""
+  from benchmarks._gemma_like import GemmaLike, GemmaLikeConfig
+  run_cfg, mcfg = GEMMA, GemmaLikeConfig()
+  train, held = _corpus(run_cfg["seq"])
+  graphdef, params0 = nnx.split(GemmaLike(mcfg, nnx.Rngs(0)))
+  params0 = nnx.to_pure_dict(params0)
+
+  def loss(params, tokens):
+    logits = nnx.merge(graphdef, params)(tokens[:, :-1])
+    return optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
+
+  tx = optax.adamw(optax.linear_schedule(0.0, run_cfg["lr"], run_cfg["warmup"]), weight_decay=0.01)
+
+  def make_step(loss_fn):
+    @jax.jit
+    def step(p, o, b):
+      v, g = jax.value_and_grad(loss_fn)(p, b)
+      u, o = tx.update(g, o, p)
+      return optax.apply_updates(p, u), o, v
+    return step
+
+  step32, step16 = make_step(loss), make_step(lj.mixed_precision(loss))
+
+  def run(step, order):
+    p, o, curve = params0, tx.init(params0), []
+    for b in _batches(train, run_cfg["seq"], run_cfg["batch"], run_cfg["steps"], order):
+      p, o, v = step(p, o, b)
+      curve.append(float(v))
+    return p, curve
+
+  curves, finals = {}, {}
+  for name, step, order in (("f32_order0", step32, 0), ("mixed_order0", step16, 0),
+                            ("f32_order1", step32, 1), ("mixed_order1", step16, 1)):
+    finals[name], curves[name] = run(step, order)
+
+  evals = _batches(held, run_cfg["seq"], run_cfg["eval_batch"], run_cfg["eval_batches"], 123)
+  eval_jit = jax.jit(loss)
+  eval_loss = lambda f, p: float(np.mean([float(f(p, b)) for b in evals]))  # noqa: E731
+  last10 = {k: float(np.mean(c[-10:])) for k, c in curves.items()}
+  held_loss = {k: eval_loss(eval_jit, p) for k, p in finals.items()}
+  c = {k: np.array(v) for k, v in curves.items()}
+  out = {
+      "config": {**run_cfg, **dataclasses.asdict(mcfg)},
+      "data": "bytes of lepton_jax/**/*.py (every 7th file held out)",
+      "train_loss": {k: [round(x, 5) for x in v] for k, v in curves.items()},
+      "last10_mean_train_loss": last10,
+      "held_out_loss_after_training": held_loss,
+      # the question: is mixed-vs-f32 (same batches) inside the f32 run-to-run spread (other batch order)?
+      "final_gap_mixed_vs_f32": {o: abs(last10[f"mixed_{o}"] - last10[f"f32_{o}"]) for o in ("order0", "order1")},
+      "final_gap_f32_order0_vs_order1": abs(last10["f32_order0"] - last10["f32_order1"]),
+      "held_out_gap_mixed_vs_f32": {o: abs(held_loss[f"mixed_{o}"] - held_loss[f"f32_{o}"])
+                                    for o in ("order0", "order1")},
+      "held_out_gap_f32_order0_vs_order1": abs(held_loss["f32_order0"] - held_loss["f32_order1"]),
+      "max_stepwise_gap_mixed_vs_f32": {o: float(np.max(np.abs(c[f"mixed_{o}"] - c[f"f32_{o}"])))
+                                        for o in ("order0", "order1")},
+      "max_stepwise_gap_f32_order0_vs_order1": float(np.max(np.abs(c["f32_order0"] - c["f32_order1"]))),
+  }
+  b0 = _batches(train, run_cfg["seq"], run_cfg["batch"], 1, 0)[0]
+  o0 = tx.init(params0)
+  out["train_step_compiled_f32"] = compiled_figures(step32, params0, o0, b0)
+  out["train_step_compiled_mixed"] = compiled_figures(step16, params0, o0, b0)
+  out["train_step_ratio_mixed"] = _ratio(out["train_step_compiled_f32"], out["train_step_compiled_mixed"])
+  out["step_s_f32"], out["step_s_mixed"] = _time(step32, params0, o0, b0), _time(step16, params0, o0, b0)
+  out["mixed_precision_ops"] = {"converted": (rep := lj.mixed_precision(loss).explain(params0, b0)).converted,
+                                "total": len(rep.ops)}
+
+  p32 = finals["f32_order0"]
+  ref = held_loss["f32_order0"]
+  out["eval_loss_f32"] = ref
+  is_q = lambda a: isinstance(a, lj.quantize.QuantizedArray)  # noqa: E731
+  eb = evals[0]
+  out["eval_forward_compiled_f32"] = compiled_figures(loss, p32, eb)
+  out["eval_s_f32"] = _time(eval_jit, p32, eb)
+  for kind in ("int8", "int4"):
+    q = lj.quantize(loss, weights=kind)
+    frozen = q.freeze(p32)
+    before = sum(v.nbytes for v in jax.tree.leaves(p32) if v.ndim >= 2)
+    after = sum(v.nbytes for v in jax.tree.leaves(frozen, is_leaf=is_q) if is_q(v))
+    q_jit = jax.jit(q)
+    ql = eval_loss(q_jit, frozen)
+    fig = compiled_figures(q, frozen, eb)
+    out[f"quantize_{kind}"] = {
+        "weight_bytes_before": before, "weight_bytes_after": after, "weight_compression": before / after,
+        "eval_loss": ql, "eval_loss_rel_change": ql / ref - 1, "eval_forward_compiled": fig,
+        "eval_forward_ratio": _ratio(out["eval_forward_compiled_f32"], fig), "eval_s": _time(q_jit, frozen, eb),
+        "compute_paths": sorted({c for w in q.explain(p32, eb).weights for c in w.compute})}
+  return out
+
+
 def main():
   ap = argparse.ArgumentParser()
   ap.add_argument("--out", default=None)
-  ap.add_argument("--only", default=None, choices=(None, "mlp", "lm"))
+  ap.add_argument("--only", default=None, choices=(None, "mlp", "lm", "gemma"))
   args = ap.parse_args()
   out_path = args.out
   result = {}
@@ -218,6 +321,12 @@ def main():
           f"{lm['eval_loss_int8']:.4f} ({100 * lm['eval_loss_int8_rel_change']:+.3f}%, "
           f"{lm['weight_compression_int8']:.2f}x), int4 {lm['eval_loss_int4']:.4f} "
           f"({100 * lm['eval_loss_int4_rel_change']:+.3f}%, {lm['weight_compression_int4']:.2f}x)")
+  if args.only in (None, "gemma"):
+    t0 = time.perf_counter()
+    g = gemma_like()
+    g["section_wall_s"] = time.perf_counter() - t0
+    result["gemma_like"] = g
+    _print_gemma(g)
   if out_path:
     os.makedirs(os.path.dirname(out_path), exist_ok=True)
     with open(out_path, "w") as fh:
@@ -273,6 +382,25 @@ def mlp_rows():
     rows[f"prune_{structure}_{s}"] = {"output_rel_l2_error": _rel(ref, out),
                                       "note": "no finetuning; dense XLA kernels, so no speed/bytes change"}
   return rows
+
+
+def _print_gemma(g):
+  lt, hl = g["last10_mean_train_loss"], g["held_out_loss_after_training"]
+  print("gemma-like (GQA 4q/2kv, RMSNorm, rotary, gated GELU, tied embeddings), 100 steps:")
+  for k in lt:
+    print(f"  {k:<14} last-10 mean train loss {lt[k]:.4f}   held-out loss {hl[k]:.4f}")
+  print(f"  |mixed - f32| last-10: {g['final_gap_mixed_vs_f32']}, f32 order0 vs order1: "
+        f"{g['final_gap_f32_order0_vs_order1']:.4f}; held-out: {g['held_out_gap_mixed_vs_f32']} vs "
+        f"{g['held_out_gap_f32_order0_vs_order1']:.4f}")
+  r = g["train_step_ratio_mixed"]
+  print(f"  train step compiled mixed/f32: flops {r['flops']:.3f} temp {r['temp_bytes']:.3f}; step "
+        f"{g['step_s_f32'] * 1e3:.1f} ms f32, {g['step_s_mixed'] * 1e3:.1f} ms mixed")
+  for kind in ("int8", "int4"):
+    q = g[f"quantize_{kind}"]
+    print(f"  {kind}: weights {q['weight_compression']:.2f}x, eval loss {g['eval_loss_f32']:.4f} -> "
+          f"{q['eval_loss']:.4f} ({100 * q['eval_loss_rel_change']:+.3f}%), compiled flops ratio "
+          f"{q['eval_forward_ratio']['flops']:.3f}, argument bytes ratio {q['eval_forward_ratio']['argument_bytes']:.3f}, "
+          f"eval {g['eval_s_f32'] * 1e3:.1f} -> {q['eval_s'] * 1e3:.1f} ms")
 
 
 def _print_rows(rows):
