@@ -21,6 +21,12 @@ Compute: when the weight's scale axis is a free (output) axis of the matmul, int
 ``x @ q`` with the per-channel scale applied to the result (with ``activations="int8"`` as an
 ``int8 x int8 -> int32`` dot, the real integer path); otherwise the weight is dequantized and the
 matmul runs in float. All of it is XLA (on CPU: the dequantize is fused into the consumer).
+
+Activations (``activations="int8"|"fp8"``): every weight matmul, also inside ``scan`` / ``while`` /
+``cond`` bodies, gets one per-tensor input scale, the absmax of its input over the calibration
+examples (inside a loop body: over every iteration too, collected through a host callback during
+calibration; a scan over stacked layers therefore shares one scale across its layers). A site the
+calibration never ran (an untaken branch) keeps float activations.
 """
 
 from __future__ import annotations
@@ -253,8 +259,13 @@ class _QuantHook(Hook):
     self.act_kind, self.act_scales = act_kind, act_scales
     self.only, self.calibrate = only, calibrate
     self.sites: list = []
-    self.absmax: list = []
+    self.absmax: list = []      # calibration: (site, traced absmax) of top-level sites
+    self.loop_absmax: dict = {}  # calibration: site -> host absmax over iterations (loop bodies)
     self.act_sites = 0
+
+  def record(self, site, value):
+    """Host side of a loop body's calibration callback: the running absmax of ``site``."""
+    self.loop_absmax[site] = max(self.loop_absmax.get(site, 0.0), float(value))
 
   def materialize(self, x):
     return x.materialize() if isinstance(x, _Weight) else x
@@ -291,25 +302,36 @@ class _QuantHook(Hook):
     x = self.materialize(x)
     if self.only is not None and w.index not in self.only:
       return None  # caller materializes
-    if w.dequantized:
-      self.sites.append(_Site(w.path, w.index, eqn.primitive.name, "dequantize"))
-      return None
-    # Activation scales are calibrated for top-level matmuls; inside loop / branch bodies the
-    # activations stay float (their per-iteration maxima never leave the body's trace).
-    act_site = self.depth == 0 and (self.calibrate or self.act_kind is not None)
+    # Every weight matmul is an activation site, numbered in trace order (the calibration pass and
+    # the quantized pass trace the same bodies in the same order). Its scale is the absmax of its
+    # input over the calibration examples and, inside loop bodies, over every iteration (one scale
+    # per site, shared by the iterations: a scan over stacked layers shares it across layers).
+    site = None
+    if self.calibrate or self.act_kind is not None:
+      site, self.act_sites = self.act_sites, self.act_sites + 1
     if self.calibrate:
-      if act_site:
-        self.absmax.append(jnp.max(jnp.abs(x)).astype(jnp.float32))
+      m = jnp.max(jnp.abs(x)).astype(jnp.float32)
+      if self.depth == 0:
+        self.absmax.append((site, m))
+      else:  # a loop / branch body: the per-iteration maxima leave the body through a host callback
+        jax.debug.callback(functools.partial(self.record, site), m)
       self.sites.append(_Site(w.path, w.index, eqn.primitive.name, "calibrate"))
       return None
+    # None: the site never ran in calibration (or lies past the calibrated ones: __call__ raises)
+    s_x = self.act_scales[site] if site is not None and site < len(self.act_scales) else None
+    if w.dequantized:
+      # a frozen weight inside a loop / branch body: its float values lie on its packed grid
+      self.sites.append(_Site(w.path, w.index, eqn.primitive.name, "dequantize"))
+      if s_x is None:
+        return None
+      params = {k: v for k, v in eqn.params.items() if k != "preferred_element_type"}
+      xq, wf = _fake_quant(x, s_x, self.act_kind), w.materialize().astype(jnp.result_type(x))
+      y = eqn.primitive.bind(*((xq, wf) if w_is_rhs else (wf, xq)), **dict(params, preferred_element_type=None))
+      return y.astype(eqn.outvars[0].aval.dtype)
     q = w.value if isinstance(w.value, QuantizedArray) else _pack(w.value, self.weights, self.group_size)
     out_axis = _scale_axis_out(eqn, w_is_rhs, q.ndim) if q.kind != "int4" else None
     out_dtype = eqn.outvars[0].aval.dtype
     params = {k: v for k, v in eqn.params.items() if k != "preferred_element_type"}
-    s_x = None
-    if act_site:
-      s_x = self.act_scales[self.act_sites]
-      self.act_sites += 1
     order = (lambda a, b: (b, a)) if not w_is_rhs else (lambda a, b: (a, b))
     if out_axis is None:
       kind_used = "dequantize"
@@ -487,17 +509,24 @@ class _Quantized:
 
       def run(*a, hook=hook):
         self._run(a, {}, hook)
-        return hook.absmax
+        return [m for _, m in hook.absmax]
 
-      values = [float(v) for v in jax.jit(run)(*example)]
+      top_level = jax.jit(run)(*example)
+      jax.effects_barrier()  # the loop bodies' callbacks have all run
+      values = [None] * hook.act_sites  # None: a site that never ran (an untaken branch, an empty loop)
+      for site, m in zip((s for s, _ in hook.absmax), top_level):
+        values[site] = float(m)
+      for site, m in hook.loop_absmax.items():
+        values[site] = m
       if maxima is not None and len(values) != len(maxima):
         raise ValueError(f"{_API}: calibration example {n} reaches {len(values)} quantized matmuls, example 0 "
                          f"reached {len(maxima)}; calibration examples must share one structure")
-      maxima = values if maxima is None else [max(a, b) for a, b in zip(maxima, values)]
+      maxima = values if maxima is None else [
+          b if a is None else a if b is None else max(a, b) for a, b in zip(maxima, values)]
     if maxima is None:
       raise ValueError(f"{_API}: calibration is empty; pass at least one example argument tuple")
     top = 127.0 if self.activations == "int8" else _FP8_MAX
-    return [jnp.float32(m / top if m > 0 else 1.0) for m in maxima]
+    return [None if m is None else jnp.float32(m / top if m > 0 else 1.0) for m in maxima]
 
   # -- public
 
@@ -571,7 +600,8 @@ class _QuantizeAPI:
       weights: ``"int8"`` (per-output-channel scales), ``"int4"`` (groups of ``group_size`` along
         the contraction axis, packed two per byte) or ``"fp8"`` (float8_e4m3fn, per-channel scales).
       activations: ``None``, ``"int8"`` or ``"fp8"``: per-tensor scale of each matmul's input,
-        calibrated as the absmax over ``calibration`` (required then).
+        calibrated as the absmax over ``calibration`` (required then); inside loop bodies the
+        absmax is also over iterations.
       calibration: an iterable of argument tuples for ``fun`` (run in float at decoration time).
       argnums: which positional argument holds the parameters.
       group_size: int4 group length.

@@ -184,3 +184,57 @@ def test_nnx_scan_over_stacked_layers():
   ref_params["lin"]["kernel"] = jnp.stack([_fake_quant(w) for w in kern])
   np.testing.assert_allclose(np.asarray(got), np.asarray(f(ref_params, x)), rtol=2e-4, atol=2e-5)
   assert 0 < _rel(f(params, x), got) < 2e-2
+
+
+def test_int8_activations_inside_scan_and_while_bodies_match_a_jnp_reference():
+  k = jax.random.split(jax.random.key(10), 4)
+  p = {"ws": jax.random.normal(k[0], (3, 32, 32)) / 4, "w": jax.random.normal(k[1], (32, 32)) / 4}
+
+  def f(p, x):
+    h, _ = jax.lax.scan(lambda h, w: (jnp.tanh(h @ w), None), x, p["ws"])                      # site 0
+    _, h = jax.lax.while_loop(lambda c: c[0] < 2, lambda c: (c[0] + 1, jnp.tanh(c[1] @ p["w"])), (0, h))  # 1
+    return h @ p["w"]                                                                          # site 2
+
+  xs = [jax.random.normal(k[2 + i], (8, 32)) * (1 + i) for i in range(2)]
+  q = lj.quantize(f, weights="int8", activations="int8", calibration=[(p, x) for x in xs])
+
+  # reference in plain jnp: each site's scale is its input's absmax over examples and iterations / 127
+  def walk(x, ws, w, act=None):
+    amax, h = [0.0, 0.0, 0.0], x
+    fq = (lambda v, i: v) if act is None else (lambda v, i: jnp.clip(jnp.round(v / act[i]), -127, 127) * act[i])
+    for wl in ws:
+      amax[0] = max(amax[0], float(jnp.abs(h).max()))
+      h = jnp.tanh(fq(h, 0) @ wl)
+    for _ in range(2):
+      amax[1] = max(amax[1], float(jnp.abs(h).max()))
+      h = jnp.tanh(fq(h, 1) @ w)
+    amax[2] = float(jnp.abs(h).max())
+    return fq(h, 2) @ w, amax
+
+  scales = np.max([walk(x, p["ws"], p["w"])[1] for x in xs], axis=0) / 127
+  ws_q, w_q = [_fake_quant(w) for w in p["ws"]], _fake_quant(p["w"])
+  for x in xs:
+    got = jax.jit(q)(p, x)
+    want, _ = walk(x, ws_q, w_q, act=[jnp.float32(s) for s in scales])
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-4 * float(jnp.abs(want).max()))
+    assert 0 < _rel(f(p, x), got) < 0.1  # int8 x int8 through 6 layers, scales set by the larger example
+  text = jax.jit(q).lower(p, xs[0]).as_text()
+  assert text.count("xi8>) -> tensor<8x32xi32>") == 3  # integer dots in the scan body, the while body, top level
+  # frozen weights enter the bodies dequantized; activations are still quantized there
+  frozen = lj.quantize.freeze(p)
+  deq = jax.tree.map(lambda a: a.dequantize(), frozen, is_leaf=lambda a: hasattr(a, "dequantize"))
+  want, _ = walk(xs[0], deq["ws"], deq["w"], act=[jnp.float32(s) for s in scales])
+  np.testing.assert_allclose(np.asarray(jax.jit(q)(frozen, xs[0])), np.asarray(want), rtol=1e-4,
+                             atol=1e-4 * float(jnp.abs(want).max()))
+
+
+def test_activation_site_in_a_branch_calibration_never_took_stays_float():
+  w = jax.random.normal(jax.random.key(11), (16, 16)) / 4
+  f = lambda p, x: jax.lax.cond(x.sum() > 0, lambda a: a @ p["w"], lambda a: -(a @ p["w"]), x)  # noqa: E731
+  pos = jnp.abs(jax.random.normal(jax.random.key(12), (4, 16)))
+  q = lj.quantize(f, weights="int8", activations="int8", calibration=[({"w": w}, pos)])
+  wq = _fake_quant(w)
+  s = float(jnp.abs(pos).max()) / 127
+  np.testing.assert_allclose(np.asarray(jax.jit(q)({"w": w}, pos)),
+                             np.asarray(jnp.clip(jnp.round(pos / s), -127, 127) * s @ wq), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(np.asarray(jax.jit(q)({"w": w}, -pos)), np.asarray(pos @ wq), rtol=1e-5, atol=1e-5)
