@@ -95,3 +95,34 @@ def mosaic_gpu_interpret_params():
   except ImportError:
     return None
   return InterpretGPUParams()
+
+
+# Compute capability of an NVIDIA device kind, for cross-lowering under an abstract GPU device
+# (lepton_jax.pallas_kernels): jax >= 0.11 keeps the table in Pallas' Triton gpu_info (not public);
+# jax 0.10 has none (its Triton lowering assumed sm_90 without a GPU), so a few common kinds are
+# listed here for it (longest names first: "A100" before "A10").
+_GPU_KINDS = (("RTX 4090", "8.9"), ("GH200", "9.0"), ("H100", "9.0"), ("H200", "9.0"),
+              ("GB200", "10.0"), ("B200", "10.0"), ("A100", "8.0"), ("A30", "8.0"), ("A10", "8.6"),
+              ("L40", "8.9"), ("L4", "8.9"), ("T4", "7.5"))
+
+
+def gpu_compute_capability(device_kind: str) -> str | None:
+  """``"9.0"``-style compute capability of ``device_kind`` (``"NVIDIA H100"``), or None if unknown."""
+  try:
+    from jax._src.pallas.triton import gpu_info as _gpu_info
+  except ImportError:  # pragma: no cover - Pallas GPU without Triton
+    _gpu_info = None
+  find = getattr(_gpu_info, "gpu_version_from_device_kind", None)
+  info_of = getattr(_gpu_info, "get_gpu_info_from_version", None)
+  if find is not None and info_of is not None:  # jax >= 0.11
+    version = find(str(device_kind))
+    if version is not None:
+      try:
+        return str(info_of(version).arch_name)
+      except ValueError:
+        pass
+  import re
+  for kind, cc in _GPU_KINDS:
+    if re.search(rf"\b{re.escape(kind)}\b", str(device_kind)):
+      return cc
+  return None

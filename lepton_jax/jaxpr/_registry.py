@@ -64,7 +64,8 @@ polygamma zeta bessel_i0e bessel_i1e regularized_incomplete_beta select_n
 convert_element_type and or not xor eq ne lt le gt ge shift_left shift_right_logical
 shift_right_arithmetic nextafter clamp square copy copy_p real imag conj complex
 population_count clz reduce_precision add_any stop_gradient bitcast_convert_type
-""".split()
+one_minus_square log2
+""".split()  # one_minus_square (1 - x**2, tanh's JVP) and log2: primitives since jax 0.11
 _COMMUTATIVE = frozenset("add mul max min and or xor eq ne add_any".split())
 _VIEWS = frozenset("""convert_element_type copy copy_p transpose reshape broadcast_in_dim squeeze
 expand_dims reduce_precision optimization_barrier""".split())
@@ -99,6 +100,7 @@ _OPAQUE = "pallas_call custom_lin custom_transpose_call call_hi_primitive".split
 # Sub-jaxpr params of call-like and control-flow primitives (jax 0.10 / 0.11 spellings).
 _CALLS: dict[str, tuple[str, ...]] = {
     "jit": ("jaxpr",), "pjit": ("jaxpr",), "closed_call": ("call_jaxpr",),
+    "eval_jaxpr": ("call_jaxpr",),  # jax 0.11's name for closed_call / core.call_p
     "core_call": ("call_jaxpr",), "xla_call": ("call_jaxpr",),
     "remat": ("jaxpr",), "remat2": ("jaxpr",), "checkpoint": ("jaxpr",),
     "custom_jvp_call": ("call_jaxpr",), "custom_vjp_call": ("call_jaxpr",),
@@ -343,7 +345,7 @@ exp log log1p expm1 tanh sin cos tan sqrt rsqrt cbrt pow atan2 erf atan
 """.split())
 # (flops, transcendentals) per output element for primitives XLA expands.
 _EXPANDED = {
-    "logistic": (3, 1), "exp2": (1, 1), "erf_inv": (37, 2), "lgamma": (52, 4),
+    "logistic": (3, 1), "exp2": (1, 1), "log2": (1, 1), "one_minus_square": (3, 0), "erf_inv": (37, 2), "lgamma": (52, 4),
     "digamma": (60, 4), "sinh": (10, 3), "cosh": (10, 3), "asin": (5, 2), "acos": (6, 2),
     "asinh": (6, 2), "acosh": (6, 2), "atanh": (5, 2), "erfc": (10, 2), "nextafter": (23, 0),
     "igamma": (100, 10), "igammac": (100, 10), "bessel_i0e": (20, 1), "bessel_i1e": (20, 1),

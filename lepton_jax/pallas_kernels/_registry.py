@@ -6,6 +6,9 @@
 * ``"pallas_gpu"``: the Pallas GPU kernel (Mosaic GPU on Hopper and newer where the kernel
   has a Mosaic GPU implementation, Triton otherwise; see :func:`gpu_flavor`). Built on any
   host, so a CPU machine can lower it: ``jax.jit(f).trace(*a).lower(lowering_platforms=("cuda",))``.
+  From jax 0.11 a Triton kernel lowers on a host without a GPU only under an abstract GPU device
+  (JAX no longer assumes sm_90): wrap tracing and lowering in
+  ``with jax.sharding.use_abstract_mesh(abstract_gpu_mesh("NVIDIA H100")):`` (works on 0.10 too).
 * ``"pallas_tpu"``: the Mosaic Pallas TPU kernel. Built on any host; from a CPU machine lower it
   under an abstract TPU mesh (:func:`abstract_tpu_mesh`) or with
   ``jax.export.export(jax.jit(f), platforms=["tpu"])``.
@@ -39,9 +42,10 @@ from typing import Any, Iterator, Literal
 import jax
 
 from lepton_jax._errors import KernelError
+from lepton_jax.jaxpr import _compat
 
 __all__ = [
-    "BACKENDS", "GPU_FLAVORS", "abstract_tpu_mesh", "gpu_flavor", "use_mosaic", "Backend", "Dispatch", "DispatchLog", "record_dispatches", "resolve_backend",
+    "BACKENDS", "GPU_FLAVORS", "abstract_gpu_mesh", "abstract_tpu_mesh", "gpu_flavor", "use_mosaic", "Backend", "Dispatch", "DispatchLog", "record_dispatches", "resolve_backend",
 ]
 
 Backend = Literal["auto", "pallas_gpu", "pallas_tpu", "xla", "interpret", "interpret_tpu"]
@@ -136,6 +140,8 @@ def gpu_flavor() -> str:
     dev = jax.devices()[0]
   if dev is not None:
     cc = getattr(dev, "compute_capability", None)
+    if cc is None and getattr(dev, "platform", None) in ("gpu", "cuda"):   # an AbstractDevice
+      cc = _compat.gpu_compute_capability(dev.device_kind)
   if cc is None:
     return "mosaic"
   try:
@@ -181,6 +187,23 @@ def abstract_tpu_mesh(device_kind: str = "TPU v5p", num_cores: int | None = None
     num_cores = 2 if device_kind in ("TPU v4", "TPU v5", "TPU v5p") else 1
   dev = jax.sharding.AbstractDevice(device_kind=device_kind, num_cores=num_cores, platform="tpu")
   return jax.sharding.AbstractMesh((1,), ("lepton_tpu",), abstract_device=dev)
+
+
+def abstract_gpu_mesh(device_kind: str = "NVIDIA H100"):
+  """An abstract one-device GPU mesh: ``with jax.sharding.use_abstract_mesh(abstract_gpu_mesh()):``
+  makes Pallas GPU lowering (``lowering_platforms=("cuda",)``) on a host without a GPU target
+  ``device_kind``. Needed for Triton kernels from jax 0.11, which reads the target GPU from
+  the abstract device instead of assuming sm_90; :func:`gpu_flavor` follows its compute
+  capability where JAX knows the kind (Mosaic GPU from sm_90, Triton before).
+
+  >>> abstract_gpu_mesh("NVIDIA A100").abstract_device.device_kind
+  'NVIDIA A100'
+  """
+  if not isinstance(device_kind, str) or not device_kind:
+    raise KernelError(f"abstract_gpu_mesh: device_kind must be a GPU device kind such as 'NVIDIA H100', "
+                      f"got {device_kind!r}")
+  dev = jax.sharding.AbstractDevice(device_kind=device_kind, num_cores=None, platform="gpu")
+  return jax.sharding.AbstractMesh((1,), ("lepton_gpu",), abstract_device=dev)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -108,7 +108,7 @@ def rnn_case(steps=10, batch=4, din=16, dh=32, unroll=True):
   return f, (prm, xs)
 
 
-def mlp_tower(depth=12, width=64):
+def mlp_tower(depth=12, width=64, act=jnp.tanh):
   """Plain-jnp MLP tower: params list of (w, b), loss = mean square of output."""
   rs = np.random.RandomState(1)
   params = [(jnp.asarray(rs.standard_normal((width, width)).astype(np.float32) / np.sqrt(width)),
@@ -116,7 +116,7 @@ def mlp_tower(depth=12, width=64):
 
   def layer(p, h):
     w, b = p
-    return jnp.tanh(h @ w + b)
+    return act(h @ w + b)
 
   def loss(params, x, remat_policy=None):
     h = x

@@ -3,7 +3,8 @@
 Realistic shapes, DEFAULT block sizes, `backend="pallas_gpu"` / `"pallas_tpu"`. Lowering only
 (nothing is compiled or run): for TPU under an abstract TPU v5p device, where Pallas enforces
 Mosaic's block-shape rules (last two block dims multiples of (8, 128) or the full dims); for
-cuda with Mosaic GPU targeting sm_90 (its default without a GPU) and Triton.
+cuda under an abstract NVIDIA H100 device (sm_90), Mosaic GPU and Triton (jax 0.11's Triton
+lowering needs the abstract device on a host without a GPU; 0.10 assumed sm_90).
 """
 
 import jax
@@ -20,11 +21,12 @@ BF, F32 = jnp.bfloat16, jnp.float32
 TAGS = {"tpu": ("tpu_custom_call",), "triton": ("__gpu$xla.gpu.triton",), "mosaic": ("mosaic_gpu",)}
 
 
-def _lower_text(fn, args, platform, device_kind="TPU v5p"):
+def _lower_text(fn, args, platform, device_kind=None):
   if platform == "tpu":
-    with jax.sharding.use_abstract_mesh(_registry.abstract_tpu_mesh(device_kind)):
+    with jax.sharding.use_abstract_mesh(_registry.abstract_tpu_mesh(device_kind or "TPU v5p")):
       return jax.jit(fn).trace(*args).lower(lowering_platforms=("tpu",)).as_text()
-  return jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+  with jax.sharding.use_abstract_mesh(_registry.abstract_gpu_mesh(device_kind or "NVIDIA H100")):
+    return jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
 
 
 def _grad(fn, argnums):
@@ -89,6 +91,21 @@ def test_triton_forward_when_asked(monkeypatch):
   monkeypatch.setenv("LEPTON_PALLAS_GPU", "bogus")
   with pytest.raises(KernelError, match="LEPTON_PALLAS_GPU='bogus' is not valid"):
     _registry.gpu_flavor()
+
+
+def test_gpu_flavor_follows_the_abstract_device(monkeypatch):
+  """Under an abstract GPU device the flavour follows its compute capability: Ampere lowers
+  the Triton kernel, Hopper the Mosaic GPU one; a bad device kind is refused by name."""
+  monkeypatch.delenv("LEPTON_PALLAS_GPU", raising=False)
+  q = S((1, 1024, 4, 128), BF)
+  fn = lambda q: lpk.flash_attention(q, q, q, is_causal=True, backend="pallas_gpu")
+  for kind, want, other in [("NVIDIA A100", "triton", "mosaic"), ("NVIDIA H200", "mosaic", "triton")]:
+    with jax.sharding.use_abstract_mesh(_registry.abstract_gpu_mesh(kind)):
+      assert _registry.gpu_flavor() == want, kind
+    text = _lower_text(fn, (q,), "cuda", device_kind=kind)
+    assert TAGS[want][0] in text and TAGS[other][0] not in text, kind
+  with pytest.raises(KernelError, match="device_kind must be a GPU device kind.*got ''"):
+    _registry.abstract_gpu_mesh("")
 
 
 def _no_triton(*texts):
