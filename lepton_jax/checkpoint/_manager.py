@@ -174,6 +174,10 @@ def _split(state) -> _Split:
       stored = x.size > 0  # Orbax refuses zero-size arrays; shape and dtype say everything
       sp.entries.append({"path": list(path), "shape": list(x.shape), "dtype": dt.name,
                          "kind": kind, "key_impl": key_impl, "stored": stored})
+      if kind == "jax" and jax.process_count() > 1:
+        # Multi-process: restore without a target (and latest_step's check) places the array as
+        # it was saved; the host-local tier can only be read back that way.
+        sp.entries[-1]["sharding"] = _describe_sharding(x)
       if stored:
         sp.array_paths.append(path)
         sp.arrays.append(x)
@@ -278,13 +282,167 @@ class _ManifestHandler(json_checkpoint_handler.JsonCheckpointHandler):
     return json_checkpoint_handler.JsonCheckpointHandler.typestr()
 
 
-def _make_checkpointer() -> ocp.AsyncCheckpointer:
+class _PerProcessStateHandler(ocp.StandardCheckpointHandler):
+  """StandardCheckpointHandler that writes *every* addressable shard of this process.
+
+  Orbax's default ``ArrayHandler`` writes only the shards with ``replica_id == 0``, which may
+  live on another process; a per-process (host-local) directory then lacks data this process
+  needs to restore. This is the array handler of Orbax's own host-local checkpoints
+  (``orbax.checkpoint.experimental.emergency``: ``primary_host=None, replica_id=None``). On disk
+  it is an ordinary StandardCheckpointHandler item.
+  """
+
+  def __init__(self, multiprocessing_options):
+    super().__init__(multiprocessing_options=multiprocessing_options)
+    registry = ocp.type_handlers.create_type_handler_registry(
+        (jax.Array, ocp.type_handlers.ArrayHandler(primary_host=None, replica_id=None,
+                                                   use_replica_parallel=False)))
+    self._impl = ocp.PyTreeCheckpointHandler(multiprocessing_options=multiprocessing_options,
+                                             type_handler_registry=registry)
+
+  @classmethod
+  def typestr(cls) -> str:
+    return ocp.StandardCheckpointHandler.typestr()
+
+
+def _this_process_only():
+  """Orbax options of a directory only this process uses: it writes everything, waits for nobody."""
+  return ocp.options.MultiprocessingOptions(primary_host=None, active_processes={jax.process_index()})
+
+
+def _make_checkpointer(per_process: bool = False) -> ocp.AsyncCheckpointer:
+  """Orbax checkpointer of one tier.
+
+  ``per_process``: the host-local tier of a multi-process job (every process its own directory,
+  its own addressable shards, no barriers). Otherwise Orbax's defaults: in a multi-process job the
+  save is collective, process 0 (primary) writes the JSON items, the commit file and the rename.
+  """
   registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
+  if per_process:
+    mp = _this_process_only()
+    registry.add(STATE_ITEM, ocp.args.StandardSave, _PerProcessStateHandler(mp))
+    registry.add(METADATA_ITEM, ocp.args.JsonSave, ocp.JsonCheckpointHandler(multiprocessing_options=mp))
+    registry.add(MANIFEST_ITEM, _ManifestSave, _ManifestHandler(multiprocessing_options=mp))
+    # Directories are created before the writes start: Orbax's asynchronous creation signals
+    # completion through keys of the job's coordination service that every process shares, so
+    # one process's signal would release another process's writes into a missing directory.
+    sync_dirs = ocp.options.AsyncOptions(create_directories_asynchronously=False)
+    composite = ocp.CompositeCheckpointHandler(
+        handler_registry=registry,
+        composite_options=ocp.CompositeOptions(multiprocessing_options=mp, async_options=sync_dirs))
+    return ocp.AsyncCheckpointer(composite, multiprocessing_options=mp, async_options=sync_dirs)
   registry.add(STATE_ITEM, ocp.args.StandardSave, ocp.StandardCheckpointHandler())
   json_handler = ocp.JsonCheckpointHandler()
   registry.add(METADATA_ITEM, ocp.args.JsonSave, json_handler)
   registry.add(MANIFEST_ITEM, _ManifestSave, _ManifestHandler())
   return ocp.AsyncCheckpointer(ocp.CompositeCheckpointHandler(handler_registry=registry))
+
+
+# ----------------------------------------------------------------------------
+# Multi-process agreement (jax.distributed). Every function here is a collective when
+# jax.process_count() > 1 (every process must call it, in the same order) and free otherwise.
+
+
+def _multi() -> bool:
+  return jax.process_count() > 1
+
+
+def _gather_ints(values) -> list[list[int]]:
+  """Every process's list of (64-bit) ints, indexed by process."""
+  values = [int(v) for v in values]
+  if not _multi():
+    return [values]
+  from jax.experimental import multihost_utils
+  lens = np.asarray(multihost_utils.process_allgather(np.asarray([len(values)], np.int32))).reshape(-1)
+  width = 1 << max(0, int(lens.max()) - 1).bit_length()  # powers of two: few compiled shapes
+  buf = np.zeros((width,), np.int64)
+  buf[:len(values)] = values
+  got = np.asarray(multihost_utils.process_allgather(buf.view(np.int32)))  # int32 words: x64 may be off
+  got = got.reshape(len(lens), 2 * width)
+  return [np.ascontiguousarray(got[i], np.int32).view(np.int64)[:int(n)].tolist()
+          for i, n in enumerate(lens)]
+
+
+def _gather_texts(text: str) -> list[str]:
+  return [bytes(v).decode("utf-8", errors="replace") for v in _gather_ints(text.encode("utf-8"))]
+
+
+def _barrier() -> None:
+  if _multi():
+    _gather_ints([])
+
+
+def _agree(exc: BaseException | None, what: str) -> None:
+  """Every process learns whether any process failed at ``what`` and raises if one did.
+
+  The worst outcome wins: an error that is not corruption on any process is raised everywhere
+  (a process that did not fail raises RuntimeError naming the failed ones), else damage found by
+  any process makes the step corrupt (``_Corrupt``) for all of them. No process goes on alone into
+  a collective its peers left.
+  """
+  if not _multi():
+    if exc is not None:
+      raise exc
+    return
+  kind = 0 if exc is None else (1 if isinstance(exc, _Corrupt) else 2)
+  msg = "" if exc is None else f"{type(exc).__name__}: {exc}"[:500]
+  got = [json.loads(t) for t in _gather_texts(json.dumps([kind, msg]))]
+  worst = max(k for k, _ in got)
+  if worst == 0:
+    return
+  peers = "; ".join(f"process {i}: {m}" for i, (k, m) in enumerate(got) if k == worst)
+  if exc is not None and kind == worst:
+    raise exc
+  if worst == 1:
+    raise _Corrupt(f"{what} found damage on another process ({peers})")
+  raise RuntimeError(f"{_API}: {what} failed on another process of the jax.distributed job "
+                     f"({peers})") from exc
+
+
+def _abspath(d) -> str:
+  d = os.fspath(d)
+  return d if "://" in d else os.path.abspath(d)
+
+
+def _check_same_config(cfg: dict) -> None:
+  """Multi-process: every process must open the manager with the same shared settings."""
+  cfgs = [json.loads(t) for t in _gather_texts(json.dumps(cfg, sort_keys=True))]
+  diffs = [k for k in cfg if len({json.dumps(c.get(k), sort_keys=True) for c in cfgs}) > 1]
+  if diffs:
+    per = "; ".join(f"{k}: " + ", ".join(f"process {i} {c.get(k)!r}" for i, c in enumerate(cfgs))
+                    for k in diffs)
+    raise ValueError(
+        f"{_API}: the processes of this jax.distributed job opened the manager with different settings "
+        f"({per}); every process must give the same persistent_dir (one directory on storage all "
+        "processes share, written by Orbax's collective save), intervals, keep counts and async_save. "
+        "Only local_dir is per process")
+
+
+def _describe_sharding(x) -> dict | None:
+  """JSON of a NamedSharding (device ids, mesh shape and axes, spec), to restore it without a target."""
+  s = getattr(x, "sharding", None)
+  if not isinstance(s, jax.sharding.NamedSharding) or not hasattr(s.mesh, "devices"):
+    return None
+  spec = [list(p) if isinstance(p, tuple) else p for p in tuple(s.spec)]
+  if not all(p is None or isinstance(p, (str, list)) for p in spec):
+    return None
+  return {"device_ids": [int(d.id) for d in s.mesh.devices.flat], "mesh_shape": list(s.mesh.devices.shape),
+          "axis_names": [str(a) for a in s.mesh.axis_names], "spec": spec}
+
+
+def _saved_sharding(e: dict):
+  """The NamedSharding an array was saved with (multi-process manifests), or ``None``."""
+  d = e.get("sharding")
+  if d is None or not _multi():
+    return None
+  by_id = {dev.id: dev for dev in jax.devices()}
+  if not all(i in by_id for i in d["device_ids"]):
+    return None
+  devices = np.empty(len(d["device_ids"]), dtype=object)
+  devices[:] = [by_id[i] for i in d["device_ids"]]
+  mesh = jax.sharding.Mesh(devices.reshape(d["mesh_shape"]), tuple(d["axis_names"]))
+  spec = jax.sharding.PartitionSpec(*[tuple(p) if isinstance(p, list) else p for p in d["spec"]])
+  return jax.sharding.NamedSharding(mesh, spec)
 
 
 # ----------------------------------------------------------------------------
@@ -434,13 +592,18 @@ def _release_all(locks) -> None:
 
 class _Tier:
 
-  def __init__(self, name: str, directory, every: int, keep: int | None):
+  def __init__(self, name: str, directory, every: int, keep: int | None, *, shared: bool = False):
     self.name = name
     self.directory = epath.Path(directory)
     self.every = every
     self.keep = keep
     self.saved_this_session: set[int] = set()
     self.lock = _Lock(self.directory) if _is_local(self.directory) else None
+    # shared: one directory written by every process of a jax.distributed job (Orbax's collective
+    # save); only the primary process (0) holds its lock and renames, deletes or writes verdicts.
+    self.shared = shared
+    self.writer = not shared or jax.process_index() == 0
+    self.per_process = not shared and _multi()  # host-local tier of a multi-process job
 
   def step_dirs(self) -> dict[int, epath.Path]:
     """Finalised (renamed) step directories; in-flight tmp directories are excluded."""
@@ -687,38 +850,110 @@ class TieredCheckpointManager:
                          f"{os.fspath(persistent_dir)!r} overlap; give two separate directories")
     self._async = async_save
     self._closed = True  # until the locks are held
+    multi = _multi()
+    if multi:  # every process must agree, before any collective, or the job would hang
+      _check_same_config({
+          "persistent_dir": None if persistent_dir is None else _abspath(persistent_dir),
+          "local_dir given": local_dir is not None, "local_every": int(local_every),
+          "persistent_every": int(persistent_every), "keep_local": int(keep_local),
+          "keep_persistent": keep_persistent if keep_persistent is None else int(keep_persistent),
+          "async_save": async_save})
     self._tiers: list[_Tier] = []
     if local_dir is not None:
       self._tiers.append(_Tier("local", local_dir, int(local_every), int(keep_local)))
     if persistent_dir is not None:
       self._tiers.append(_Tier("persistent", persistent_dir, int(persistent_every),
-                               None if keep_persistent is None else int(keep_persistent)))
+                               None if keep_persistent is None else int(keep_persistent), shared=multi))
     locks = []
+    err = None
     try:
       for t in self._tiers:
+        if not t.writer:
+          continue  # a shared tier: the primary creates and locks it, this process checks it below
         t.directory.mkdir(parents=True, exist_ok=True)
         if t.lock is not None:
-          t.lock.acquire()
+          try:
+            t.lock.acquire()
+          except CheckpointLockError as e:
+            if t.per_process:
+              e.add_note(f"{_API}: in a jax.distributed job local_dir is this process's own (host-local) "
+                         "directory; processes that share a host need different ones, e.g. "
+                         f"f'{{local_dir}}/{{jax.process_index()}}' (process {jax.process_index()})")
+            raise
           locks.append(t.lock)
-    except BaseException:
-      _release_all(locks)
-      raise
+    except BaseException as e:
+      if not multi:
+        _release_all(locks)
+        raise
+      err = e
+    self._token = uuid.uuid4().hex  # names of re-saved steps written aside
+    if multi:
+      try:
+        _agree(err, "opening the checkpoint directories")
+        self._token = self._check_shared_tiers()
+      except BaseException:
+        _release_all(locks)
+        raise
     self._finalizer = weakref.finalize(self, _release_all, locks)
     self._closed = False
     self._verdicts: dict = {}
     self._fs_lock = threading.RLock()  # renames/deletes vs. verification of the same step
     self._pending: concurrent.futures.Future | None = None
     self._persistent_owed = False
+    self._aside_seq = 0
+    self._agreed_exists: dict = {}
     for t in self._tiers:
-      t.checkpointer = _make_checkpointer()
+      t.checkpointer = _make_checkpointer(per_process=t.per_process)
     self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="lepton-ckpt")
-    for t in self._tiers:
-      t.recover()
-    if len(self._tiers) == 2:
+    err = None
+    try:
+      for t in self._tiers:
+        if t.writer:
+          t.recover()
+    except Exception as e:  # noqa: BLE001 - agreed on (multi-process), then raised
+      err = e
+    if multi:
+      _agree(err, "recovering interrupted saves")
+    elif err is not None:
+      raise err
+    if len(self._tiers) == 2 and not multi:
+      # Multi-process: the host-local tier holds only each process's shards, so a persistent step
+      # cannot be copied from it; a persistent save that was missed is written by the next due save.
       if async_save:
         self._pending = self._executor.submit(self._catch_up)
       else:
         self._catch_up()
+
+  def _check_shared_tiers(self) -> str:
+    """Multi-process: checks that every process sees the directory the primary locked.
+
+    Returns the primary's lock token (the same on every process), used for names all processes
+    must agree on.
+    """
+    primary_token = None
+    for t in self._tiers:
+      if not t.shared:
+        continue
+      mine = t.lock.token if (t.writer and t.lock is not None and t.lock.held) else ""
+      token = _gather_texts(mine)[0]
+      primary_token = primary_token or token or None
+      err = None
+      if not t.writer and token:
+        try:
+          with open(t.lock.path) as f:
+            held = json.load(f).get("token")
+        except (OSError, ValueError):
+          held = None
+        if held != token:
+          err = ValueError(
+              f"{_API}: persistent_dir {str(t.directory)!r} of process {jax.process_index()} is not the "
+              "directory process 0 opened (process 0's lock file is not in it): in a jax.distributed job the "
+              "persistent tier is one directory that every process sees (shared or network storage), "
+              "written together by Orbax's collective save; give every process the same shared directory")
+      _agree(err, "checking the shared persistent directory")
+    if primary_token is None:  # no lock file (remote storage): a token from the primary
+      primary_token = _gather_texts(uuid.uuid4().hex)[0]
+    return primary_token
 
   # -- context manager -------------------------------------------------------
 
@@ -798,7 +1033,18 @@ class TieredCheckpointManager:
     # device->host copy, one serialisation). A tier that fails does not keep the other from
     # being written: if the local tier fails, the persistent one is written from the arrays.
     job.args = args
-    copy_persistent = (len(tiers) == 2 and all(_is_local(t.directory) for t in tiers))
+    multi = _multi()
+    # Multi-process: the host-local tier has each process's shards only, so it cannot be copied
+    # into the shared tier; both are written by Orbax.
+    copy_persistent = (not multi and len(tiers) == 2 and all(_is_local(t.directory) for t in tiers))
+    # Whether the step exists decides where Orbax writes (aside, then swapped in): for a shared
+    # tier every process must pick the same directory, so the primary's view decides.
+    self._agreed_exists = {}
+    if multi:
+      shared = [t for t in tiers if t.shared]
+      primary = _gather_ints([(t.directory / str(step)).exists() for t in shared])[0]
+      self._agreed_exists = {t.name: bool(v) for t, v in zip(shared, primary)}
+    self._aside_seq += 1
     started = []
     for t in tiers:
       t.saved_this_session.add(step)
@@ -819,7 +1065,9 @@ class TieredCheckpointManager:
     on_cpu = all(isinstance(x, np.ndarray) or all(d.platform == "cpu" for d in x.sharding.device_set)
                  for x in arrays)
     hold = None
-    if not on_cpu or not self._async:
+    if not on_cpu or not self._async or multi:
+      # Multi-process: the digests of arrays that span processes are a collective computation,
+      # dispatched here in program order on every process (never from the background thread).
       self._start_digests(job, arrays)
       arrays = None
     else:
@@ -876,9 +1124,11 @@ class TieredCheckpointManager:
       with self._fs_lock:
         for t in self._tiers:
           for s in job.supersede.get(t.name, ()):
-            self._remove_step(t, s)
+            if t.writer:
+              self._remove_step(t, s)
         for t in committed:
-          self._retain(t)
+          if t.writer:
+            self._retain(t)
     if errors:
       t, e = errors[0]
       e.add_note(f"{_API}.save: writing step {job.step} to the {t.name} tier {t.directory} failed"
@@ -888,8 +1138,10 @@ class TieredCheckpointManager:
 
   def _start_write(self, t: _Tier, step: int, args):
     final = t.directory / str(step)
-    exists = final.exists()
-    dest = t.aside(step, _NEW_TAG) if exists else final
+    exists = self._agreed_exists.get(t.name, final.exists()) if t.shared else final.exists()
+    # The aside name is the same on every process (the primary's token), as Orbax's collective
+    # save of a shared tier needs.
+    dest = t.directory / f"{step}{_NEW_TAG}{self._token}{self._aside_seq:x}" if exists else final
     with warnings.catch_warnings():
       warnings.simplefilter("ignore")  # Orbax's informational warnings (e.g. about host arrays)
       t.checkpointer.save(dest, args=args)
@@ -897,7 +1149,7 @@ class TieredCheckpointManager:
 
   def _finish_write(self, t: _Tier, step: int, dest: epath.Path, exists: bool) -> None:
     t.checkpointer.wait_until_finished()
-    if exists:  # atomic re-save: the old complete copy is retired only after the new one is complete
+    if exists and t.writer:  # atomic re-save: the old complete copy is retired only after the new one is complete
       with self._fs_lock:
         self._swap_in(t, step, dest)
     self._record_verdict(t, step, t.directory / str(step), True, "")
@@ -1007,6 +1259,8 @@ class TieredCheckpointManager:
       return
     v = {"fingerprint": fp, "ok": ok, "reason": reason}
     self._verdicts[(t.name, step)] = v
+    if not t.writer:  # a shared tier's verdict files are the primary process's
+      return
     path = t.verdict_path(step)
     try:
       os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -1031,6 +1285,8 @@ class TieredCheckpointManager:
     return v if v.get("fingerprint") == fp else None
 
   def _verified(self, t: _Tier, step: int, p: epath.Path) -> tuple[bool, str]:
+    if _multi():
+      return self._verified_together(t, step, p)
     with self._fs_lock:
       v = self._cached_verdict(t, step, p)
       if v is not None:
@@ -1045,14 +1301,48 @@ class TieredCheckpointManager:
       self._record_verdict(t, step, p, ok, reason)
       return ok, reason
 
+  def _verified_together(self, t: _Tier, step: int, p: epath.Path) -> tuple[bool, str]:
+    """Multi-process ``_verified``: every process reaches the same verdict.
+
+    A step is good when it is good on every process (the host-local tier: each process's own
+    copy; the shared tier: one copy). Known verdicts are used when every process has one; else
+    all processes read and check the step together (its digests are one collective computation).
+    """
+    with self._fs_lock:
+      v = self._cached_verdict(t, step, p)
+    known = 0 if v is None else (1 if v["ok"] else 2)
+    states = [x[0] for x in _gather_ints([known])]
+    if 2 in states:
+      return False, (str(v.get("reason", "")) if known == 2 else
+                     f"failed verification on process {states.index(2)}")
+    if all(x == 1 for x in states):
+      return True, ""
+    try:
+      with self._fs_lock:
+        self._restore_dir(p, step, _TargetPlan(None))
+      ok, reason = True, ""
+    except _Corrupt as e:
+      ok, reason = False, str(e)
+    self._record_verdict(t, step, p, ok, reason)
+    return ok, reason
+
   # -- reading -----------------------------------------------------------------
 
   def _candidates(self, step: int | None) -> list[tuple[int, _Tier, epath.Path]]:
+    multi = _multi()
+    if multi:
+      # Every process lists after every process has finished its own background work (the
+      # primary's renames and deletions in the shared tier), and only steps that every process
+      # has count: the same candidates, in the same order, on every process.
+      _barrier()
     cands = []
     for rank, t in enumerate(self._tiers):
       for s, p in t.step_dirs().items():
         if step is None or s == step:
           cands.append((s, rank, t, p))
+    if multi:
+      common = set.intersection(*(set(c) for c in _gather_ints(2 * s + r for s, r, _, _ in cands)))
+      cands = [c for c in cands if 2 * c[0] + c[1] in common]
     cands.sort(key=lambda c: (-c[0], c[1]))
     return [(s, t, p) for s, _, t, p in cands]
 
@@ -1062,6 +1352,8 @@ class TieredCheckpointManager:
     for s, _, p in self._candidates(None):
       if s not in steps and self._manifest_ok(p):
         steps.add(s)
+    if _multi():
+      steps = set.intersection(*(set(x) for x in _gather_ints(sorted(steps))))
     return sorted(steps)
 
   def latest_step(self) -> int | None:
@@ -1072,6 +1364,8 @@ class TieredCheckpointManager:
     directory listing unless a file of the step changed.
     """
     self._check_open("latest_step")
+    if _multi():
+      self.wait()  # every process's view includes its own finished saves
     for s, t, p in self._candidates(None):
       if self._verified(t, s, p)[0]:
         return s
@@ -1110,7 +1404,11 @@ class TieredCheckpointManager:
           + ("" if step is None else f"; complete steps: {self.all_steps()}"))
     plan = _TargetPlan(target)
     reasons = []
+    skipped = []
     for s, t, p in cands:
+      if t.per_process and not self._readable_here(p, plan):
+        skipped.append(s)  # the target places shards on other processes than the save did
+        continue
       try:
         with self._fs_lock:
           out = self._restore_dir(p, s, plan)
@@ -1124,18 +1422,92 @@ class TieredCheckpointManager:
         continue
       self._record_verdict(t, s, p, True, "")
       return out
+    if skipped and not reasons:
+      raise ValueError(
+          f"{_API}.restore: the target places arrays on other processes' devices than the save of "
+          f"step(s) {sorted(set(skipped))} did; in a jax.distributed job the local tier "
+          f"{self._tiers[0].directory} holds only this process's own shards, so it restores onto the "
+          "saved placement only. Restore onto another mesh from the persistent tier (give "
+          "persistent_dir), or give a target with the saved shardings")
     raise ValueError(
         f"{_API}.restore: no valid checkpoint{'' if step is None else f' for step {step}'} in {where}; "
-        "every candidate failed verification:\n  " + "\n  ".join(reasons))
+        "every candidate failed verification:\n  " + "\n  ".join(reasons)
+        + (f"\n  local steps {sorted(set(skipped))}: hold only each process's shards, not the "
+           "target's placement" if skipped else ""))
+
+  @staticmethod
+  def _readable_here(p: epath.Path, plan: "_TargetPlan") -> bool:
+    """Multi-process, host-local tier: whether ``plan`` puts every shard where it was saved.
+
+    Each process's local copy holds only the shards its devices had; a target that places a
+    shard on another process's devices (another mesh, a numpy leaf) must read the shared tier.
+    Agreed by all processes.
+    """
+    usable = True
+    try:
+      body = _read_manifest(p)
+    except _Corrupt:
+      body = None  # restore finds and reports the damage
+    for e in (body or {}).get("arrays", ()):
+      path = tuple(e["path"])
+      if not e.get("stored", True) or e.get("sharding") is None or plan.target is None or path not in plan.leaves:
+        continue
+      target = plan.sharding(path)
+      if plan.kind(path, e["kind"]) == "numpy" or target is None:
+        usable = False
+        break
+      if e["key_impl"] is not None:
+        target = _key_data_sharding(target, len(e["shape"]) - 1)
+      saved = _saved_sharding(e)
+      try:
+        same = saved is not None and saved.is_equivalent_to(target, len(e["shape"]))
+      except Exception:  # noqa: BLE001 - not comparable: not the same placement
+        same = False
+      if not same:
+        usable = False
+        break
+    usable = all(x[0] for x in _gather_ints([usable]))
+    if not usable:
+      _log.info("%s.restore: the target places arrays on other processes than the save did; "
+                "the host-local copy at %s is skipped", _API, p)
+    return usable
 
   def _read_arrays(self, step_dir: epath.Path, entries: list, abstract_pairs: list) -> list:
+    # Multi-process: every process reads what it needs on its own (no barrier in Orbax's
+    # restore, which would pair up with unrelated barriers of a process that reads more).
+    options = _this_process_only() if _multi() else ocp.options.MultiprocessingOptions()
     with warnings.catch_warnings():
       warnings.simplefilter("ignore")
-      restored = ocp.Checkpointer(ocp.StandardCheckpointHandler()).restore(
+      restored = ocp.Checkpointer(ocp.StandardCheckpointHandler(multiprocessing_options=options),
+                                  multiprocessing_options=options).restore(
           step_dir / STATE_ITEM, args=ocp.args.StandardRestore(_nest(abstract_pairs)))
     return [_get(restored, tuple(e["path"])) for e in entries]
 
   def _restore_dir(self, step_dir: epath.Path, step: int, plan: "_TargetPlan"):
+    # Multi-process, every process agrees after reading and after checking the digests (one
+    # collective computation), so that all of them accept or skip the step together.
+    err = read = None
+    try:
+      read = self._read_step(step_dir, step, plan)
+    except BaseException as e:  # noqa: BLE001 - agreed on, then raised (as itself where it happened)
+      if not _multi():
+        raise
+      err = e
+    _agree(err, f"reading step {step} at {step_dir}")
+    body, meta, entries, stored, restored_flat = read
+    if stored:
+      bad = None
+      got = self._digests_of(restored_flat)
+      for e, d in zip(stored, got):
+        if d != e["digest"]:
+          bad = _Corrupt(f"content digest mismatch for array {'/'.join(e['path'])} "
+                         f"(saved {e['digest']}, read {d})")
+          break
+      _agree(bad, f"checking the digests of step {step} at {step_dir}")
+    return self._assemble(body, meta, entries, stored, restored_flat, plan)
+
+  def _read_step(self, step_dir: epath.Path, step: int, plan: "_TargetPlan"):
+    """Manifest, metadata and arrays of a step (digests not yet compared)."""
     body = _read_manifest(step_dir)
     if body.get("step") != step:
       raise _Corrupt(f"manifest names step {body.get('step')}, directory is step {step}")
@@ -1162,9 +1534,11 @@ class TieredCheckpointManager:
       if kind == "numpy":
         abstract_pairs.append((path, np.empty(shape, dtype)))
       else:
-        sharding = plan.sharding(path) or _default_sharding()
-        if e["key_impl"] is not None:
+        sharding = plan.sharding(path)
+        if sharding is not None and e["key_impl"] is not None:
           sharding = _key_data_sharding(sharding, len(shape) - 1)
+        if sharding is None:  # no target: as saved (multi-process), else the default device
+          sharding = _saved_sharding(e) or _default_sharding()
         abstract_pairs.append((path, jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)))
     restored_flat = []
     if stored:
@@ -1183,11 +1557,10 @@ class TieredCheckpointManager:
         if tuple(x.shape) != tuple(e["shape"]) or np.dtype(x.dtype) != np.dtype(e["dtype"]):
           raise _Corrupt(f"array {'/'.join(e['path'])} restored as {x.shape} {x.dtype}, "
                          f"manifest says {tuple(e['shape'])} {e['dtype']}")
-      got = self._digests_of(restored_flat)
-      for e, d in zip(stored, got):
-        if d != e["digest"]:
-          raise _Corrupt(f"content digest mismatch for array {'/'.join(e['path'])} "
-                         f"(saved {e['digest']}, read {d})")
+    return body, meta, entries, stored, restored_flat
+
+  @staticmethod
+  def _assemble(body, meta, entries, stored, restored_flat, plan: "_TargetPlan"):
     # Re-wrap PRNG keys and assemble.
     values = {}
     by_path = {tuple(e["path"]): x for e, x in zip(stored, restored_flat)}
