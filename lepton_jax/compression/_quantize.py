@@ -165,6 +165,10 @@ def _pack(w, kind: str, group_size: int) -> QuantizedArray:
   return QuantizedArray(q, scale, kind, shape, dtype)
 
 
+#: ``_pack`` compiled once per shape and format (eagerly, each of its ~40 small ops compiles on its own)
+_pack_jit = jax.jit(_pack, static_argnums=(1, 2))
+
+
 def _eligible(x) -> bool:
   return (not isinstance(x, QuantizedArray) and hasattr(x, "shape") and np.ndim(x) >= 2
           and jnp.issubdtype(jnp.result_type(x), jnp.floating))
@@ -195,7 +199,7 @@ def freeze(params, *, weights: str = "int8", group_size: int = 128):
   """
   _check_kind(weights, "lj.quantize.freeze")
   _check_group(group_size, "lj.quantize.freeze")
-  return jax.tree_util.tree_map(lambda x: _pack(x, weights, group_size) if _eligible(x) else x, params,
+  return jax.tree_util.tree_map(lambda x: _pack_jit(x, weights, group_size) if _eligible(x) else x, params,
                                 is_leaf=lambda x: isinstance(x, QuantizedArray))
 
 
@@ -551,23 +555,27 @@ class _Quantized:
       if not self._calibration:
         raise TypeError(f"{_API}.explain: pass example arguments (no calibration examples to fall back on)")
       args = tuple(self._calibration[0])
-    ref = self._fun(*args, **kwargs)
+    # every run is compiled (run eagerly, each equation would compile on its own: seconds on CPU)
+    ref = jax.jit(self._fun)(*args, **kwargs)
     hook = self._hook()
-    full = self._run(args, kwargs, hook)
+    full = jax.jit(lambda a, k: self._run(a, k, hook))(args, kwargs)
     _, _, _, paths, p_leaves = self._prepare(args, kwargs)
+    indices = sorted({s.index for s in hook.sites})
+    alone = [i for i in indices if not isinstance(p_leaves[i], QuantizedArray)]
+    # weight-only error of each float leaf quantized alone: one program for all of them
+    singles = jax.jit(lambda a, k: [self._run(a, k, _QuantHook(self.weights, self.group_size, only={i}))
+                                    for i in alone])(args, kwargs) if alone else []
+    errors = dict(zip(alone, (_rel_l2(ref, out) for out in singles)))
     rows = []
-    for idx in sorted({s.index for s in hook.sites}):
+    for idx in indices:
       leaf = p_leaves[idx]
       if isinstance(leaf, QuantizedArray):
         q, before = leaf, math.prod(leaf.shape) * leaf.dtype.itemsize
-        err = float("nan")  # the float weight is not available
       else:
-        q, before = _pack(leaf, self.weights, self.group_size), aval_bytes(leaf)
-        only = _QuantHook(self.weights, self.group_size, only={idx})  # weight-only error of this leaf
-        err = _rel_l2(ref, self._run(args, kwargs, only))
+        q, before = jax.eval_shape(lambda w: _pack(w, self.weights, self.group_size), leaf), aval_bytes(leaf)
       sites = [s for s in hook.sites if s.index == idx]
-      rows.append(QuantizedWeight(paths[idx], tuple(q.shape), q.kind, len(sites),
-                                  tuple(s.path_kind for s in sites), int(before), int(q.nbytes), err))
+      rows.append(QuantizedWeight(paths[idx], tuple(q.shape), q.kind, len(sites), tuple(s.path_kind for s in sites),
+                                  int(before), int(q.nbytes), errors.get(idx, float("nan"))))
     return QuantizeReport(self.weights, self.activations, tuple(rows), sum(r.bytes_before for r in rows),
                           sum(r.bytes_after for r in rows), _rel_l2(ref, full))
 
