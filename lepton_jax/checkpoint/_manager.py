@@ -778,6 +778,40 @@ class TieredCheckpointManager:
     tiers and with a warning, once the new step is committed, so that
     ``latest_step`` and a later ``restore`` follow the new run.
 
+  Multi-process jobs (``jax.distributed``, ``jax.process_count() > 1``): every
+  process creates the manager with the same settings and calls ``save``,
+  ``latest_step``, ``restore`` and ``close`` in the same order (they are
+  collective, like Orbax's own ``CheckpointManager``).
+
+  * The persistent tier is *shared*: one directory on storage that every
+    process sees. Orbax's collective save (``MultiprocessingOptions``
+    defaults, ``primary_host=0``) has every process write its shards
+    (``replica_id == 0``); process 0 writes the JSON items and the commit,
+    renames re-saved steps into place, deletes old steps and writes the
+    verdicts. Process 0 holds the lock; the others check that its lock file
+    is in the directory they were given, so a per-process or mistyped
+    directory is refused on every process (:class:`ValueError`, before
+    anything is written), as are different intervals or keep counts.
+  * The local tier is *host-local*: ``local_dir`` is this process's own
+    directory (each process locks its own; processes sharing a host need
+    different ones). Every process writes all the shards its devices hold
+    (Orbax's host-local array handler, ``primary_host=None, replica_id=None``,
+    as in ``orbax.checkpoint.experimental.emergency``) with no barrier, so a
+    local step restores only onto the placement it was saved with; a
+    ``target`` that puts shards on other processes reads the persistent tier
+    (or, with no persistent tier, is refused naming it). Each array's
+    ``NamedSharding`` is recorded in the manifest: without a ``target``
+    (and in ``latest_step``'s check) arrays come back as they were saved.
+  * A step is a candidate only if every process has it; verdicts are agreed
+    (a step is good only if it verifies on every process; the digests are
+    one collective computation) and so are errors, so no process is left
+    waiting in a collective its peers abandoned. The digests run inside
+    ``save()`` (a collective may not run on a background thread), and the
+    persistent tier is not back-filled from the local tier after a crash
+    (local steps hold one process's shards); the next due save writes it.
+    A save that fails on one process only still leaves the others waiting
+    in Orbax's barrier until its timeout.
+
   Checkpoint/resume of a Flax NNX model, its optax optimizer and metadata:
 
   >>> import optax, tempfile
