@@ -809,8 +809,12 @@ class TieredCheckpointManager:
     ``save()`` (a collective may not run on a background thread), and the
     persistent tier is not back-filled from the local tier after a crash
     (local steps hold one process's shards); the next due save writes it.
-    A save that fails on one process only still leaves the others waiting
-    in Orbax's barrier until its timeout.
+    A save error of one process (say, its local disk is full) is raised on
+    every process: by ``save`` with ``async_save=False``, else by the next
+    ``save``, ``latest_step`` or ``restore`` (``wait`` and ``close`` stay
+    local, so that a process leaving on its own error cannot hang them). A
+    failure inside Orbax's collective write of the shared tier on one process
+    leaves the others in Orbax's barrier until its timeout.
 
   Checkpoint/resume of a Flax NNX model, its optax optimizer and metadata:
 
@@ -1043,7 +1047,7 @@ class TieredCheckpointManager:
       return False
     sp = _split(state)  # bad leaves are refused before anything is written
     meta = _nest(sp.meta_pairs)
-    self.wait()  # one save in flight at a time: bounded host memory, errors surface here
+    self._wait_together("an earlier save")  # one save in flight at a time: bounded host memory, errors surface here
     supersede = {}
     for t in self._tiers:  # a restarted run supersedes newer steps in every tier
       newer = sorted(s for s in t.step_dirs() if s > step and s not in t.saved_this_session)
@@ -1110,7 +1114,14 @@ class TieredCheckpointManager:
     if self._async:
       self._pending = self._executor.submit(self._finish_save, job, started, arrays, hold)
     else:
-      self._finish_save(job, started, None, None)
+      err = None
+      try:
+        self._finish_save(job, started, None, None)
+      except Exception as e:  # noqa: BLE001 - agreed on (multi-process), then raised
+        if not _multi():
+          raise
+        err = e
+      _agree(err, f"saving step {step}")
     return True
 
   @staticmethod
@@ -1264,6 +1275,22 @@ class TieredCheckpointManager:
     if fut is not None:
       fut.result()
 
+  def _wait_together(self, what: str) -> None:
+    """``wait()``; in a multi-process job an error of any process is raised on every process.
+
+    Used inside the collective methods only: ``wait()`` and ``close()`` themselves stay local, so
+    a process leaving on an error of its own cannot make ``close`` hang.
+    """
+    if not _multi():
+      self.wait()
+      return
+    err = None
+    try:
+      self.wait()
+    except Exception as e:  # noqa: BLE001 - agreed on, then raised
+      err = e
+    _agree(err, what)
+
   def close(self) -> None:
     """Waits for pending saves, releases the directories' locks (idempotent)."""
     if self._closed:
@@ -1398,8 +1425,7 @@ class TieredCheckpointManager:
     directory listing unless a file of the step changed.
     """
     self._check_open("latest_step")
-    if _multi():
-      self.wait()  # every process's view includes its own finished saves
+    self._wait_together("an earlier save")  # every process's view includes its own finished saves
     for s, t, p in self._candidates(None):
       if self._verified(t, s, p)[0]:
         return s
@@ -1429,7 +1455,7 @@ class TieredCheckpointManager:
     self._check_open("restore")
     if step is not None and (isinstance(step, bool) or not isinstance(step, (int, np.integer))):
       raise TypeError(f"{_API}.restore: step must be an int or None, got {step!r}")
-    self.wait()
+    self._wait_together("an earlier save")
     cands = self._candidates(None if step is None else int(step))
     where = ", ".join(str(t.directory) for t in self._tiers)
     if not cands:

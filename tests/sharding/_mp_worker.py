@@ -191,6 +191,28 @@ def _checkpoint_roundtrip(jax, multihost_utils, np, state, pid, out_dir) -> dict
     checks["no_leftovers"] = sorted(os.listdir(persistent)) == [".lepton", "1", "2"] and sorted(
         os.listdir(local)) == [".lepton", "1", "2"]
 
+    # A save that fails on one process (its local tier) is raised on every process; the shared tier
+    # committed the step, which is then the newest one (process 1 has no local copy of it).
+    phase = enter("save_error")
+    with TieredCheckpointManager(local, persistent, async_save=False, **kw) as mgr:
+      if pid == 1:
+        real = mgr._start_write
+
+        def failing(t, step, args):
+          if t.name == "local":
+            raise OSError(28, "No space left on device (injected)")
+          return real(t, step, args)
+        mgr._start_write = failing
+      try:
+        mgr.save(3, state2)
+        err = "no error"
+      except (OSError, RuntimeError) as e:
+        err = f"{type(e).__name__}: {e}"
+      checks["save_error_raised_everywhere"] = ("No space left" in err
+                                                and err.startswith("OSError" if pid == 1 else "RuntimeError"))
+      checks["save_error_latest_step"] = mgr.latest_step() == 3
+      checks["save_error_restore"] = same(mgr.restore(3, target=target), state2)
+
     # Misconfigured job: each process gives its own persistent directory.
     phase = enter("different_dirs")
     try:

@@ -104,7 +104,8 @@ def test_two_process_tiered_checkpoint_of_sharded_state(two_process_run):
   (host-local tier per process, shared persistent tier written by Orbax's collective save),
   restored equal, re-saved (new step and an existing step) after a restore by a new manager,
   restored onto another placement (from the shared tier, no corruption warning) and from the
-  persistent tier alone; different persistent directories per process are refused on both."""
+  persistent tier alone; a save failing on one process is raised on both; different persistent
+  directories per process are refused on both."""
   nproc, tmp_path, results = two_process_run
   problems = []
   for i, (rc, out, err) in enumerate(results):
@@ -124,7 +125,7 @@ def test_two_process_tiered_checkpoint_of_sharded_state(two_process_run):
   # (one process) lists its steps and reads step 2's parameters, 2 * (the reference step) + 1.
   import orbax.checkpoint as ocp
   with ocp.CheckpointManager(tmp_path / "persistent") as m:
-    assert list(m.all_steps()) == [1, 2]
+    assert list(m.all_steps()) == [1, 2, 3]
   manifest = json.loads((tmp_path / "persistent" / "2" / "lepton_manifest" / "metadata").read_text())
   abstract = {}
   for e in manifest["body"]["arrays"]:
