@@ -859,7 +859,7 @@ def _xla_tile(t, i, j, bq, bk):
   return lax.dynamic_slice(t, (0, 0, 0, i * bq, j * bk), t.shape[:3] + (bq, bk))
 
 
-def _xla_scores(cfg, qi, kj, bias_t, mask_t, i, j, bq, bk, kv_padded):
+def _xla_scores(cfg, qi, kj, bias_t, mask_t, i, j, bq, bk, kv_padded, kvl=None):
   s = jnp.einsum("bkgqd,bksd->bkgqs", qi, kj, preferred_element_type=jnp.float32) * cfg.scale
   if bias_t is not None:
     s = s + bias_t.astype(jnp.float32)
@@ -872,12 +872,14 @@ def _xla_scores(cfg, qi, kj, bias_t, mask_t, i, j, bq, bk, kv_padded):
     keep = (mask_t != 0) if keep is None else jnp.logical_and(keep, mask_t != 0)
   if keep is not None:
     s = jnp.where(keep, s, MASK_VALUE)
-  if kv_padded:
+  if kvl is not None:  # a valid key length known at run time (<= kv_len): the rest is excluded
+    s = jnp.where(kidx[None, :] < kvl, s, -jnp.inf)
+  elif kv_padded:
     s = jnp.where(kidx[None, :] < cfg.kv_len, s, -jnp.inf)
   return s, keep
 
 
-def _xla_fwd(cfg: _Cfg, q, k, v, bias, mask):
+def _xla_fwd(cfg: _Cfg, q, k, v, bias, mask, kvl=None):
   B, T, N, D = q.shape
   bq, bk, tp, sp = _xla_blocks(cfg)
   qg, kg, vg, bg, mg = _xla_prep(cfg, q, k, v, bias, mask, tp, sp)
@@ -893,7 +895,7 @@ def _xla_fwd(cfg: _Cfg, q, k, v, bias, mask):
       kj = lax.dynamic_slice_in_dim(kg, j * bk, bk, axis=2)
       vj = lax.dynamic_slice_in_dim(vg, j * bk, bk, axis=2)
       s, _ = _xla_scores(cfg, qi, kj, _xla_tile(bg, i, j, bq, bk), _xla_tile(mg, i, j, bq, bk),
-                         i, j, bq, bk, kv_padded)
+                         i, j, bq, bk, kv_padded, kvl)
       m_new = jnp.maximum(m, s.max(-1))
       corr = jnp.exp(m - m_new)
       p = jnp.exp(s - m_new[..., None])
@@ -905,6 +907,8 @@ def _xla_fwd(cfg: _Cfg, q, k, v, bias, mask):
     init = (jnp.zeros((B, K, G, bq, D), jnp.float32),
             jnp.full((B, K, G, bq), -jnp.inf, jnp.float32), jnp.zeros((B, K, G, bq), jnp.float32))
     upper = jnp.minimum((i * bq + bq + bk - 1) // bk, nk) if cfg.causal else nk
+    if kvl is not None:  # key blocks past the valid length are skipped
+      upper = jnp.minimum(upper, (kvl + bk - 1) // bk)
     acc, m, l = lax.fori_loop(0, upper, body, init)
     return (acc / l[..., None]).astype(q.dtype), m + jnp.log(l)
 
@@ -914,7 +918,7 @@ def _xla_fwd(cfg: _Cfg, q, k, v, bias, mask):
   return o, lse
 
 
-def _xla_bwd(cfg: _Cfg, q, k, v, bias, mask, o, lse, do):
+def _xla_bwd(cfg: _Cfg, q, k, v, bias, mask, o, lse, do, kvl=None):
   B, T, N, D = q.shape
   S, K = k.shape[1], k.shape[2]
   G = cfg.groups
@@ -933,8 +937,16 @@ def _xla_bwd(cfg: _Cfg, q, k, v, bias, mask, o, lse, do):
     lse_i = lax.dynamic_slice_in_dim(lse, i * bq, bq, axis=3)
     delta_i = lax.dynamic_slice_in_dim(delta, i * bq, bq, axis=3)
     s, keep = _xla_scores(cfg, qi, kj, _xla_tile(bg, i, j, bq, bk), _xla_tile(mg, i, j, bq, bk),
-                          i, j, bq, bk, kv_padded)
+                          i, j, bq, bk, kv_padded, kvl)
     p = jnp.exp(s - lse_i[..., None])
+    if keep is not None:
+      # A row whose every key is masked averages over the (valid) keys, all at MASK_VALUE; its
+      # log-sum-exp ``MASK_VALUE + log(count)`` rounds to MASK_VALUE in float32, so the line above
+      # gives 1 instead of 1 / count there: use the exact value.
+      count = (jnp.asarray(cfg.kv_len, jnp.float32) if kvl is None
+               else jnp.asarray(kvl, jnp.float32))
+      dead = (lse_i <= 0.5 * MASK_VALUE)[..., None]
+      p = jnp.where(dead, jnp.where(s == MASK_VALUE, 1.0 / count, 0.0), p)
     dpv = jnp.einsum("bkgqd,bksd->bkgqs", doi, vj, preferred_element_type=jnp.float32)
     ds = p * (dpv - delta_i[..., None])
     if keep is not None:
@@ -985,6 +997,8 @@ def _xla_bwd(cfg: _Cfg, q, k, v, bias, mask, o, lse, do):
       return dq + jnp.einsum("bkgqs,bksd->bkgqd", ds.astype(kj.dtype), kj,
                              preferred_element_type=jnp.float32)
     upper = jnp.minimum((i * bq + bq + bk - 1) // bk, nk) if cfg.causal else nk
+    if kvl is not None:
+      upper = jnp.minimum(upper, (kvl + bk - 1) // bk)
     return lax.fori_loop(0, upper, body, jnp.zeros((B, K, G, bq, D), jnp.float32))
 
   dq = lax.map(q_block, jnp.arange(nq))            # [nq, B, K, G, bq, D]
@@ -1026,14 +1040,37 @@ def _attention_bwd(cfg, res, do):
     dq, dk, dv, dbias = _mgpu_bwd(cfg, q, k, v, o, lse, do)
   else:
     dq, dk, dv, dbias = _pallas_bwd(cfg, q, k, v, bias, mask, o, lse, do)
-  if dbias is not None:
-    dbias = dbias.sum(axis=tuple(a for a in range(2) if bias.shape[a] == 1), keepdims=True)
-    dbias = dbias.astype(bias.dtype)
-  dmask = None
-  return dq, dk.astype(k.dtype), dv.astype(v.dtype), dbias, dmask
+  return dq, dk.astype(k.dtype), dv.astype(v.dtype), _reduce_dbias(dbias, bias), None
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)
+
+
+def _reduce_dbias(dbias, bias):
+  if dbias is None:
+    return None
+  dbias = dbias.sum(axis=tuple(a for a in range(2) if bias.shape[a] == 1), keepdims=True)
+  return dbias.astype(bias.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _attention_kvl(cfg, q, k, v, bias, mask, kvl):
+  """The XLA blockwise attention with a valid key length ``kvl`` (a traced int32 scalar)."""
+  return _xla_fwd(cfg, q, k, v, bias, mask, kvl)[0]
+
+
+def _attention_kvl_fwd(cfg, q, k, v, bias, mask, kvl):
+  o, lse = _xla_fwd(cfg, q, k, v, bias, mask, kvl)
+  return o, (q, k, v, bias, mask, kvl, o, lse)
+
+
+def _attention_kvl_bwd(cfg, res, do):
+  q, k, v, bias, mask, kvl, o, lse = res
+  dq, dk, dv, dbias = _xla_bwd(cfg, q, k, v, bias, mask, o, lse, do, kvl)
+  return dq, dk.astype(k.dtype), dv.astype(v.dtype), _reduce_dbias(dbias, bias), None, None
+
+
+_attention_kvl.defvjp(_attention_kvl_fwd, _attention_kvl_bwd)
 
 
 # ----------------------------------------------------------------------------- public API
@@ -1211,6 +1248,53 @@ def flash_attention(q, k, v, *, bias=None, mask=None, is_causal: bool = False,
       mask_b=mask is not None and mask.shape[0] != 1, mask_h=mask is not None and mask.shape[1] != 1,
       bs=block_sizes, gpu_flavor=flavor)
   return _attention(cfg, q, k, v, bias_full, mask_full)
+
+
+def attention_valid_lengths(q, k, v, q_len, kv_len, *, bias=None, mask=None, is_causal=False,
+                            scale=None, block_sizes: BlockSizes | None = None):
+  """Attention over padded sequences whose true lengths are known only at run time.
+
+  For ``adaptive_jit``'s shape buckets: ``q``'s first ``q_len`` positions and ``k``/``v``'s first
+  ``kv_len`` positions are valid (int32 scalars, may be traced); the rest is padding of any
+  content (NaN included). Valid query rows equal ``flash_attention`` of the unpadded arrays --
+  padded keys are excluded outright, not given a mask fill, so a query whose own mask rejects
+  every valid key still averages over the valid keys only, as unpadded -- and gradients at valid
+  positions equal the unpadded gradients; padded rows of the output and gradients are zero.
+  Blockwise XLA implementation (key blocks past ``kv_len`` are skipped); layouts and the other
+  arguments as in :func:`flash_attention`.
+  """
+  _validate(q, k, v, bias, mask, scale)
+  B, T, N, D = q.shape
+  S, K = k.shape[1], k.shape[2]
+  if block_sizes is None:
+    block_sizes = BlockSizes.get_default(q_len=T, kv_len=S, impl="xla", head_dim=D, dtype=q.dtype)
+  scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+  q_len = jnp.clip(jnp.asarray(q_len, jnp.int32), 0, T)
+  kvl = jnp.clip(jnp.asarray(kv_len, jnp.int32), 1, S)
+  qv = (jnp.arange(T) < q_len)[None, :, None, None]
+  kv = (jnp.arange(S) < kvl)[None, :, None, None]
+  # ``where`` (not a product): padding may hold NaN/inf, and select's gradient is exactly zero.
+  q = jnp.where(qv, q, jnp.zeros((), q.dtype))
+  k = jnp.where(kv, k, jnp.zeros((), k.dtype))
+  v = jnp.where(kv, v, jnp.zeros((), v.dtype))
+  target = (B, N, T, S)
+  bias_full = mask_full = None
+  if bias is not None:
+    bias = _broadcast_4d(_API, "bias", bias, target)
+    ok = (jnp.arange(T)[:, None] < q_len) & (jnp.arange(S)[None, :] < kvl)
+    bias_full = jnp.where(ok, jnp.broadcast_to(bias, bias.shape[:2] + (T, S)),
+                          jnp.zeros((), bias.dtype))
+  if mask is not None:
+    mask = _broadcast_4d(_API, "mask", mask, target)
+    mask_full = jnp.broadcast_to(mask, mask.shape[:2] + (T, S)).astype(jnp.int8)
+  cfg = _Cfg(
+      impl="xla", interpret="", scale=scale, causal=bool(is_causal), q_len=T, kv_len=S,
+      groups=N // K, has_bias=bias is not None, has_mask=mask is not None,
+      bias_b=bias is not None and bias.shape[0] != 1, bias_h=bias is not None and bias.shape[1] != 1,
+      mask_b=mask is not None and mask.shape[0] != 1, mask_h=mask is not None and mask.shape[1] != 1,
+      bs=block_sizes, gpu_flavor="triton")
+  o = _attention_kvl(cfg, q, k, v, bias_full, mask_full, kvl)
+  return jnp.where(qv, o, jnp.zeros((), o.dtype))
 
 
 flash_attention._lepton_tune_spec = _autotune.TuneSpec(

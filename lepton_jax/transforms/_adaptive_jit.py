@@ -307,7 +307,9 @@ class AdaptiveJitted:
   def _run_bucket(self, bucketed, n, leaves, state):
     """``(out, new_state)`` of the bucket's masked program (rewritten) at true length ``n``."""
     state_leaves = jax.tree_util.tree_leaves(state) if state is not None else []
-    new, _ = run_pipeline(bucketed.program.closed, self._passes, kernels=self._kernels)
+    prog = bucketed.program
+    new = prog.pipelined.closed if prog.pipelined is not None else \
+        run_pipeline(prog.closed, self._passes, kernels=self._kernels).closed
     outs = eval_jaxpr(new.jaxpr, new.consts, n, *leaves, *state_leaves)
     return jax.tree_util.tree_unflatten(bucketed.out_tree, outs)
 
@@ -507,7 +509,29 @@ class AdaptiveJitted:
     if self._buckets is None:
       return None
     return _buckets.BucketContext(self.__name__, self._buckets, self._static_argnums,
-                                  _buckets.BucketCache(), self._trace_abstract)
+                                  _buckets.BucketCache(), self._trace_abstract,
+                                  self._choose_bucket_program if self._kernels is not None else None)
+
+  def _choose_bucket_program(self, masked, routed):
+    """The bucket program to run: ``routed`` (attention on the kernel with the true lengths) only
+    if its compiled temp bytes (after this wrapper's pipeline) are below ``masked``'s."""
+    if any(isinstance(c, jax.core.Tracer) for c in masked.closed.consts):
+      return masked
+    with warnings.catch_warnings():
+      warnings.simplefilter("ignore")
+      rm = run_pipeline(masked.closed, self._passes, kernels=self._kernels, figures=True)
+      rr = run_pipeline(routed.closed, self._passes, kernels=self._kernels, figures=True)
+    fm, fr = rm.figures, rr.figures
+    if fm is None or fr is None:
+      masked.pipelined = rm
+      return masked
+    figs = (f"compiled temp {fr.temp_bytes} B with {routed.routed} attention(s) on the kernel "
+            f"with the true lengths vs {fm.temp_bytes} B masked")
+    if fr.temp_bytes < fm.temp_bytes:
+      routed.pipelined, routed.note = rr, f"routed: {figs}"
+      return routed
+    masked.pipelined, masked.note = rm, f"kept masked: {figs}"
+    return masked
 
   def _trace_abstract(self, args, kwargs):
     """``(static, closed_jaxpr, out_tree)`` of the function on (abstract) ``args``."""

@@ -140,6 +140,9 @@ class MaskedProgram:
   out_tags: tuple
   rules: tuple
   size: int
+  routed: int = 0         # attentions computed by the kernel with the true lengths
+  pipelined: Any = None   # adaptive_jit's PipelineResult of ``closed``, once computed
+  note: str | None = None  # why routed attention was or was not kept (compiled figures)
 
 
 class _Walk:
@@ -243,7 +246,7 @@ class _Walk:
     return lax.select(m, x, lax.full_like(x, _fill_value(fill, jnp.result_type(x))))
 
   # -- the walk ------------------------------------------------------------------------
-  def run(self, jP, jL, constsP, constsL, args, in_tags):
+  def run(self, jP, jL, constsP, constsL, args, in_tags, plan=None):
     if (len(jP.eqns) != len(jL.eqns) or len(jP.invars) != len(jL.invars)
         or len(jP.outvars) != len(jL.outvars) or len(jP.constvars) != len(jL.constvars)):
       raise UnsafeBucketing(f"the program's structure changes with the length ({len(jL.eqns)} "
@@ -267,15 +270,26 @@ class _Walk:
         return self.literal(aP.val, aL.val, self.where(eqn)), {}
       return env[aP], tenv.get(aP, {})
 
-    for eP, eL in zip(jP.eqns, jL.eqns):
+    for idx, (eP, eL) in enumerate(zip(jP.eqns, jL.eqns)):
       if eP.primitive is not eL.primitive or len(eP.invars) != len(eL.invars):
         raise UnsafeBucketing(f"{self.where(eP)}: the program's structure changes with the length")
-      got = [read(a, b, eP) for a, b in zip(eP.invars, eL.invars)]
-      ins = [g[0] for g in got]
-      itags = [g[1] for g in got]
       otags = [self.tags(a.aval, b.aval, self.where(eP)) for a, b in zip(eP.outvars, eL.outvars)]
-      self.rules.append((eP.primitive.name, tuple(tuple(sorted(t.items())) for t in otags)))
-      outs = self.eqn(eP, eL, ins, itags, otags)
+      if plan is not None and idx in plan.skip:
+        continue
+      if plan is not None and idx in plan.replace:
+        res = plan.replace[idx](lambda a: read(a, a, eP)[0], self.n)
+        if isinstance(res, dict):   # a joint backward: the region's outputs
+          for v, x in res.items():
+            env[v] = x
+            tenv[v] = plan.vtags.get(v, {})
+          continue
+        outs = res
+      else:
+        got = [read(a, b, eP) for a, b in zip(eP.invars, eL.invars)]
+        ins = [g[0] for g in got]
+        itags = [g[1] for g in got]
+        self.rules.append((eP.primitive.name, tuple(tuple(sorted(t.items())) for t in otags)))
+        outs = self.eqn(eP, eL, ins, itags, otags)
       for v, x, t in zip(eP.outvars, outs, otags):
         if not isinstance(v, core.DropVar):
           env[v] = x
@@ -632,7 +646,20 @@ class _Walk:
     return list(lax.while_loop(cond, body, list(init)))
 
 
-def build_masked(closedP, closedL, P: int, L: int, in_tags: Sequence[Tags]) -> MaskedProgram:
+def _var_tags(walk: "_Walk", jP, jL) -> dict:
+  """``{var: tags}`` for every variable of the top level of ``jP`` (from the two traces' shapes)."""
+  out: dict = {}
+  pairs = list(zip(jP.constvars, jL.constvars)) + list(zip(jP.invars, jL.invars))
+  for eP, eL in zip(jP.eqns, jL.eqns):
+    pairs += list(zip(eP.outvars, eL.outvars))
+  for vP, vL in pairs:
+    if isinstance(vP, core.Var) and not isinstance(vP, core.DropVar):
+      out[vP] = walk.tags(vP.aval, vL.aval, "a value")
+  return out
+
+
+def build_masked(closedP, closedL, P: int, L: int, in_tags: Sequence[Tags], *,
+                 route_attention: bool = False) -> MaskedProgram | None:
   """Builds the masked program of the bucket ``P`` from the traces at ``P`` and at ``L``.
 
   ``in_tags[i]`` gives the padded dimensions of input ``i`` (``{axis: 0}`` for the bucketed
@@ -649,11 +676,29 @@ def build_masked(closedP, closedL, P: int, L: int, in_tags: Sequence[Tags]) -> M
   if P == L:
     raise ValueError(f"build_masked needs two different lengths, got {P} and {L}")
   holder: dict = {}
+  plan = None
+  if route_attention:
+    # Attention computed by the kernel with the true lengths (see _bucket_route); None when the
+    # program has no attention the kernel can take.
+    # Nested jit calls inlined and duplicates merged (as the router sees programs), the same
+    # way at both lengths; a structure that then differs is not routed.
+    from lepton_jax.transforms import _bucket_route
+    closedP, closedL = _bucket_route.prepare(closedP), _bucket_route.prepare(closedL)
+    if len(closedP.jaxpr.eqns) != len(closedL.jaxpr.eqns):
+      return None
+    try:
+      vtags = _var_tags(_Walk(P, L, None), closedP.jaxpr, closedL.jaxpr)
+    except UnsafeBucketing:
+      return None
+    plan = _bucket_route.plan_attention(closedP, vtags)
+    if plan is None:
+      return None
+    plan.vtags = vtags
 
   def masked(n, *flat):
     walk = _Walk(P, L, n)
     outs, otags = walk.run(closedP.jaxpr, closedL.jaxpr, closedP.consts, closedL.consts,
-                           list(flat), [dict(t) for t in in_tags])
+                           list(flat), [dict(t) for t in in_tags], plan)
     holder["out_tags"] = tuple(otags)
     holder["rules"] = tuple(walk.rules)
     return outs
@@ -662,5 +707,6 @@ def build_masked(closedP, closedL, P: int, L: int, in_tags: Sequence[Tags]) -> M
                                 weak_type=getattr(v.aval, "weak_type", False))
            for v in closedP.jaxpr.invars]
   closed = jax.make_jaxpr(masked)(jax.ShapeDtypeStruct((), jnp.int32), *specs)
-  return MaskedProgram(closed, holder["out_tags"], holder["rules"], int(P))
+  return MaskedProgram(closed, holder["out_tags"], holder["rules"], int(P),
+                       routed=plan.routed if plan is not None else 0)
 

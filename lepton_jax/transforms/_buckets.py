@@ -142,12 +142,16 @@ class BucketContext:
     cache: decisions and traces (owned by the wrapper, cleared with its cache).
     trace: ``trace(args, kwargs) -> (static, closed_jaxpr, out_tree)`` on abstract arguments;
       ``static`` has ``static_pos``, ``static_kw`` and ``node_pos`` (positions of NNX objects).
+    choose: ``choose(masked, routed) -> MaskedProgram``: picks, on the compiled programs, between
+      the bucket's masked program and the one whose attentions the kernel computes with the true
+      lengths; ``None``: no attention routing.
   """
   name: str
   spec: BucketSpec
   static_argnums: tuple
   cache: BucketCache
   trace: Any
+  choose: Any = None
 
 def _bucket_leaves(jitted: BucketContext, args):
   spec = jitted.spec
@@ -284,8 +288,11 @@ def _in_tags(jitted: BucketContext, static, args_p, kwargs, n_invars):
   return tags + [{}] * (n_invars - len(tags))
 
 
-def _build(jitted: BucketContext, args, kwargs, P: int, Q: int, trace_p=None):
-  """The bucket's :class:`Bucketed` from the traces at ``P`` and ``Q`` (raises UnsafeBucketing)."""
+def _build(jitted: BucketContext, args, kwargs, P: int, Q: int, trace_p=None, route=True):
+  """The bucket's :class:`Bucketed` from the traces at ``P`` and ``Q`` (raises UnsafeBucketing).
+
+  With ``route`` and a ``choose`` in the context, a second program whose attentions run on the
+  kernel with the true lengths is built and the compiled programs decide between the two."""
   spec = jitted.spec
   args_p = list(args)
   args_p[spec.argnum] = _abstract_pad(args[spec.argnum], spec.axis, P)
@@ -300,6 +307,15 @@ def _build(jitted: BucketContext, args, kwargs, P: int, Q: int, trace_p=None):
     raise UnsafeBucketing("the output structure changes with the length")
   tags = _in_tags(jitted, st_p, args_p, kwargs, len(cl_p.jaxpr.invars))
   program = build_masked(cl_p, cl_q, P, Q, tags)
+  if route and jitted.choose is not None:
+    try:
+      routed = build_masked(cl_p, cl_q, P, Q, tags, route_attention=True)
+    except UnsafeBucketing:
+      routed = None
+    if routed is not None:
+      # New lengths are checked against the unrouted walk's rules.
+      routed = dataclasses.replace(routed, rules=program.rules)
+      program = jitted.choose(program, routed)
   n_user = tree_p.children()[0].num_leaves
   for t in program.out_tags[n_user:]:
     if t:
@@ -342,7 +358,7 @@ def _plan_for(jitted: BucketContext, args, kwargs, L: int, P: int):
       cache.plans[key_p] = plan
     elif L != P:
       # A new length in a known bucket: its rules must be the bucket's (one trace, no compile).
-      other = _build(jitted, args, kwargs, P, L, trace_p=plan.trace_p)
+      other = _build(jitted, args, kwargs, P, L, trace_p=plan.trace_p, route=False)
       if other.program.rules != plan.program.rules:
         raise UnsafeBucketing(f"the program at length {L} differs from the one at the other "
                               f"lengths of bucket {P} beyond its size")
@@ -400,4 +416,6 @@ def describe(jitted: BucketContext, args, kwargs) -> dict | None:
           "bucket": int(L if isinstance(plan, str) else P)}
   if isinstance(plan, str) and plan != "the bucket has a single length":
     info["refused"] = plan
+  if not isinstance(plan, str) and plan.program.note:
+    info["attention"] = plan.program.note
   return info

@@ -103,6 +103,7 @@ class JointForward:
   pre: set = dataclasses.field(default_factory=set)
   judge: bool = False
   key: Any = None
+  match: Any = None   # the attention matcher's description (attention forwards only)
 
 
 @dataclasses.dataclass
@@ -170,7 +171,7 @@ def attention_forwards(closed, du: DefUse, *, match_fn, no_match, replacement_fn
            m.head_b, m.groups, kernels, id(replacement_fn))
     out.append(JointForward("attention_fwd_bwd", m.d2, set(m.eqns),
                             [m.q, m.k, m.v, m.bias, m.mask, m.mask2], replacement_fn(m, kernels),
-                            pre=set(m.pre_eqns), key=key))
+                            pre=set(m.pre_eqns), key=key, match=m))
   return out
 
 

@@ -38,6 +38,7 @@ import numpy as np
 import jax
 import jax.numpy as jnp
 import lepton_jax.pallas_kernels as lpk
+from lepton_jax.pallas_kernels._attention import attention_valid_lengths
 from lepton_jax.jaxpr import _compat as core
 from lepton_jax.jaxpr._defuse import DefUse
 from lepton_jax.jaxpr._driver import Rewrite, inline_calls, known_consts, location, rewrite_nested
@@ -663,12 +664,15 @@ def _fill_eqns(jaxpr, prod, fill, uses, select_idx):
   return out
 
 
-def _attention_replacement(m: _AttnMatch, backend: str):
+def _attention_replacement(m: _AttnMatch, backend: str, lengths=None):
   """``fn(q, k, v, bias, mask, mask2=None)`` computing the matched attention with ``flash_attention``.
 
   Batch dims are flattened into the kernel's batch and query dims into its sequence; with
   a head repeat (``m.head_b``) that batch dim becomes the kernel's heads and ``k``/``v``
   keep ``heads // groups`` heads (the kernel's grouped-query attention).
+
+  ``lengths=(q_len, kv_len)`` (int32 scalars, traced; ``None`` for a full axis): the sequences
+  are padded beyond them (shape buckets) and ``attention_valid_lengths`` excludes the padding.
   """
   flash_attention = _kernel("flash_attention")
   hb = m.head_b
@@ -700,7 +704,12 @@ def _attention_replacement(m: _AttnMatch, backend: str):
     mc = None if mask is None else scores(mask, m.mask_perm)
     if mask2 is not None:
       mc = mc & scores(_unmerge(mask2, m.mask2_split), m.mask2_perm)
-    o = flash_attention(qc, kc, vc, bias=bc, mask=mc, scale=float(m.scale), backend=backend)
+    if lengths is None:
+      o = flash_attention(qc, kc, vc, bias=bc, mask=mc, scale=float(m.scale), backend=backend)
+    else:
+      q_len = tq if lengths[0] is None else lengths[0]
+      kv_len = m.kv_len if lengths[1] is None else lengths[1]
+      o = attention_valid_lengths(qc, kc, vc, q_len, kv_len, bias=bc, mask=mc, scale=float(m.scale))
     if hb is None:
       o = o.reshape(m.batch_sizes + m.q_sizes + (m.v_dim,))
     else:

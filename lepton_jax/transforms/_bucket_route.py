@@ -1,0 +1,176 @@
+"""Attention routing inside a bucket's masked program (``adaptive_jit(buckets=..., kernels=...)``).
+
+The masked program of :mod:`._bucket_mask` keeps a padded program exact by masking every operation
+that mixes positions; an attention so masked no longer has the shape of an attention, so the
+kernel router cannot see it. This module finds the attentions on the trace at the bucket size
+(where they are whole and unpadded: the attention matcher and the joint forward + backward
+identification of the router apply as they are) and tells the masking walk to compute them with
+``attention_valid_lengths``, the blockwise attention that excludes the padded keys outright (and
+skips their blocks) given the true lengths at run time:
+
+- an attention whose intermediates are read only by itself (a forward program): its output;
+- an attention whose forward and backward are both in the program (a gradient): the forward and
+  the backward region the router identified, the backward being the kernel's own VJP.
+
+Tags (which dims are padded) come from the two traces' shapes; an attention is routed only if
+the padded dims are its query sequence, its key sequence, or batch-like dims (never the head
+dim, never one of several flattened query dims). Whether the routed program is kept is decided
+by the caller on the compiled program.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+
+from lepton_jax.jaxpr import _compat as core
+from lepton_jax.jaxpr._defuse import DefUse
+from lepton_jax.jaxpr._driver import inline_calls, known_consts
+from lepton_jax.transforms.passes._cse import cse
+from lepton_jax.transforms.passes._dce import dce
+from lepton_jax.transforms.passes import _route_joint as rj
+from lepton_jax.transforms.passes import _route_kernels as rk
+
+__all__ = ["AttentionPlan", "plan_attention", "prepare"]
+
+
+@dataclasses.dataclass
+class AttentionPlan:
+  """Equations of one jaxpr level the walk computes with the kernel instead.
+
+  Attributes:
+    replace: eqn index -> ``fn(read, n) -> list of outputs`` (an equation's outputs) or ``{var:
+      value}`` (a joint backward writing the region's outputs).
+    skip: eqn indices not evaluated (their values are only read by the replaced equations).
+    routed: how many attentions (forward-only or forward + backward).
+    vtags: each top-level variable's padded dims (set by the caller).
+  """
+  replace: dict
+  skip: set
+  routed: int
+  vtags: dict = dataclasses.field(default_factory=dict)
+
+
+def prepare(closed):
+  """Nested jit calls inlined, duplicates merged, dead code removed (what the router sees)."""
+  closed = inline_calls(closed)[0]
+  closed = cse(closed)[0]
+  return dce(closed)[0]
+
+
+def _seq_offsets(m, vtags) -> tuple | None:
+  """``(q_offset, kv_offset)`` of the padded query / key sequence (None: not padded), or None when
+  the padding is somewhere the kernel cannot take it."""
+  nb = len(m.batch_sizes)
+
+  def axis_role(var, perm, n_seq):
+    t = vtags.get(var, {}) if isinstance(var, core.Var) else {}
+    seq = None
+    for d, c in t.items():
+      pos = perm.index(d)
+      if pos < nb:
+        if m.head_b is not None and pos == m.head_b:
+          return False
+        continue                          # batch-like: position-wise
+      if pos >= nb + n_seq:               # the feature (head) dim
+        return False
+      if n_seq != 1:
+        return False                      # one of several flattened query dims
+      seq = c
+    return seq
+
+  q = axis_role(m.q, m.q_perm, len(m.q_sizes))
+  k = axis_role(m.k, m.k_perm, 1)
+  v = axis_role(m.v, m.v_perm, 1)
+  if q is False or k is False or v is False or k != v:
+    return None
+  if q is None and k is None:
+    return None                           # nothing padded along the sequences: routed normally
+  return q, k
+
+
+def _lengths(offsets, n):
+  nn = jnp.asarray(n, jnp.int32)
+  return tuple(None if c is None else nn + c for c in offsets)
+
+
+def plan_attention(closed, vtags: dict) -> AttentionPlan | None:
+  """The attentions of ``closed``'s top level (the trace at the bucket size, nested jit calls
+  inlined) that the walk can compute with ``attention_valid_lengths``; ``vtags`` gives each
+  variable's padded dims (``{dim: offset}``)."""
+  jaxpr = closed.jaxpr
+  du = DefUse(jaxpr)
+  replace: dict = {}
+  skip: set = set()
+  used: set = set()
+  routed = 0
+  # Gradients: forward + backward together (the router's joint identification, at size P).
+  found = rj.attention_forwards(closed, du, match_fn=rk._match_attention, no_match=rk._NoMatch,
+                                replacement_fn=rk._attention_replacement, kernels="xla")
+  known = known_consts(closed)
+  consts = rj._consts_of(jaxpr)
+  for jf in found:
+    m = jf.match
+    offsets = _seq_offsets(m, vtags)
+    if offsets is None or (set(jf.eqns) | set(jf.pre)) & used:
+      continue
+    j = None
+    for cand in rj._regions(jaxpr, du, jf, known, closed):
+      if isinstance(cand.do, core.Literal) or cand.do_const:
+        continue                          # a constant cotangent may depend on the length
+      if rj._identify(closed, du, cand, rj._IDENT_CACHE) is None and \
+          not (cand.fwd | set(cand.bwd)) & used:
+        j = cand
+        break
+    if j is None:
+      continue
+    used |= j.fwd | set(j.bwd)
+    cell: dict = {}
+    root_dtype = jaxpr.eqns[jf.root].outvars[0].aval.dtype
+
+    def fwd_fn(read, n, jf=jf, m=m, j=j, cell=cell, offsets=offsets):
+      repl = rk._attention_replacement(m, "xla", lengths=_lengths(offsets, n))
+      ins = [None if a is None else read(a) for a in jf.inputs]
+      o, cell["vjp"] = rj._kernel_fwd(repl, ins, j.combos[0][0])
+      return [o]
+
+    def bwd_fn(read, n, j=j, cell=cell, root_dtype=root_dtype):
+      cts = cell["vjp"](read(j.do).astype(root_dtype))
+      out = {}
+      for ys, (_, combo) in zip(j.outputs, j.combos):
+        out[ys[0]] = sum(cts[i] for i in combo).astype(ys[0].aval.dtype)
+        for y in ys[1:]:
+          out[y] = jnp.zeros(y.aval.shape, y.aval.dtype)
+      return out
+
+    first_out = min(du.producer(y) for ys in j.outputs for y in ys)
+    replace[jf.root] = fwd_fn
+    replace[first_out] = bwd_fn
+    skip |= {i for i in set(jf.eqns) - {jf.root}
+             if not any(v in consts for v in jaxpr.eqns[i].outvars)} | (set(j.bwd) - {first_out})
+    routed += 1
+  # Forward programs: attentions whose intermediates nothing else reads.
+  for m in rk.find_attention(closed):
+    if set(m.eqns) & used or rk._has_residuals(jaxpr, du, m.d2, set(m.eqns)):
+      continue
+    offsets = _seq_offsets(m, vtags)
+    if offsets is None:
+      continue
+
+    def fwd_only(read, n, m=m, offsets=offsets):
+      repl = rk._attention_replacement(m, "xla", lengths=_lengths(offsets, n))
+      return [repl(read(m.q), read(m.k), read(m.v),
+                   None if m.bias is None else read(m.bias),
+                   None if m.mask is None else read(m.mask),
+                   None if m.mask2 is None else read(m.mask2))]
+
+    replace[m.d2] = fwd_only
+    skip |= set(m.eqns) - {m.d2}
+    used |= set(m.eqns)
+    routed += 1
+  if not routed:
+    return None
+  return AttentionPlan(replace, skip, routed)
