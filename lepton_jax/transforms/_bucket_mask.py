@@ -680,8 +680,8 @@ def build_masked(closedP, closedL, P: int, L: int, in_tags: Sequence[Tags], *,
   if route_attention:
     # Attention computed by the kernel with the true lengths (see _bucket_route); None when the
     # program has no attention the kernel can take.
-    # Nested jit calls inlined and duplicates merged (as the router sees programs), the same
-    # way at both lengths; a structure that then differs is not routed.
+    # Nested jit calls inlined and dead code removed, the same way at both lengths; a structure
+    # that then differs is not routed.
     from lepton_jax.transforms import _bucket_route
     closedP, closedL = _bucket_route.prepare(closedP), _bucket_route.prepare(closedL)
     if len(closedP.jaxpr.eqns) != len(closedL.jaxpr.eqns):

@@ -29,7 +29,6 @@ import jax.numpy as jnp
 from lepton_jax.jaxpr import _compat as core
 from lepton_jax.jaxpr._defuse import DefUse
 from lepton_jax.jaxpr._driver import inline_calls, known_consts
-from lepton_jax.transforms.passes._cse import cse
 from lepton_jax.transforms.passes._dce import dce
 from lepton_jax.transforms.passes import _route_joint as rj
 from lepton_jax.transforms.passes import _route_kernels as rk
@@ -55,10 +54,10 @@ class AttentionPlan:
 
 
 def prepare(closed):
-  """Nested jit calls inlined, duplicates merged, dead code removed (what the router sees)."""
-  closed = inline_calls(closed)[0]
-  closed = cse(closed)[0]
-  return dce(closed)[0]
+  """Nested jit calls inlined and dead code removed (dead uses of a residual would block the
+  joint identification). Not CSE: whether two equations are duplicates can depend on the length
+  (a padded dim equal to another dim at one length only), and both traces must keep one structure."""
+  return dce(inline_calls(closed)[0])[0]
 
 
 def _seq_offsets(m, vtags) -> tuple | None:
@@ -119,8 +118,8 @@ def plan_attention(closed, vtags: dict) -> AttentionPlan | None:
       continue
     j = None
     for cand in rj._regions(jaxpr, du, jf, known, closed):
-      if isinstance(cand.do, core.Literal) or cand.do_const:
-        continue                          # a constant cotangent may depend on the length
+      if isinstance(cand.do, core.Literal):
+        continue                          # a literal cotangent may depend on the length
       if rj._identify(closed, du, cand, rj._IDENT_CACHE) is None and \
           not (cand.fwd | set(cand.bwd)) & used:
         j = cand

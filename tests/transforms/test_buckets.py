@@ -59,18 +59,23 @@ def test_masked_families_forward_and_value_and_grad():
     assert info.compiles == 1 and info.bucket_fallbacks == 0, info   # one bucket: 8
 
 
-def test_nan_and_inf_in_padding_never_leak():
-  """The masked program ignores whatever the padded positions hold (values and gradients)."""
+@pytest.mark.parametrize("route", [False, True], ids=["masked", "attention_on_kernel"])
+def test_nan_and_inf_in_padding_never_leak(route):
+  """The masked program ignores whatever the padded positions hold (values and gradients), also
+  when its attention runs on the kernel with the true lengths (forward and backward)."""
   w = jax.random.normal(jax.random.key(0), (8, 8)) * 0.5
   def f(w, x):
     h = jnp.tanh(x @ w)
-    att = jax.nn.softmax(jnp.einsum("btd,bsd->bts", h, h), axis=-1) @ h
+    q, k, v = h @ w, h @ w.T, jnp.sin(h)
+    att = jax.nn.softmax(jnp.einsum("btd,bsd->bts", q, k), axis=-1) @ v
     return att.mean() + jax.nn.logsumexp(h, axis=1).sum() + jnp.cumsum(h, axis=1)[:, -1].sum()
 
   vg_fn = jax.value_and_grad(f, argnums=(0, 1))
   x = jax.random.normal(jax.random.key(1), (2, 5, 8))
   prog = build_masked(jax.make_jaxpr(vg_fn)(w, jnp.zeros((2, 8, 8))),
-                      jax.make_jaxpr(vg_fn)(w, jnp.zeros((2, 6, 8))), 8, 6, [{}, {1: 0}])
+                      jax.make_jaxpr(vg_fn)(w, jnp.zeros((2, 6, 8))), 8, 6, [{}, {1: 0}],
+                      route_attention=route)
+  assert prog.routed == (1 if route else 0)
   want = jax.jit(vg_fn)(w, x)
   for fill in (np.nan, np.inf, -np.inf):
     xp = jnp.concatenate([x, jnp.full((2, 3, 8), fill)], axis=1)
