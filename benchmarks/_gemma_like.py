@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-__all__ = ["GemmaLikeConfig", "GemmaLike", "rms_norm", "rotary"]
+__all__ = ["GemmaLikeConfig", "GemmaLike", "rms_norm", "rotary", "stack_blocks"]
 
 _NEG = -2.3819763e38  # additive mask value (as large and negative as float32 allows, with room)
 
@@ -34,6 +34,7 @@ class GemmaLikeConfig:
   hidden: int = 512     # gated-MLP width
   layers: int = 2
   rope_wavelength: float = 10_000.0
+  scan_layers: bool = False  # blocks stacked on a leading axis and run by nnx.scan (one loop body)
 
 
 def rms_norm(x, scale, eps=1e-6):
@@ -115,7 +116,11 @@ class GemmaLike(nnx.Module):
   def __init__(self, cfg: GemmaLikeConfig, rngs: nnx.Rngs):
     self.cfg = cfg
     self.embed = nnx.Param(jax.random.normal(rngs.params(), (cfg.vocab, cfg.d), jnp.float32) * cfg.d ** -0.5)
-    self.blocks = nnx.List([_Block(cfg, rngs) for _ in range(cfg.layers)])
+    if cfg.scan_layers:
+      keys = jax.random.split(rngs.params(), cfg.layers)
+      self.blocks = nnx.vmap(lambda key: _Block(cfg, nnx.Rngs(key)))(keys)
+    else:
+      self.blocks = nnx.List([_Block(cfg, rngs) for _ in range(cfg.layers)])
     self.final_norm = _RMSNorm(cfg.d)
 
   def __call__(self, tokens):
@@ -124,6 +129,16 @@ class GemmaLike(nnx.Module):
     x = table[tokens] * jnp.sqrt(jnp.float32(self.cfg.d))
     positions = jnp.broadcast_to(jnp.arange(t), (b, t))
     mask = jnp.broadcast_to(jnp.tril(jnp.ones((t, t), bool)), (b, t, t))
-    for blk in self.blocks:
-      x = blk(x, positions, mask)
+    if self.cfg.scan_layers:
+      x, _ = nnx.scan(lambda h, blk: (blk(h, positions, mask), None), in_axes=(nnx.Carry, 0))(x, self.blocks)
+    else:
+      for blk in self.blocks:
+        x = blk(x, positions, mask)
     return jnp.einsum("BTD,VD->BTV", self.final_norm(x), table)  # tied output projection
+
+
+def stack_blocks(params: dict) -> dict:
+  """Pure-dict parameters of the per-layer model in the ``scan_layers=True`` layout (blocks stacked)."""
+  blocks = params["blocks"]
+  stacked = jax.tree.map(lambda *a: jnp.stack(a), *[blocks[i] for i in sorted(blocks)])
+  return {**params, "blocks": stacked}

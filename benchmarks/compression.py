@@ -6,9 +6,7 @@ step times.
 
 Run: ``python -m benchmarks.compression [--only mlp|lm|gemma] [--out benchmarks/results/compression_cpu.json]``.
 All bytes/FLOPs come from XLA (``jax.jit(f).lower(...).compile()``: ``memory_analysis()`` and
-``cost_analysis()``) on the default backend. On CPU, XLA converts bf16 matmul operands back to
-float32, so bf16 is not faster there; the figures show what the compiled program holds (bf16
-residuals) and the step time is reported for completeness only.
+``cost_analysis()``) on the default backend. Step times are best-of-5 on a shared CPU (indicative).
 """
 
 from __future__ import annotations
@@ -64,11 +62,14 @@ def loss(p, x, y):
 
 
 def _time(f, *a, n=5):
+  """Best of ``n`` timed calls after a warm-up (the machine is shared: the minimum is the least noisy)."""
   jax.block_until_ready(f(*a))
-  t = time.perf_counter()
+  best = float("inf")
   for _ in range(n):
+    t = time.perf_counter()
     jax.block_until_ready(f(*a))
-  return (time.perf_counter() - t) / n
+    best = min(best, time.perf_counter() - t)
+  return best
 
 
 def _ratio(a, b):
@@ -290,7 +291,42 @@ def gemma_like():
         "eval_loss": ql, "eval_loss_rel_change": ql / ref - 1, "eval_forward_compiled": fig,
         "eval_forward_ratio": _ratio(out["eval_forward_compiled_f32"], fig), "eval_s": _time(q_jit, frozen, eb),
         "compute_paths": sorted({c for w in q.explain(p32, eb).weights for c in w.compute})}
+  out.update(_gemma_activation_rows(loss, p32, mcfg, train, evals, eval_loss, ref))
   return out
+
+
+def _gemma_activation_rows(loss, p32, mcfg, train, evals, eval_loss, ref):
+  """int8 weights + int8 activations (calibrated on 4 training batches), on the per-layer model and
+  on the same weights in the scan-over-layers layout (activation sites inside the scan body)."""
+  from benchmarks._gemma_like import GemmaLike, GemmaLikeConfig, stack_blocks
+  calib_batches = _batches(train, GEMMA["seq"], GEMMA["batch"], 4, 7)
+  rows = {}
+  gd_scan, _ = nnx.split(GemmaLike(dataclasses.replace(mcfg, scan_layers=True), nnx.Rngs(0)))
+  p_scan = stack_blocks(p32)
+
+  def loss_scan(params, tokens):
+    logits = nnx.merge(gd_scan, params)(tokens[:, :-1])
+    return optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
+
+  scan_f32 = eval_loss(jax.jit(loss_scan), p_scan)
+  for name, fn, params in (("quantize_w8a8", loss, p32), ("quantize_w8a8_scan_layers", loss_scan, p_scan)):
+    q = lj.quantize(fn, weights="int8", activations="int8", calibration=[(params, b) for b in calib_batches])
+    frozen = q.freeze(params)
+    q_jit = jax.jit(q)
+    text = q_jit.lower(frozen, evals[0]).as_text()
+    row = {"eval_loss_frozen": eval_loss(q_jit, frozen),
+           "int8_x_int8_dots_in_lowered_program": text.count("xi8>) -> tensor<"),
+           "compute_paths": sorted({c for w in q.explain(params, evals[0]).weights for c in w.compute})}
+    row["eval_loss_frozen_rel_change"] = row["eval_loss_frozen"] / ref - 1
+    if name.endswith("scan_layers"):
+      # float weights quantized on the fly inside the body: one weight scale set per layer slice
+      row["eval_loss_float_weights_on_the_fly"] = eval_loss(q_jit, params)
+      row["eval_loss_float_weights_on_the_fly_rel_change"] = row["eval_loss_float_weights_on_the_fly"] / ref - 1
+      row["eval_loss_f32_scan_layout"] = scan_f32
+      row["note"] = ("activation scales inside the scan body are shared by the layers (absmax over iterations); "
+                     "frozen stacked kernels have per-channel scales shared by the layers too")
+    rows[name] = row
+  return rows
 
 
 def main():
@@ -304,12 +340,18 @@ def main():
     with open(out_path) as fh:
       result = json.load(fh)  # refresh one section, keep the other
   result.update({"device": str(jax.devices()[0]), "backend": jax.default_backend(), "jax": jax.__version__,
-                 "date": datetime.date.today().isoformat()})
+                 "date": datetime.date.today().isoformat(),
+                 "timing": "step times are the best of 5 calls after a warm-up, on a CPU shared with other jobs: "
+                           "indicative only; bytes and FLOPs are XLA's compiled figures",
+                 "corpus": "LM sections train on the bytes of this repository's lepton_jax/**/*.py at run time, "
+                           "so their losses move a little whenever the sources change"})
   if args.only in (None, "mlp"):
     result["model"] = {"d": D, "hidden": H, "layers": LAYERS, "batch": BATCH, "seq": SEQ}
-    result["note"] = ("CPU: XLA upcasts bf16 matmul operands to float32, so bf16 is not faster here; the bf16 "
-                      "saving shows as smaller saved residuals (temp bytes). Quantized runs dequantize into "
-                      "float matmuls on CPU; the saving is argument (weight) bytes.")
+    result["note"] = ("CPU (jax 0.10.2): a bf16 x bf16 -> f32 dot compiles to a YNNPACK fusion on bf16 operands "
+                      "(no upcast), so mixed-precision steps can be faster on CPU too; temp bytes include the "
+                      "bf16 operand copies next to the float32 values. Quantized int8/int4 weights are "
+                      "dequantized / rescaled around float matmuls on CPU (int8 x int8 -> int32 dots only with "
+                      "activations='int8'); the saving is argument (weight) bytes.")
     result["rows"] = mlp_rows()
     _print_rows(result["rows"])
   if args.only in (None, "lm"):
@@ -327,6 +369,7 @@ def main():
     g["section_wall_s"] = time.perf_counter() - t0
     result["gemma_like"] = g
     _print_gemma(g)
+    _print_w8a8(g)
   if out_path:
     os.makedirs(os.path.dirname(out_path), exist_ok=True)
     with open(out_path, "w") as fh:
@@ -401,6 +444,16 @@ def _print_gemma(g):
           f"{q['eval_loss']:.4f} ({100 * q['eval_loss_rel_change']:+.3f}%), compiled flops ratio "
           f"{q['eval_forward_ratio']['flops']:.3f}, argument bytes ratio {q['eval_forward_ratio']['argument_bytes']:.3f}, "
           f"eval {g['eval_s_f32'] * 1e3:.1f} -> {q['eval_s'] * 1e3:.1f} ms")
+
+
+def _print_w8a8(g):
+  for name in ("quantize_w8a8", "quantize_w8a8_scan_layers"):
+    r = g[name]
+    extra = (f", float weights on the fly {r['eval_loss_float_weights_on_the_fly']:.4f} "
+             f"({100 * r['eval_loss_float_weights_on_the_fly_rel_change']:+.3f}%)" if "scan" in name else "")
+    print(f"  {name}: eval loss {g['eval_loss_f32']:.4f} -> frozen {r['eval_loss_frozen']:.4f} "
+          f"({100 * r['eval_loss_frozen_rel_change']:+.3f}%){extra}; {r['int8_x_int8_dots_in_lowered_program']} "
+          f"int8 x int8 dots; compute {r['compute_paths']}")
 
 
 def _print_rows(rows):
