@@ -126,3 +126,62 @@ def gpu_compute_capability(device_kind: str) -> str | None:
     if re.search(rf"\b{re.escape(kind)}\b", str(device_kind)):
       return cc
   return None
+
+
+# scan's operand layout. jax 0.10: params ``num_consts`` / ``num_carry`` (and ``linear``, one flag per
+# operand); jax 0.11: ``ft_in`` = (consts, carry, xs) and ``ft_out`` = (carry, ys) FlatTrees, no
+# ``linear``. Feature-detected on the params themselves, so either version's equations are read.
+def scan_counts(params) -> tuple[int, int]:
+  """``(num_consts, num_carry)`` of a ``scan`` equation's params, on jax 0.10 and 0.11."""
+  if "num_consts" in params:
+    return int(params["num_consts"]), int(params["num_carry"])
+  ft_in = params.get("ft_in")
+  if ft_in is None:
+    raise KeyError(f"scan params have neither num_consts/num_carry nor ft_in: {sorted(params)}")
+  consts, carry, _ = ft_in.unpack()
+  return len(consts), len(carry)
+
+
+def scan_params(params, *, num_consts: int, num_carry: int, num_xs: int, num_ys: int,
+                linear=None) -> dict:
+  """``params`` of a ``scan`` with a new operand layout (``num_consts`` + ``num_carry`` +
+  ``num_xs`` operands, ``num_carry`` + ``num_ys`` results), on jax 0.10 and 0.11.
+
+  jax 0.10: sets ``num_consts`` / ``num_carry`` and ``linear`` (``linear`` given: one flag per
+  operand; else all False when the params have it). jax 0.11: rebuilds ``ft_in`` / ``ft_out``,
+  keeping a part's structure where its count is unchanged (``linear`` is ignored: 0.11 has none).
+  """
+  p = dict(params)
+  n_in = num_consts + num_carry + num_xs
+  if linear is not None and len(tuple(linear)) != n_in:
+    raise ValueError(f"scan_params: linear has {len(tuple(linear))} flags for {n_in} operands")
+  if "ft_in" not in p:
+    p["num_consts"], p["num_carry"] = int(num_consts), int(num_carry)
+    if "linear" in p:
+      p["linear"] = tuple(bool(b) for b in linear) if linear is not None else (False,) * n_in
+    return p
+  from jax._src import flattree as _ft  # noqa: E402  (jax >= 0.11 only; no public name)
+  old_in = p["ft_in"].unpack()
+  old_out = p["ft_out"].unpack()
+  keep = lambda old, n: old if len(old) == n else _ft.nones(n)
+  p["ft_in"] = _ft.pack((keep(old_in[0], num_consts), keep(old_in[1], num_carry), keep(old_in[2], num_xs)))
+  p["ft_out"] = _ft.pack((keep(old_out[0], num_carry), keep(old_out[1], num_ys)))
+  return p
+
+
+# jax 0.11 merged ClosedJaxpr into Jaxpr (``ClosedJaxpr`` is an alias; consts ride on the Jaxpr and
+# ``.jaxpr`` returns itself), so ``isinstance(j, Jaxpr)`` no longer tells an open sub-jaxpr param
+# from a closed one. Open params (jax 0.10 stores these as ``Jaxpr``; jax 0.11 keeps them without
+# consts: remat's rules convert constvars to inputs) must not get consts attached by a rewrite.
+JAXPR_MERGED = ClosedJaxpr is Jaxpr
+_OPEN_PARAM_PRIMITIVES = frozenset({"remat", "remat2", "checkpoint", "shard_map", "run_state",
+                                    "custom_lin", "custom_transpose_call"})
+
+
+def is_open_jaxpr(j, primitive_name: str | None = None) -> bool:
+  """Whether sub-jaxpr param ``j`` (of a ``primitive_name`` equation) is an open jaxpr: no consts,
+  and a rewritten one must not carry consts either (jax 0.10: a ``Jaxpr``, not a ``ClosedJaxpr``;
+  jax 0.11: no consts attached and a primitive whose sub-jaxpr was open on 0.10)."""
+  if not JAXPR_MERGED:
+    return isinstance(j, Jaxpr) and not isinstance(j, ClosedJaxpr)
+  return not j.consts and primitive_name in _OPEN_PARAM_PRIMITIVES

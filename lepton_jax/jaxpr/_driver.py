@@ -203,7 +203,7 @@ def map_subjaxprs(eqn, fn: Callable[[jc.ClosedJaxpr, str, bool], jc.ClosedJaxpr]
   new_invars = list(eqn.invars)
   changed = False
   for k, i, j in subs:
-    is_open = isinstance(j, jc.Jaxpr)
+    is_open = jc.is_open_jaxpr(j, eqn.primitive.name)
     closed = jc.ClosedJaxpr(j, ()) if is_open else j
     name = k if i is None else f"{k}[{i}]"
     new = fn(closed, name, is_open)
