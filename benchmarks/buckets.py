@@ -30,6 +30,7 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 import lepton_jax as lj  # noqa: E402
+from lepton_jax.jaxpr._compiled import read_compiled  # noqa: E402
 from tests.transforms import _lm_fixtures as F  # noqa: E402
 
 
@@ -88,6 +89,36 @@ def run(n_lengths: int, kernels, seed: int = 0):
   return lengths, rows
 
 
+def memory(length: int, seed: int = 2):
+  """Compiled temp bytes of the bucket's program at one long length (deterministic): the program
+  adaptive_jit runs (attention on the kernel with the true lengths when that compiles smaller),
+  the masked program without kernels, and jax.jit at the exact length."""
+  rng = np.random.default_rng(seed)
+  tok = rng.integers(1, F.VOCAB, (2, length))
+  tok[1, length - length // 4:] = 0
+  tok = jnp.asarray(tok, jnp.int32)
+  rows = []
+  spec = {"argnum": 1, "axis": 1, "sizes": "pow2"}
+  for name, (params, fwd, loss) in _models().items():
+    for form, fn in (("forward", fwd), ("value_and_grad", jax.value_and_grad(loss))):
+      with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ours = lj.adaptive_jit(fn, buckets=spec).explain(params, tok)
+        masked = lj.adaptive_jit(fn, kernels=None, buckets=spec).explain(params, tok)
+      jit_temp = read_compiled(jax.jit(fn).lower(params, tok).compile()).temp_bytes
+      row = dict(model=name, form=form, length=length, bucket=ours.bucket["bucket"],
+                 temp_bytes=ours.compiled_temp_bytes_after,
+                 masked_temp_bytes=masked.compiled_temp_bytes_after, jit_temp_bytes=jit_temp,
+                 temp_ratio_vs_jit=ours.compiled_temp_bytes_after / jit_temp,
+                 masked_ratio_vs_jit=masked.compiled_temp_bytes_after / jit_temp,
+                 attention=ours.bucket.get("attention"))
+      rows.append(row)
+      print(f"{name:<24}{form:<16}seq {length} -> {row['bucket']}: temp {row['temp_bytes'] / 2**20:7.1f} MiB"
+            f" (masked {row['masked_temp_bytes'] / 2**20:7.1f}, jax.jit at {length} "
+            f"{jit_temp / 2**20:7.1f}) = {row['temp_ratio_vs_jit']:.2f}x of jax.jit", flush=True)
+  return rows
+
+
 def train(steps: int, seed: int = 1):
   """lm1b-style training (value_and_grad + optax.adam in one step) on batches of varying length:
   per-step losses of the bucketed step vs jax.jit's, and compiles."""
@@ -138,14 +169,17 @@ def main():
   ap.add_argument("--lengths", type=int, default=40)
   ap.add_argument("--kernels", default="auto", choices=["auto", "xla", "none"])
   ap.add_argument("--train-steps", type=int, default=20)
+  ap.add_argument("--memory-length", type=int, default=1000)
   args = ap.parse_args()
   kernels = None if args.kernels == "none" else args.kernels
+  memory_rows = memory(args.memory_length) if args.memory_length else None
   lengths, rows = run(args.lengths, kernels)
   training = train(args.train_steps) if args.train_steps else None
   dev = jax.devices()[0]
   out = dict(benchmark="buckets", device=str(dev.device_kind), platform=dev.platform,
              jax_version=jax.__version__, date=datetime.datetime.now().isoformat(timespec="seconds"),
              kernels=args.kernels, lengths=lengths, rows=rows, training=training,
+             memory=memory_rows,
              note="seconds = total wall time of all calls in order (compiles included); "
                   "jax.jit compiles once per distinct length, adaptive_jit once per pow2 bucket")
   os.makedirs(os.path.join(os.path.dirname(__file__), "results"), exist_ok=True)

@@ -76,8 +76,10 @@ def _seq_offsets(m, vtags) -> tuple | None:
         continue                          # batch-like: position-wise
       if pos >= nb + n_seq:               # the feature (head) dim
         return False
-      if n_seq != 1:
-        return False                      # one of several flattened query dims
+      if pos != nb:
+        # Query dims are flattened into the kernel's sequence outermost first (Gemma's
+        # ``BTKGH`` queries: t * G + g); only the outermost may be padded.
+        return False
       seq = c
     return seq
 
@@ -88,12 +90,17 @@ def _seq_offsets(m, vtags) -> tuple | None:
     return None
   if q is None and k is None:
     return None                           # nothing padded along the sequences: routed normally
-  return q, k
+  inner = 1
+  for size in m.q_sizes[1:]:
+    inner *= int(size)
+  return q, k, inner
 
 
 def _lengths(offsets, n):
+  """``(q_len, kv_len)`` in the kernel's flattened sequences."""
+  q, k, inner = offsets
   nn = jnp.asarray(n, jnp.int32)
-  return tuple(None if c is None else nn + c for c in offsets)
+  return (None if q is None else (nn + q) * inner, None if k is None else nn + k)
 
 
 def plan_attention(closed, vtags: dict) -> AttentionPlan | None:

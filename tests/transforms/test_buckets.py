@@ -202,3 +202,36 @@ def test_lm1b_like_training_through_buckets_matches_unbucketed():
   _close(sa[0], sb[0], rtol=2e-3)     # 3 adam steps: float32 reassociation accumulates
   info = bucketed.cache_info()
   assert info.compiles == 1 and info.bucket_fallbacks == 0, info
+
+
+def _gqa_logits(p, tok):
+  """Gemma's grouped-query spelling: queries [B,T,K,G,H], logits einsum('BTKGH,BSKH->BTKGS')."""
+  b, t = tok.shape
+  x = p["emb"][tok]
+  q = jnp.einsum("btd,dkgh->btkgh", x, p["wq"])
+  k = jnp.einsum("btd,dkh->btkh", x, p["wk"])
+  v = jnp.einsum("btd,dkh->btkh", x, p["wv"])
+  s = jnp.einsum("BTKGH,BSKH->BTKGS", q, k) * 0.25
+  causal = jnp.tril(jnp.ones((t, t), bool))
+  s = jnp.where(causal[None, :, None, None, :], s, -2.3e38)
+  o = jnp.einsum("BTKGS,BSKH->BTKGH", jax.nn.softmax(s, axis=-1), v).reshape(b, t, -1)
+  return o @ p["emb"][:, :o.shape[-1]].T
+
+
+def test_gqa_attention_on_kernel_with_true_lengths():
+  ks = jax.random.split(jax.random.key(3), 4)
+  p = dict(emb=jax.random.normal(ks[0], (32, 16)), wq=jax.random.normal(ks[1], (16, 2, 2, 4)) * 0.3,
+           wk=jax.random.normal(ks[2], (16, 2, 4)) * 0.3, wv=jax.random.normal(ks[3], (16, 2, 4)) * 0.3)
+  loss = lambda p, tok: jnp.mean(_gqa_logits(p, tok) ** 2)
+  n = 11
+  tok = jax.random.randint(jax.random.key(4), (2, n), 0, 32)
+  padded = jnp.concatenate([tok, jnp.full((2, 16 - n), 5, jnp.int32)], axis=1)
+  for fn in (_gqa_logits, jax.value_and_grad(loss)):
+    trace = lambda t: jax.make_jaxpr(fn)(p, jnp.zeros((2, t), jnp.int32))
+    prog = build_masked(trace(16), trace(12), 16, 12, [{}] * 4 + [{1: 0}], route_attention=True)
+    assert prog.routed == 1
+    outs = jax.jit(lambda n, *a: jax.core.eval_jaxpr(prog.closed.jaxpr, prog.closed.consts, n, *a))(
+        n, *jax.tree.leaves(p), padded)
+    want = jax.tree.leaves(jax.jit(fn)(p, tok))
+    got = [o[:, :n] if t else o for o, t in zip(outs, prog.out_tags)]
+    _close(got, want)
