@@ -7,7 +7,9 @@ structure holds the model (``_remat_graph``), plain ``jax.grad``'s default compi
 baseline), and a budget-independent candidate set: JAX's ``nothing_saveable`` / ``dots_saveable``
 applied per repeated layer (and per ``scan`` iteration), whole-function ``jax.checkpoint`` off
 CPU, the search's (``_remat_search``) cheapest segment trees at fixed fractions of the model's
-peak, and recompute-everything floors. Each is compiled once (``SCREEN_OPTIONS``, in parallel).
+peak, and recompute-everything floors. Each is compiled once (``SCREEN_OPTIONS``): a candidate's
+compile starts in a worker thread as soon as it is lowered, so the Python work (tracing, lowering,
+the tree search) overlaps XLA's compiles, and candidates that lower to the same program share one.
 A budget picks the least-cost candidate whose compiled temp bytes fit -- never one that does
 not -- so a larger budget never recomputes more, and a policy that would dominate a plan is
 itself in the set. If none fits, ``BudgetError`` names the smallest compiled temp bytes
@@ -40,15 +42,20 @@ from lepton_jax.transforms._remat_graph import (
     _balanced_cuts, _build_graph, _closure_graph, _closure_segments, _inline_eval, _is_inexact,
     _layer_cuts, _segments_from_cuts)
 from lepton_jax.transforms._remat_measure import (
-    Measured, compile_grad, compile_lowered, lower_grad, model_grad_memory)
+    Measured, compile_lowered, lower_grad, model_grad_memory)
 from lepton_jax.transforms._remat_search import _closure_method, _decisions, _node_solver, _TreeSearch
 from lepton_jax.transforms._remat_types import Candidate, CostModel, RematPlan, TensorDecision
 
 _API = "lj.remat_plan"
 _MAX_DEPTH = 2                    # nesting of segment trees (each level re-runs its range once more)
-_TREE_FRACTIONS = (0.25, 0.5, 0.75)  # model-peak targets (of plain grad's model) of tree candidates
+# Model-peak targets (of plain grad's model) of tree candidates. (A tree at 0.75 of the model peak
+# compiled to 0.95-1.4x plain grad's temp on all five CPU benchmark models and never was on the
+# compiled Pareto front: the calibrated trees below cover the upper budgets instead.)
+_TREE_FRACTIONS = (0.25, 0.5)
 _POLICIES = ("nothing_saveable", "dots_saveable")
-_POLICY_SEGMENTS = {"nothing_saveable": (2, 4), "dots_saveable": (4,)}  # balanced-segment counts
+# balanced-segment counts (dots_saveable over 3 segments: 0.73x temp at 0.997x FLOPs on the
+# benchmark's CNN, where the plan at budget 0.75 recomputed 1.14x without it)
+_POLICY_SEGMENTS = {"nothing_saveable": (2, 4), "dots_saveable": (3, 4)}
 _CALIBRATED_FRACTIONS = (0.45, 0.7, 0.9, 0.3, 0.6)  # compiled-temp targets of calibrated trees (in turn)
 _MAX_CALIBRATED = 3               # calibrated tree plans compiled (one parallel round)
 _FLOOR_TREES = 1                  # recompute-everything trees (the smallest peak)
@@ -148,22 +155,38 @@ class _Structure:
     g = self.g
     self.plain = _Option(("plain",), "no remat (plain jax.grad)", lambda: _apply(g, None, {}), 0.0, "none", "none")
     self.fns: dict = {("plain",): self.plain.build()}
-    self.base = compile_grad(self.fns[("plain",)], self.flat_specs, self.argnums, fast=True)
-    self.base_saved, _, model_base, _ = model_grad_memory(self.fns[("plain",)], self.flat_specs, self.argnums)
-    self.model_base = max(model_base, self.base_saved)
-    self.screened: dict = {("plain",): self.base}   # option key -> compiled Measured
+    self.screened: dict = {}                         # option key -> compiled Measured
+    self.pending: dict = {}                          # option key -> Future of a screening compile
+    self.programs: dict = {}                         # sha1 of the lowered program -> option key
     self.models: dict = {}                           # option key -> model_grad_memory(...)
     self.options: list | None = None                 # the candidate set, once built
     self.lock = threading.RLock()
+    # plain jax.grad compiles in a worker while its jaxpr model is computed here
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+      self.pool = pool
+      self._submit(self.plain)
+      self.base_saved, _, model_base, _ = model_grad_memory(self.fns[("plain",)], self.flat_specs, self.argnums)
+      self.base = self._result(self.plain)
+    self.pool = None
+    self.model_base = max(model_base, self.base_saved)
 
   # -------------------------------------------------------------- candidate set
 
   def candidates(self) -> list:
+    """The candidate set, each compiled. Python work (building, tracing and lowering candidates,
+    the tree search) runs here while earlier candidates compile in worker threads (XLA releases
+    the GIL): each candidate is submitted as soon as it is lowered."""
     with self.lock:
       if self.options is None:
-        opts = self._make_options()
-        self._screen(opts)
-        opts += self._calibrated_trees(opts)
+        with concurrent.futures.ThreadPoolExecutor(_COMPILE_THREADS) as pool:
+          self.pool = pool
+          try:
+            opts = self._make_options()
+            opts += self._calibrated_trees(opts)
+            for o in opts:
+              self._result(o)
+          finally:
+            self.pool = None
         self.options = opts
       return self.options
 
@@ -175,7 +198,7 @@ class _Structure:
     targets, not the caller's budget: the candidate set stays the same for every budget.
     """
     base = self.base.temp_bytes
-    trees = [(self.screened[o.key].temp_bytes, o.node.peak) for o in opts if o.key[0] == "tree" and o.node.peak > 0]
+    trees = [(self._result(o).temp_bytes, o.node.peak) for o in opts if o.key[0] == "tree" and o.node.peak > 0]
     if not trees:
       return []
     temps = [t for t, _ in trees]
@@ -191,19 +214,20 @@ class _Structure:
       if o is not None and o.key not in seen:
         seen.add(o.key)
         new.append(o)
+        self._submit(o)
       if len(new) >= _MAX_CALIBRATED:
         break
-    self._screen(new)
     return new
 
   def _make_options(self) -> list:
     g = self.g
     opts, seen = [], set()
 
-    def add(o):
+    def add(o):  # (compiling starts at once, in a worker)
       if o is not None and o.key not in seen:
         seen.add(o.key)
         opts.append(o)
+        self._submit(o)
     layers = _layer_cuts(g)
     for name in _POLICIES:
       if layers is not None or g.scans:  # JAX's policy per layer, as a user writes it
@@ -280,25 +304,43 @@ class _Structure:
         self.fns[opt.key] = opt.build()
       return self.fns[opt.key]
 
-  def _screen(self, opts: list) -> None:
-    """Screening compiles (``SCREEN_OPTIONS``) of ``opts``: lowered here, compiled in parallel."""
-    todo = [o for o in opts if o.key not in self.screened]
-    lowered = [lower_grad(self.fn(o), self.flat_specs, self.argnums) for o in todo]
-    if len(todo) > 1 and _COMPILE_THREADS > 1:
-      with concurrent.futures.ThreadPoolExecutor(min(len(todo), _COMPILE_THREADS)) as pool:
-        got = list(pool.map(lambda lo: compile_lowered(lo, fast=True), lowered))
+  def _submit(self, opt: _Option) -> None:
+    """Lowers ``opt`` here and starts its screening compile (``SCREEN_OPTIONS``) in ``self.pool``
+    (compiled here when there is none)."""
+    if opt.key in self.screened or opt.key in self.pending:
+      return
+    lowered = lower_grad(self.fn(opt), self.flat_specs, self.argnums)
+    # Candidates that lower to the same program (e.g. a recompute-everything floor and a tree
+    # that removes every residual) share one compile.
+    text = hashlib.sha1(lowered.as_text().encode()).hexdigest()
+    same = self.programs.get(text)
+    if same is not None:
+      if same in self.screened:
+        self.screened[opt.key] = self.screened[same]
+      else:
+        self.pending[opt.key] = self.pending[same]
+      return
+    self.programs[text] = opt.key
+    if self.pool is None:
+      self.screened[opt.key] = compile_lowered(lowered, fast=True)
     else:
-      got = [compile_lowered(lo, fast=True) for lo in lowered]
-    for o, m in zip(todo, got):
-      self.screened[o.key] = m
+      self.pending[opt.key] = self.pool.submit(compile_lowered, lowered, True)
+
+  def _result(self, opt: _Option) -> Measured:
+    """The compiled figures of a submitted ``opt`` (waits for its compile)."""
+    if opt.key not in self.screened:
+      fut = self.pending.pop(opt.key, None)  # (a Future may be shared by equal programs)
+      if fut is None:
+        self._submit(opt)
+      else:
+        self.screened[opt.key] = fut.result()
+    return self.screened[opt.key]
 
   def verified(self, opt: _Option) -> Measured:
     """The compiled figures of ``opt`` (see ``_remat_measure.SCREEN_OPTIONS``: the same temp bytes
     and FLOPs as the user's default ``jax.jit(jax.grad(...))``)."""
     with self.lock:
-      if opt.key not in self.screened:
-        self._screen([opt])
-      return self.screened[opt.key]
+      return self._result(opt)
 
   def model(self, opt: _Option):
     with self.lock:
