@@ -225,6 +225,17 @@ def _scores(cfg, q, kb, bias_tile, mask_tile, qidx, kidx, kv_padded):
   return s, keep
 
 
+def _bwd_probs(s, lse, keep, count):
+  """``exp(s - lse)`` for the backward, exact on a row whose every key is masked: such a row
+  averages over its ``count`` keys (all at MASK_VALUE), but its log-sum-exp ``MASK_VALUE +
+  log(count)`` rounds to MASK_VALUE in float32, which would make each probability 1."""
+  p = jnp.exp(s - lse)
+  if keep is None:
+    return p
+  dead = lse <= 0.5 * MASK_VALUE
+  return jnp.where(dead, jnp.where(s == MASK_VALUE, 1.0 / count, 0.0), p)
+
+
 def _fwd_kernel(q_ref, k_ref, v_ref, *refs, cfg: _Cfg, bq: int, bk: int, nk: int, kv_padded: bool):
   from jax.experimental import pallas as pl
   bias_ref, mask_ref, (o_ref, lse_ref) = _split_refs(refs, cfg)
@@ -282,7 +293,7 @@ def _bwd_dkv_kernel(q_ref, k_ref, v_ref, *refs, cfg: _Cfg, bq: int, bk: int, nq:
     bias_tile = bias_ref[qs, :] if bias_ref is not None else None
     mask_tile = mask_ref[qs, :] if mask_ref is not None else None
     s, keep = _scores(cfg, qb, kb, bias_tile, mask_tile, qidx, kidx, kv_padded)
-    p = jnp.exp(s - lse[:, None])
+    p = _bwd_probs(s, lse[:, None], keep, float(cfg.kv_len))
     dv = dv + dot_tn(p.astype(dob.dtype), dob)
     dpv = dot_nt(dob, vb)
     ds = p * (dpv - delta[:, None])
@@ -320,7 +331,7 @@ def _bwd_dq_kernel(q_ref, k_ref, v_ref, *refs, cfg: _Cfg, bq: int, bk: int, nk: 
     bias_tile = bias_ref[:, ks] if bias_ref is not None else None
     mask_tile = mask_ref[:, ks] if mask_ref is not None else None
     s, keep = _scores(cfg, qb, kb, bias_tile, mask_tile, qidx, kidx, kv_padded)
-    p = jnp.exp(s - lse[:, None])
+    p = _bwd_probs(s, lse[:, None], keep, float(cfg.kv_len))
     dpv = dot_nt(dob, vb)
     ds = p * (dpv - delta[:, None])
     if keep is not None:
@@ -641,7 +652,7 @@ def _tpu_dkv_kernel(q_ref, k_ref, v_ref, *refs, cfg, bq, bk, nq, kv_padded):
   def step():
     qb, kb, vb, dob = q_ref[...], k_ref[...], v_ref[...], do_ref[...]
     s, keep = _tpu_scores(cfg, qb, kb, bias_ref, mask_ref, i, j, bq, bk, kv_padded)
-    p = jnp.exp(s - _col0(lse_ref[...]))
+    p = _bwd_probs(s, _col0(lse_ref[...]), keep, float(cfg.kv_len))
     dv_sc[...] += dot_tn(p.astype(dob.dtype), dob)
     ds = p * (dot_nt(dob, vb) - _col0(delta_ref[...]))
     if keep is not None:
@@ -673,7 +684,7 @@ def _tpu_dq_kernel(q_ref, k_ref, v_ref, *refs, cfg, bq, bk, nk, kv_padded):
   def step():
     qb, kb, vb, dob = q_ref[...], k_ref[...], v_ref[...], do_ref[...]
     s, keep = _tpu_scores(cfg, qb, kb, bias_ref, mask_ref, i, j, bq, bk, kv_padded)
-    p = jnp.exp(s - _col0(lse_ref[...]))
+    p = _bwd_probs(s, _col0(lse_ref[...]), keep, float(cfg.kv_len))
     ds = p * (dot_nt(dob, vb) - _col0(delta_ref[...]))
     if keep is not None:
       ds = jnp.where(keep, ds, 0.0)
@@ -938,15 +949,8 @@ def _xla_bwd(cfg: _Cfg, q, k, v, bias, mask, o, lse, do, kvl=None):
     delta_i = lax.dynamic_slice_in_dim(delta, i * bq, bq, axis=3)
     s, keep = _xla_scores(cfg, qi, kj, _xla_tile(bg, i, j, bq, bk), _xla_tile(mg, i, j, bq, bk),
                           i, j, bq, bk, kv_padded, kvl)
-    p = jnp.exp(s - lse_i[..., None])
-    if keep is not None:
-      # A row whose every key is masked averages over the (valid) keys, all at MASK_VALUE; its
-      # log-sum-exp ``MASK_VALUE + log(count)`` rounds to MASK_VALUE in float32, so the line above
-      # gives 1 instead of 1 / count there: use the exact value.
-      count = (jnp.asarray(cfg.kv_len, jnp.float32) if kvl is None
-               else jnp.asarray(kvl, jnp.float32))
-      dead = (lse_i <= 0.5 * MASK_VALUE)[..., None]
-      p = jnp.where(dead, jnp.where(s == MASK_VALUE, 1.0 / count, 0.0), p)
+    p = _bwd_probs(s, lse_i[..., None], keep,
+                   float(cfg.kv_len) if kvl is None else jnp.asarray(kvl, jnp.float32))
     dpv = jnp.einsum("bkgqd,bksd->bkgqs", doi, vj, preferred_element_type=jnp.float32)
     ds = p * (dpv - delta_i[..., None])
     if keep is not None:
