@@ -147,15 +147,16 @@ def test_weights_reaching_dots_through_scan_xs_consts_and_cond():
   q = lj.quantize(f, weights="int8")
   got = jax.jit(q)(p, x)
   # reference: every layer slice / the shared weight quantized on its own, then plain float JAX
-  ref_q = f({"ws": jnp.stack([_fake_quant(w) for w in p["ws"]]), "w": _fake_quant(p["w"])}, x)
+  f_jit = jax.jit(f)
+  ref_q = f_jit({"ws": jnp.stack([_fake_quant(w) for w in p["ws"]]), "w": _fake_quant(p["w"])}, x)
   np.testing.assert_allclose(np.asarray(got), np.asarray(ref_q), rtol=2e-4, atol=2e-5)
-  assert 0 < _rel(f(p, x), got) < 3e-2
+  assert 0 < _rel(f_jit(p, x), got) < 3e-2
   rep = q.explain(p, x)
   assert {w.path: w.uses for w in rep.weights} == {"['ws']": 1, "['w']": 3}  # scan body, scan body + 2 branches
   frozen = lj.quantize.freeze(p)  # packed leaves enter the loop dequantized and are used as they are
   np.testing.assert_allclose(np.asarray(jax.jit(q)(frozen, x)),
-                             np.asarray(f(jax.tree.map(lambda a: a.dequantize(), frozen,
-                                                       is_leaf=lambda a: hasattr(a, "dequantize")), x)),
+                             np.asarray(f_jit(jax.tree.map(lambda a: a.dequantize(), frozen,
+                                                           is_leaf=lambda a: hasattr(a, "dequantize")), x)),
                              rtol=2e-4, atol=2e-5)
 
 
