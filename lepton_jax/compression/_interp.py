@@ -22,7 +22,7 @@ from typing import Any
 
 import jax
 
-from lepton_jax.jaxpr._compat import DropVar, Literal
+from lepton_jax.jaxpr._compat import DropVar, Literal, scan_counts
 from lepton_jax.jaxpr._driver import map_subjaxprs
 from lepton_jax.jaxpr._eval import bind_eqn, in_specs
 from lepton_jax.jaxpr._registry import as_closed, primitive_info, sub_jaxprs, subjaxpr_params
@@ -148,7 +148,7 @@ def _sources(eqn, key: str, n: int) -> list:
   iteration slice for ``scan`` xs), or ``None`` (loop carries)."""
   p, name = eqn.params, eqn.primitive.name
   if name == "scan":
-    nc, nk = p["num_consts"], p["num_carry"]
+    nc, nk = scan_counts(p)  # jax 0.10 num_consts/num_carry, jax 0.11 ft_in
     return [None if nc <= i < nc + nk else i for i in range(n)]
   if name == "while":
     cn, bn = p["cond_nconsts"], p["body_nconsts"]
