@@ -45,6 +45,21 @@ def _models():
   }
 
 
+def _gemma_like():
+  """Flax-examples/gemma-shaped tiny LM (grouped-query attention in Gemma's einsum spelling)."""
+  from flax import nnx
+  from benchmarks._gemma_like import GemmaLike, GemmaLikeConfig
+  cfg = GemmaLikeConfig(vocab=F.VOCAB, d=32, heads=4, kv_heads=2, head_dim=8, hidden=64, layers=2)
+  graphdef, state = nnx.split(GemmaLike(cfg, nnx.Rngs(0)))
+  logits = lambda st, tok: nnx.merge(graphdef, st)(tok)
+
+  def loss(st, tok):
+    lg = logits(st, tok)[:, :-1]
+    return -jnp.take_along_axis(jax.nn.log_softmax(lg), tok[:, 1:, None], -1).mean()
+
+  return state, logits, loss
+
+
 def _rel(a, b):
   errs = [float(np.max(np.abs(np.asarray(x, np.float64) - np.asarray(y, np.float64)))
                 / max(1e-12, float(np.max(np.abs(np.asarray(y, np.float64))))))
@@ -99,7 +114,8 @@ def memory(length: int, seed: int = 2):
   tok = jnp.asarray(tok, jnp.int32)
   rows = []
   spec = {"argnum": 1, "axis": 1, "sizes": "pow2"}
-  for name, (params, fwd, loss) in _models().items():
+  models = dict(_models(), gemma_like_gqa=_gemma_like())
+  for name, (params, fwd, loss) in models.items():
     for form, fn in (("forward", fwd), ("value_and_grad", jax.value_and_grad(loss))):
       with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -170,23 +186,34 @@ def main():
   ap.add_argument("--kernels", default="auto", choices=["auto", "xla", "none"])
   ap.add_argument("--train-steps", type=int, default=20)
   ap.add_argument("--memory-length", type=int, default=1000)
+  ap.add_argument("--only-memory", action="store_true",
+                  help="measure only the compiled-memory rows and update them in the existing JSON")
   args = ap.parse_args()
   kernels = None if args.kernels == "none" else args.kernels
-  memory_rows = memory(args.memory_length) if args.memory_length else None
-  lengths, rows = run(args.lengths, kernels)
-  training = train(args.train_steps) if args.train_steps else None
   dev = jax.devices()[0]
-  out = dict(benchmark="buckets", device=str(dev.device_kind), platform=dev.platform,
-             jax_version=jax.__version__, date=datetime.datetime.now().isoformat(timespec="seconds"),
-             kernels=args.kernels, lengths=lengths, rows=rows, training=training,
-             memory=memory_rows,
-             note="seconds = total wall time of all calls in order (compiles included); "
-                  "jax.jit compiles once per distinct length, adaptive_jit once per pow2 bucket")
   os.makedirs(os.path.join(os.path.dirname(__file__), "results"), exist_ok=True)
   path = os.path.join(os.path.dirname(__file__), "results",
                       f"buckets_{dev.platform}.json")
-  with open(path, "w") as f:
+  memory_rows = memory(args.memory_length) if args.memory_length else None
+  stamp = dict(device=str(dev.device_kind), platform=dev.platform, jax_version=jax.__version__,
+               date=datetime.datetime.now().isoformat(timespec="seconds"))
+  if args.only_memory:
+    with open(path) as f:
+      out = json.load(f)
+    out["memory"] = memory_rows
+    out["memory_measured"] = stamp
+  else:
+    lengths, rows = run(args.lengths, kernels)
+    training = train(args.train_steps) if args.train_steps else None
+    out = dict(benchmark="buckets", **stamp, kernels=args.kernels, lengths=lengths, rows=rows,
+               training=training, memory=memory_rows, memory_measured=stamp,
+               note="seconds = total wall time of all calls in order (compiles included); "
+                    "jax.jit compiles once per distinct length, adaptive_jit once per pow2 "
+                    "bucket; memory = XLA temp bytes of the program run at memory_length")
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
     json.dump(out, f, indent=1)
+  os.replace(tmp, path)
   print("wrote", path)
 
 

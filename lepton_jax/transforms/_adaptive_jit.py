@@ -24,7 +24,7 @@ from lepton_jax._utils import format_bytes
 from lepton_jax._nnx import is_graph_node as _is_graph_node
 from lepton_jax.transforms import _buckets
 from lepton_jax.jaxpr._driver import Rewrite, count_eqns
-from lepton_jax.transforms.passes._pipeline import normalize_passes, run_pipeline
+from lepton_jax.transforms.passes._pipeline import compile_both, normalize_passes, run_pipeline
 
 __all__ = ["adaptive_jit", "AdaptiveJitted", "CacheInfo", "ExplainReport"]
 
@@ -519,8 +519,9 @@ class AdaptiveJitted:
       return masked
     with warnings.catch_warnings():
       warnings.simplefilter("ignore")
-      rm = run_pipeline(masked.closed, self._passes, kernels=self._kernels, figures=True)
-      rr = run_pipeline(routed.closed, self._passes, kernels=self._kernels, figures=True)
+      rm, rr = compile_both(
+          lambda c: run_pipeline(c, self._passes, kernels=self._kernels, figures=True),
+          masked.closed, routed.closed)
     fm, fr = rm.figures, rr.figures
     if fm is None or fr is None:
       masked.pipelined = rm

@@ -7,6 +7,7 @@ given order. A list entry is a pass name or ``(name, {option: value})``, e.g.
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 from typing import Any, Callable, Sequence
 
@@ -22,7 +23,7 @@ from lepton_jax.transforms.passes._route_kernels import route_kernels
 from lepton_jax.transforms.passes._simplify import simplify
 
 __all__ = ["PASSES", "DEFAULT_PASSES", "normalize_passes", "run_passes", "run_pipeline",
-           "PipelineResult", "pass_gains"]
+           "PipelineResult", "pass_gains", "compile_both"]
 
 PassFn = Callable[..., tuple[core.ClosedJaxpr, list[Rewrite]]]
 
@@ -128,6 +129,15 @@ class PipelineResult:
     return iter((self.closed, self.records))
 
 
+def compile_both(fn, a, b):
+  """``(fn(a), fn(b))``, the two run in parallel threads (XLA compiles release the GIL, so the
+  two candidates of a compiled decision cost about one compile's wall time on two cores)."""
+  with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
+    fa = pool.submit(fn, a)
+    fb = pool.submit(fn, b)
+    return fa.result(), fb.result()
+
+
 def run_pipeline(closed: core.ClosedJaxpr, passes: tuple[tuple[str, tuple], ...], *,
                  kernels: str | None = "auto", figures: bool = False) -> PipelineResult:
   """:func:`run_passes`, with kernel routing kept only if the compiled program is not worse.
@@ -153,7 +163,7 @@ def run_pipeline(closed: core.ClosedJaxpr, passes: tuple[tuple[str, tuple], ...]
     fig = compiled_figures(new) if figures and not traced_consts else None
     return PipelineResult(new, records + routed_records, fig)
   plain, plain_records = run_passes(start, passes[cut:], kernels=None)
-  routed_fig, plain_fig = compiled_figures(new), compiled_figures(plain)
+  routed_fig, plain_fig = compile_both(compiled_figures, new, plain)
   if routed_fig.temp_bytes > plain_fig.temp_bytes:
     tried = sorted({r.pattern for r in routed_records if r.pass_name == "route_kernels"})
     note = Rewrite("route_kernels", "rejected_by_compiled_memory",

@@ -644,8 +644,11 @@ def _judge(closed, j: _Joint, kernels: str) -> str | None:
 
   specs = [jax.ShapeDtypeStruct(a.aval.shape, a.aval.dtype) for a in uniq]
   try:
-    with jax.ensure_compile_time_eval():
-      fo, fk = figures_of(original, *specs), figures_of(kernel, *specs)
+    def figures(f):
+      with jax.ensure_compile_time_eval():
+        return figures_of(f, *specs)
+    from lepton_jax.transforms.passes._pipeline import compile_both
+    fo, fk = compile_both(figures, original, kernel)
   except Exception as e:
     verdict = f"not compiled ({type(e).__name__})"
   else:
