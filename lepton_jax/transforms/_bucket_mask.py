@@ -659,11 +659,14 @@ def _var_tags(walk: "_Walk", jP, jL) -> dict:
 
 
 def build_masked(closedP, closedL, P: int, L: int, in_tags: Sequence[Tags], *,
-                 route_attention: bool = False) -> MaskedProgram | None:
+                 route_attention: bool | str = False) -> MaskedProgram | None:
   """Builds the masked program of the bucket ``P`` from the traces at ``P`` and at ``L``.
 
   ``in_tags[i]`` gives the padded dimensions of input ``i`` (``{axis: 0}`` for the bucketed
   argument's leaves, ``{}`` otherwise). Raises :class:`UnsafeBucketing` with the reason.
+  ``route_attention``: build instead the program whose attentions run on the kernel with the
+  true lengths (see :mod:`._bucket_route`; ``"single_block"`` also routes attentions that fit
+  one kernel block); ``None`` when there is no such attention.
 
   >>> import jax, jax.numpy as jnp
   >>> f = lambda x: (x * 2).mean()
@@ -690,7 +693,8 @@ def build_masked(closedP, closedL, P: int, L: int, in_tags: Sequence[Tags], *,
       vtags = _var_tags(_Walk(P, L, None), closedP.jaxpr, closedL.jaxpr)
     except UnsafeBucketing:
       return None
-    plan = _bucket_route.plan_attention(closedP, vtags)
+    plan = _bucket_route.plan_attention(closedP, vtags,
+                                        single_block=route_attention == "single_block")
     if plan is None:
       return None
     plan.vtags = vtags

@@ -29,6 +29,7 @@ import jax.numpy as jnp
 from lepton_jax.jaxpr import _compat as core
 from lepton_jax.jaxpr._defuse import DefUse
 from lepton_jax.jaxpr._driver import inline_calls, known_consts
+from lepton_jax.pallas_kernels._attention import BlockSizes
 from lepton_jax.transforms.passes._dce import dce
 from lepton_jax.transforms.passes import _route_joint as rj
 from lepton_jax.transforms.passes import _route_kernels as rk
@@ -96,6 +97,17 @@ def _seq_offsets(m, vtags) -> tuple | None:
   return q, k, inner
 
 
+def _one_block(m) -> bool:
+  """Whether the blockwise kernel would hold the whole score matrix as one block anyway (its
+  default XLA blocks cover the sequences): then it cannot need less memory than the masked
+  program, only more time, and is not tried."""
+  tq = 1
+  for size in m.q_sizes:
+    tq *= int(size)
+  bs = BlockSizes.get_default(q_len=tq, kv_len=int(m.kv_len), impl="xla", head_dim=m.head_dim)
+  return tq <= bs.block_q and int(m.kv_len) <= bs.block_k
+
+
 def _lengths(offsets, n):
   """``(q_len, kv_len)`` in the kernel's flattened sequences."""
   q, k, inner = offsets
@@ -103,10 +115,11 @@ def _lengths(offsets, n):
   return (None if q is None else (nn + q) * inner, None if k is None else nn + k)
 
 
-def plan_attention(closed, vtags: dict) -> AttentionPlan | None:
+def plan_attention(closed, vtags: dict, *, single_block: bool = False) -> AttentionPlan | None:
   """The attentions of ``closed``'s top level (the trace at the bucket size, nested jit calls
   inlined) that the walk can compute with ``attention_valid_lengths``; ``vtags`` gives each
-  variable's padded dims (``{dim: offset}``)."""
+  variable's padded dims (``{dim: offset}``). Attentions that fit one kernel block are skipped
+  unless ``single_block`` (exactness tests at small sizes)."""
   jaxpr = closed.jaxpr
   du = DefUse(jaxpr)
   replace: dict = {}
@@ -121,7 +134,7 @@ def plan_attention(closed, vtags: dict) -> AttentionPlan | None:
   for jf in found:
     m = jf.match
     offsets = _seq_offsets(m, vtags)
-    if offsets is None or (set(jf.eqns) | set(jf.pre)) & used:
+    if offsets is None or (_one_block(m) and not single_block) or (set(jf.eqns) | set(jf.pre)) & used:
       continue
     j = None
     for cand in rj._regions(jaxpr, du, jf, known, closed):
@@ -163,7 +176,7 @@ def plan_attention(closed, vtags: dict) -> AttentionPlan | None:
     if set(m.eqns) & used or rk._has_residuals(jaxpr, du, m.d2, set(m.eqns)):
       continue
     offsets = _seq_offsets(m, vtags)
-    if offsets is None:
+    if offsets is None or (_one_block(m) and not single_block):
       continue
 
     def fwd_only(read, n, m=m, offsets=offsets):

@@ -74,7 +74,7 @@ def test_nan_and_inf_in_padding_never_leak(route):
   x = jax.random.normal(jax.random.key(1), (2, 5, 8))
   prog = build_masked(jax.make_jaxpr(vg_fn)(w, jnp.zeros((2, 8, 8))),
                       jax.make_jaxpr(vg_fn)(w, jnp.zeros((2, 6, 8))), 8, 6, [{}, {1: 0}],
-                      route_attention=route)
+                      route_attention="single_block" if route else False)
   assert prog.routed == (1 if route else 0)
   want = jax.jit(vg_fn)(w, x)
   for fill in (np.nan, np.inf, -np.inf):
@@ -228,7 +228,8 @@ def test_gqa_attention_on_kernel_with_true_lengths():
   padded = jnp.concatenate([tok, jnp.full((2, 16 - n), 5, jnp.int32)], axis=1)
   for fn in (_gqa_logits, jax.value_and_grad(loss)):
     trace = lambda t: jax.make_jaxpr(fn)(p, jnp.zeros((2, t), jnp.int32))
-    prog = build_masked(trace(16), trace(12), 16, 12, [{}] * 4 + [{1: 0}], route_attention=True)
+    prog = build_masked(trace(16), trace(12), 16, 12, [{}] * 4 + [{1: 0}],
+                        route_attention="single_block")
     assert prog.routed == 1
     outs = jax.jit(lambda n, *a: jax.core.eval_jaxpr(prog.closed.jaxpr, prog.closed.consts, n, *a))(
         n, *jax.tree.leaves(p), padded)
