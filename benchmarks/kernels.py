@@ -1,6 +1,7 @@
 """Benchmark lepton_jax.pallas_kernels against plain JAX / XLA (and cuDNN on GPU).
 
-For each kernel: median wall time of repeated runs (forward, and forward+backward),
+For each kernel: median wall time of repeated runs, interleaved across the implementations
+(forward, and forward+backward),
 TFLOP/s from an analytic FLOP count, compiled temp memory
 (``compiled.memory_analysis().temp_size_in_bytes``), and the ratio to the plain-JAX
 baseline measured in the same run. JSON goes to
@@ -32,20 +33,6 @@ from lepton_jax import pallas_kernels as lpk
 from lepton_jax.jaxpr._compiled import read_compiled
 
 
-def _times(f, args, repeats):
-  jax.block_until_ready(f(*args))
-  ts = []
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    jax.block_until_ready(f(*args))
-    ts.append(time.perf_counter() - t0)
-  return ts
-
-
-def _median_time(f, args, repeats):
-  return statistics.median(_times(f, args, repeats))
-
-
 def _temp_bytes(f, args):
   try:
     return int(read_compiled(f.lower(*args).compile()).temp_bytes)
@@ -75,25 +62,57 @@ def _ops_signature(f, args):
   return hashlib.sha1("\n".join(sorted(out)).encode()).hexdigest()
 
 
-def _measure(name, impl, fn, args, flops, repeats, grad_argnums):
-  row = {"kernel": name, "impl": impl}
-  try:
-    f = jax.jit(fn)
-    ts = _times(f, args, repeats)
+def _interleaved(fns, args, repeats):
+  """Per function, ``repeats`` wall times taken in turn (one run of each, repeated), so a change
+  in the machine's load hits every implementation alike. ``None`` entries are skipped."""
+  for f in fns:
+    if f is not None:
+      jax.block_until_ready(f(*args))     # compile + warm up
+  out = [[] for _ in fns]
+  for _ in range(repeats):
+    for i, f in enumerate(fns):
+      if f is None:
+        continue
+      t0 = time.perf_counter()
+      jax.block_until_ready(f(*args))
+      out[i].append(time.perf_counter() - t0)
+  return out
+
+
+def _measure_case(name, impls, args, flops, repeats, grad_argnums):
+  """Rows for every implementation of one case, forward and forward+backward timed interleaved."""
+  rows, fwd, bwd = [], [], []
+  for impl, fn in impls:
+    row = {"kernel": name, "impl": impl}
+    try:
+      f = jax.jit(fn)
+      jax.block_until_ready(f(*args))
+      g = None
+      if grad_argnums is not None:
+        g = jax.jit(jax.grad(lambda *a, fn=fn: fn(*a).astype(jnp.float32).sum(), argnums=grad_argnums))
+        jax.block_until_ready(g(*args))
+    except Exception as e:  # keep going: report the failure in the table / JSON
+      row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+      f = g = None
+    rows.append(row)
+    fwd.append(f)
+    bwd.append(g)
+  for row, f, ts in zip(rows, fwd, _interleaved(fwd, args, repeats)):
+    if f is None:
+      continue
     row["fwd_s"], row["fwd_min_s"] = statistics.median(ts), min(ts)
     row["fwd_tflops"] = flops / row["fwd_s"] / 1e12
     row["fwd_temp_bytes"] = _temp_bytes(f, args)
     row["fwd_ops_signature"] = _ops_signature(f, args)
-    if grad_argnums is not None:
-      g = jax.jit(jax.grad(lambda *a: fn(*a).astype(jnp.float32).sum(), argnums=grad_argnums))
-      ts = _times(g, args, repeats)
+  if grad_argnums is not None:
+    for row, g, ts in zip(rows, bwd, _interleaved(bwd, args, repeats)):
+      if g is None:
+        continue
       row["fwd_bwd_s"], row["fwd_bwd_min_s"] = statistics.median(ts), min(ts)
       row["fwd_bwd_tflops"] = 3.5 * flops / row["fwd_bwd_s"] / 1e12  # bwd ~2.5x fwd flops
       row["fwd_bwd_temp_bytes"] = _temp_bytes(g, args)
       row["fwd_bwd_ops_signature"] = _ops_signature(g, args)
-  except Exception as e:  # keep going: report the failure in the table / JSON
-    row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
-  return row
+  return rows
 
 
 def _cases(small: bool, on_gpu: bool, dtype):
@@ -185,11 +204,10 @@ def main(argv=None):
   print(header)
   print("-" * len(header))
   for name, cargs, flops, argnums, base, ours in _cases(args.small, on_gpu, dtype):
-    rows = []
-    for impl, fn in list(base.items()) + list(ours.items()):
-      row = _measure(name, impl, fn, cargs, flops, repeats, argnums)
-      row["baseline"] = impl in base
-      rows.append(row)
+    rows = _measure_case(name, list(base.items()) + list(ours.items()), cargs, flops, repeats,
+                         argnums)
+    for row in rows:
+      row["baseline"] = row["impl"] in base
     ref = next((r for r in rows if r["baseline"] and "fwd_s" in r), None)
     for r in rows:
       if ref is not None and "fwd_s" in r:
