@@ -56,7 +56,8 @@ def _region(f: Callable, policy, form: str) -> Callable:
   def fwd(*vals):
     out, pullback = jax.vjp(ck, *vals)
     # (dtypes as empty arrays: residuals must be JAX types)
-    return out, (pullback, [(np.shape(v), _is_float(v), np.zeros((0,), jnp.result_type(v))) for v in vals])
+    return out, (pullback, [(np.shape(v), _is_float(v), np.zeros((0,), jnp.result_type(v)) if _is_float(v) else None)
+                           for v in vals])
 
   def bwd(res, ct):
     pullback, meta = res
