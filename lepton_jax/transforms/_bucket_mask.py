@@ -29,7 +29,7 @@ trace, no compile); the compiled program is shared by every length in the bucket
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -277,7 +277,8 @@ class _Walk:
       if plan is not None and idx in plan.skip:
         continue
       if plan is not None and idx in plan.replace:
-        res = plan.replace[idx](lambda a: read(a, a, eP)[0], self.n)
+        plan.n = self.n
+        res = plan.replace[idx](lambda a: read(a, a, eP)[0])
         if isinstance(res, dict):   # a joint backward: the region's outputs
           for v, x in res.items():
             env[v] = x
@@ -520,7 +521,7 @@ class _Walk:
   def _scatter_family(self, eP, eL, ins, itags, otags):
     name = eP.primitive.name
     dn = eP.params["dimension_numbers"]
-    operand_t, idx_t, upd_t = itags[0], itags[1], itags[2]
+    operand_t, upd_t = itags[0], itags[2]
     batching = set(getattr(dn, "operand_batching_dims", ()))
     for d in operand_t:
       window = d not in dn.inserted_window_dims and d not in dn.scatter_dims_to_operand_dims

@@ -21,9 +21,8 @@ by the caller on the compiled program.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from typing import Any
 
-import jax
 import jax.numpy as jnp
 
 from lepton_jax.jaxpr import _compat as core
@@ -42,16 +41,18 @@ class AttentionPlan:
   """Equations of one jaxpr level the walk computes with the kernel instead.
 
   Attributes:
-    replace: eqn index -> ``fn(read, n) -> list of outputs`` (an equation's outputs) or ``{var:
+    replace: eqn index -> ``fn(read) -> list of outputs`` (an equation's outputs) or ``{var:
       value}`` (a joint backward writing the region's outputs).
     skip: eqn indices not evaluated (their values are only read by the replaced equations).
     routed: how many attentions (forward-only or forward + backward).
     vtags: each top-level variable's padded dims (set by the caller).
+    n: the true length (a traced int32 scalar), set by the walk before it evaluates.
   """
   replace: dict
   skip: set
   routed: int
   vtags: dict = dataclasses.field(default_factory=dict)
+  n: Any = None
 
 
 def prepare(closed):
@@ -119,58 +120,38 @@ def plan_attention(closed, vtags: dict, *, single_block: bool = False) -> Attent
   """The attentions of ``closed``'s top level (the trace at the bucket size, nested jit calls
   inlined) that the walk can compute with ``attention_valid_lengths``; ``vtags`` gives each
   variable's padded dims (``{dim: offset}``). Attentions that fit one kernel block are skipped
-  unless ``single_block`` (exactness tests at small sizes)."""
+  unless ``single_block`` (exactness tests at small sizes). The walk sets ``plan.n`` (the traced
+  true length) before evaluating the replacements."""
   jaxpr = closed.jaxpr
   du = DefUse(jaxpr)
-  replace: dict = {}
-  skip: set = set()
+  plan = AttentionPlan({}, set(), 0)
   used: set = set()
-  routed = 0
+
+  def kernel(m, offsets):
+    return lambda read: rk._attention_replacement(m, "xla", lengths=_lengths(offsets, plan.n))
+
   # Gradients: forward + backward together (the router's joint identification, at size P).
   found = rj.attention_forwards(closed, du, match_fn=rk._match_attention, no_match=rk._NoMatch,
                                 replacement_fn=rk._attention_replacement, kernels="xla")
   known = known_consts(closed)
   consts = rj._consts_of(jaxpr)
   for jf in found:
-    m = jf.match
-    offsets = _seq_offsets(m, vtags)
-    if offsets is None or (_one_block(m) and not single_block) or (set(jf.eqns) | set(jf.pre)) & used:
+    offsets = _seq_offsets(jf.match, vtags)
+    if offsets is None or (_one_block(jf.match) and not single_block) or \
+        (set(jf.eqns) | set(jf.pre)) & used:
       continue
-    j = None
-    for cand in rj._regions(jaxpr, du, jf, known, closed):
-      if isinstance(cand.do, core.Literal):
-        continue                          # a literal cotangent may depend on the length
-      if rj._identify(closed, du, cand, rj._IDENT_CACHE) is None and \
-          not (cand.fwd | set(cand.bwd)) & used:
-        j = cand
-        break
+    # A literal cotangent may depend on the length (the walk reads values, not literals).
+    j = rj.identified_region(closed, du, jf, known, used,
+                             accept=lambda cand: not isinstance(cand.do, core.Literal))
     if j is None:
       continue
     used |= j.fwd | set(j.bwd)
-    cell: dict = {}
-    root_dtype = jaxpr.eqns[jf.root].outvars[0].aval.dtype
-
-    def fwd_fn(read, n, jf=jf, m=m, j=j, cell=cell, offsets=offsets):
-      repl = rk._attention_replacement(m, "xla", lengths=_lengths(offsets, n))
-      ins = [None if a is None else read(a) for a in jf.inputs]
-      o, cell["vjp"] = rj._kernel_fwd(repl, ins, j.combos[0][0])
-      return [o]
-
-    def bwd_fn(read, n, j=j, cell=cell, root_dtype=root_dtype):
-      cts = cell["vjp"](read(j.do).astype(root_dtype))
-      out = {}
-      for ys, (_, combo) in zip(j.outputs, j.combos):
-        out[ys[0]] = sum(cts[i] for i in combo).astype(ys[0].aval.dtype)
-        for y in ys[1:]:
-          out[y] = jnp.zeros(y.aval.shape, y.aval.dtype)
-      return out
-
-    first_out = min(du.producer(y) for ys in j.outputs for y in ys)
-    replace[jf.root] = fwd_fn
-    replace[first_out] = bwd_fn
-    skip |= {i for i in set(jf.eqns) - {jf.root}
-             if not any(v in consts for v in jaxpr.eqns[i].outvars)} | (set(j.bwd) - {first_out})
-    routed += 1
+    fwd_fn, bwd_fn, first_out, skip = rj.joint_replacements(jaxpr, du, j, consts,
+                                                            kernel(jf.match, offsets))
+    plan.replace[jf.root] = fwd_fn
+    plan.replace[first_out] = bwd_fn
+    plan.skip |= skip
+    plan.routed += 1
   # Forward programs: attentions whose intermediates nothing else reads.
   for m in rk.find_attention(closed):
     if set(m.eqns) & used or rk._has_residuals(jaxpr, du, m.d2, set(m.eqns)):
@@ -179,17 +160,14 @@ def plan_attention(closed, vtags: dict, *, single_block: bool = False) -> Attent
     if offsets is None or (_one_block(m) and not single_block):
       continue
 
-    def fwd_only(read, n, m=m, offsets=offsets):
-      repl = rk._attention_replacement(m, "xla", lengths=_lengths(offsets, n))
-      return [repl(read(m.q), read(m.k), read(m.v),
-                   None if m.bias is None else read(m.bias),
-                   None if m.mask is None else read(m.mask),
-                   None if m.mask2 is None else read(m.mask2))]
+    def fwd_only(read, m=m, make=kernel(m, offsets)):
+      return [make(read)(read(m.q), read(m.k), read(m.v),
+                         None if m.bias is None else read(m.bias),
+                         None if m.mask is None else read(m.mask),
+                         None if m.mask2 is None else read(m.mask2))]
 
-    replace[m.d2] = fwd_only
-    skip |= set(m.eqns) - {m.d2}
+    plan.replace[m.d2] = fwd_only
+    plan.skip |= set(m.eqns) - {m.d2}
     used |= set(m.eqns)
-    routed += 1
-  if not routed:
-    return None
-  return AttentionPlan(replace, skip, routed)
+    plan.routed += 1
+  return plan if plan.routed else None

@@ -166,17 +166,14 @@ def test_routing_that_would_grow_compiled_memory_is_rejected(monkeypatch):
   """A routed program that compiles larger than the unrouted one is not applied."""
   from lepton_jax.jaxpr import _compiled
   from lepton_jax.transforms.passes import _pipeline
-  real = _compiled.compiled_figures
-  calls = []
+  real = _pipeline.compile_both
 
-  def fake(closed):   # the first figures asked for are the routed program's: make it "worse"
-    fig = real(closed)
-    calls.append(fig)
-    if len(calls) == 1:
-      return _compiled.CompiledFigures(fig.temp_bytes + 10**9, fig.argument_bytes,
-                                       fig.output_bytes, fig.flops)
-    return fig
-  monkeypatch.setattr(_pipeline, "compiled_figures", fake)
+  def fake(fn, routed, plain):   # the pipeline's decision: make the routed program "worse"
+    a, b = real(fn, routed, plain)
+    if fn is _pipeline.compiled_figures:
+      a = _compiled.CompiledFigures(a.temp_bytes + 10**9, a.argument_bytes, a.output_bytes, a.flops)
+    return a, b
+  monkeypatch.setattr(_pipeline, "compile_both", fake)
   q = jax.random.normal(jax.random.key(0), (2, 16, 2, 16))
   vg = jax.value_and_grad(lambda q: jnp.sum(jnp.tanh(_einsum_attn(q, q, q))))
   f = adaptive_jit(vg, kernels="xla")

@@ -57,6 +57,7 @@ from lepton_jax.jaxpr._driver import Rewrite, known_consts, location
 from lepton_jax.jaxpr._eval import eval_jaxpr, retrace
 
 __all__ = ["JointForward", "route_joint_level", "attention_forwards", "random_inputs",
+           "identified_region", "joint_replacements",
            "MAX_JOINT_ELEMENTS", "_clear_caches"]
 
 #: Largest value (elements) of a joint region that is checked numerically; bigger regions are
@@ -663,6 +664,48 @@ def _judge(closed, j: _Joint, kernels: str) -> str | None:
   return verdict
 
 
+def identified_region(closed, du: DefUse, jf: JointForward, known, used: set,
+                      accept: Callable = lambda cand: True):
+  """The first backward region of forward ``jf`` that the numeric identification accepts and that
+  shares no equation with ``used`` (and passes ``accept``), or None."""
+  for cand in _regions(closed.jaxpr, du, jf, known, closed):
+    if accept(cand) and _identify(closed, du, cand, _IDENT_CACHE) is None and \
+        not (cand.fwd | set(cand.bwd)) & used:
+      return cand
+  return None
+
+
+def joint_replacements(jaxpr, du: DefUse, j: _Joint, consts: set, kernel_for: Callable):
+  """``(fwd_fn, bwd_fn, first_out, skip)`` replacing an identified forward + backward region:
+  ``fwd_fn(read)`` computes the forward root with the kernel ``kernel_for(read)`` (called when the
+  program is evaluated) and keeps its VJP; ``bwd_fn(read)``, at the region's first output
+  equation ``first_out``, writes the region's outputs from the kernel's cotangents; ``skip`` are
+  the other region equations (forward equations computing constants stay: another part of the
+  program may share them, and dead ones go with the next dce)."""
+  jf = j.fwd_match
+  cell: dict = {}
+  root_dtype = jaxpr.eqns[jf.root].outvars[0].aval.dtype
+
+  def fwd_fn(read):
+    ins = [None if a is None else read(a) for a in jf.inputs]
+    o, cell["vjp"] = _kernel_fwd(kernel_for(read), ins, j.combos[0][0])
+    return [o]
+
+  def bwd_fn(read):
+    cts = cell["vjp"](read(j.do).astype(root_dtype))
+    out = {}
+    for ys, (_, combo) in zip(j.outputs, j.combos):
+      out[ys[0]] = sum(cts[n] for n in combo).astype(ys[0].aval.dtype)
+      for y in ys[1:]:
+        out[y] = jnp.zeros(y.aval.shape, y.aval.dtype)
+    return out
+
+  first_out = min(du.producer(y) for ys in j.outputs for y in ys)
+  skip = {i for i in set(jf.eqns) - {jf.root}
+          if not any(v in consts for v in jaxpr.eqns[i].outvars)} | (set(j.bwd) - {first_out})
+  return fwd_fn, bwd_fn, first_out, skip
+
+
 def route_joint_level(closed, path: str, records: list, *, forwards: Callable, kernels: str,
                       spot_check: bool = True):
   """Routes hotspot forward + backward pairs of one jaxpr level (see module doc).
@@ -682,11 +725,7 @@ def route_joint_level(closed, path: str, records: list, *, forwards: Callable, k
   for jf in found:
     if (set(jf.eqns) | set(jf.pre)) & used:
       continue
-    j = None
-    for cand in _regions(jaxpr, du, jf, known, closed):
-      if _identify(closed, du, cand, _IDENT_CACHE) is None and not (cand.fwd | set(cand.bwd)) & used:
-        j = cand
-        break
+    j = identified_region(closed, du, jf, known, used)
     if j is None:
       continue
     here = location(f"{path}{jf.root}", jaxpr.eqns[jf.root])
@@ -696,30 +735,11 @@ def route_joint_level(closed, path: str, records: list, *, forwards: Callable, k
         records.append(Rewrite("route_check", f"{jf.pattern}_kept_original", f"{here}: {why}", 0))
         continue
     used |= j.fwd | set(j.bwd)
-    cell: dict = {"diff_pos": j.combos[0][0]}
-
-    def fwd_fn(read, jf=jf, cell=cell):
-      ins = [None if a is None else read(a) for a in jf.inputs]
-      o, cell["vjp"] = _kernel_fwd(jf.repl, ins, cell["diff_pos"])
-      return [o]
-
-    def bwd_fn(read, j=j, cell=cell):
-      cts = cell["vjp"](read(j.do).astype(jaxpr.eqns[j.fwd_match.root].outvars[0].aval.dtype))
-      out = {}
-      for ys, (_, combo) in zip(j.outputs, j.combos):
-        val = sum(cts[n] for n in combo)
-        out[ys[0]] = val.astype(ys[0].aval.dtype)
-        for y in ys[1:]:
-          out[y] = jnp.zeros(y.aval.shape, y.aval.dtype)
-      return out
-
+    fwd_fn, bwd_fn, first_out, region_skip = joint_replacements(
+        jaxpr, du, j, consts, lambda read, jf=jf: jf.repl)
     replace[jf.root] = fwd_fn
-    first_out = min(du.producer(y) for ys in j.outputs for y in ys)
     replace[first_out] = bwd_fn
-    # Forward eqns computing constants only stay (another part of the program may share them;
-    # dead ones are removed by the next dce).
-    skip |= {i for i in set(jf.eqns) - {jf.root}
-             if not any(v in consts for v in jaxpr.eqns[i].outvars)} | (set(j.bwd) - {first_out})
+    skip |= region_skip
     records.append(Rewrite("route_kernels", jf.pattern, here, len(jf.eqns) + len(j.bwd)))
   if not replace:
     return closed
