@@ -165,7 +165,7 @@ def _bind_sub(b: _Builder, eqn, sub) -> None:
   name = eqn.primitive.name
   ins, outs = list(eqn.invars), list(eqn.outvars)
   if name == "scan":
-    nc, nk = eqn.params["num_consts"], eqn.params["num_carry"]
+    nc, nk = _compat.scan_counts(eqn.params)
     for k, (o, iv) in enumerate(zip(ins, inner.invars)):
       if k < nc + nk:
         b.unify_all(o, iv)

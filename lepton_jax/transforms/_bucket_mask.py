@@ -604,7 +604,7 @@ class _Walk:
 
   def _scan(self, eP, eL, ins, itags, otags):
     p = eP.params
-    nc, nk = p["num_consts"], p["num_carry"]
+    nc, nk = core.scan_counts(p)
     if p["length"] != eL.params["length"]:
       raise UnsafeBucketing(f"{self.where(eP)} scans along the padded axis")
     xs_t = itags[nc + nk:]

@@ -222,7 +222,7 @@ def _apply(g: _Graph, node: "_Node | _Layout | None", decision: dict, form: str 
 def _run_scan(eqn, invals, names: dict, policy, checkpointed: bool):
   p = eqn.params
   body = p["jaxpr"]
-  nc, ncar = p["num_consts"], p["num_carry"]
+  nc, ncar = _compat.scan_counts(p)
   consts, init, xs = invals[:nc], invals[nc:nc + ncar], invals[nc + ncar:]
 
   def body_fn(consts, carry, x):

@@ -198,7 +198,7 @@ def _scan_info(eqn, i: int, prefix: str) -> _Scan:
   body = eqn.params["jaxpr"]
   bj = body.jaxpr
   length = int(eqn.params["length"])
-  nc, ncar = eqn.params["num_consts"], eqn.params["num_carry"]
+  nc, ncar = _compat.scan_counts(eqn.params)
   carry_bytes = sum(ljx.aval_bytes(v.aval) for v in bj.invars[nc:nc + ncar] if _is_inexact(v.aval))
   used = set()
   for e in bj.eqns:
@@ -440,7 +440,7 @@ def _closure_graph(g: _Graph, prefix: str, whole_scans: bool = False) -> _Closur
   for i in add_level(jaxpr, g.closed.consts, None, prefix, 1):
     sc = g.scans[i]
     p = jaxpr.eqns[i].params
-    nc, ncar = p["num_consts"], p["num_carry"]
+    nc, ncar = _compat.scan_counts(p)
     if whole_scans:
       add_level(sc.body.jaxpr, sc.body.consts, i, f"{prefix}s{i}/", sc.length, (nc, ncar))
       # recomputing the loop's results re-runs the loop: it needs the body's results

@@ -14,6 +14,7 @@ import pytest
 
 from lepton_jax import pallas_kernels as lpk
 from lepton_jax.transforms import adaptive_jit
+from lepton_jax.transforms.passes._pipeline import normalize_passes, run_passes
 
 R = np.random.default_rng(3)
 B, T, S, H, KV, D = 2, 6, 5, 4, 2, 8
@@ -102,6 +103,13 @@ def test_gqa_routed_values_and_grads_equal_jit(name, fn, args, kv_heads):
   with lpk.record_dispatches() as log:
     rep = adaptive_jit(fn, kernels="xla").explain(*args)
   routes = [(r.pattern, r.count) for r in rep.rewrites if r.pass_name == "route_kernels"]
+  if [p for p, _ in routes] == ["rejected_by_compiled_memory"] and any(a.dtype == BF for a in args):
+    # XLA:CPU of jaxlib 0.11 compiles these tiny bf16 programs unrouted to fewer temp bytes, so the
+    # compiled judge keeps them unrouted; the routing itself is checked without the judge.
+    closed = jax.make_jaxpr(fn)(*args)
+    routed, recs = run_passes(closed, normalize_passes("default"), kernels="xla")
+    routes = [(r.pattern, r.count) for r in recs if r.pass_name == "route_kernels"]
+    _close(jax.core.eval_jaxpr(routed.jaxpr, routed.consts, *args)[0], fn(*args), _tol(args))
   assert [p for p, _ in routes] == ["attention"] and routes[0][1] >= 10, str(rep)
   assert "attention" in str(rep)
   kv_shapes = _flash_kv_shapes(log)

@@ -263,7 +263,7 @@ def _rewrite_scan(eqn):
   body: core.ClosedJaxpr = eqn.params["jaxpr"]
   if body.consts or body.jaxpr.constvars or eqn.params["length"] == 0:
     return None
-  nc, ncarry = eqn.params["num_consts"], eqn.params["num_carry"]
+  nc, ncarry = core.scan_counts(eqn.params)
   jaxpr = body.jaxpr
   plan = _plan(jaxpr, nc, ncarry)
   if plan is None:
@@ -305,12 +305,14 @@ def _rewrite_scan(eqn):
               + list(ein[nc + ncarry:]))
   summed = [core.Var(s.aval) for s in seeds]
   scan_out = ([eqn.outvars[j] for j in kept_carries] + summed + list(eqn.outvars[ncarry:]))
-  params = dict(eqn.params, jaxpr=core.ClosedJaxpr(new_body, ()),
-                num_carry=len(kept_carries) + len(seeds))
-  if "linear" in params:
-    lin = tuple(params["linear"])
-    params["linear"] = (lin[:nc] + tuple(lin[nc + j] for j in kept_carries)
-                        + (False,) * len(seeds) + lin[nc + ncarry:])
+  lin = eqn.params.get("linear")  # jax 0.10 only
+  if lin is not None:
+    lin = tuple(lin)
+    lin = (lin[:nc] + tuple(lin[nc + j] for j in kept_carries)
+           + (False,) * len(seeds) + lin[nc + ncarry:])
+  params = core.scan_params(dict(eqn.params, jaxpr=core.ClosedJaxpr(new_body, ())), num_consts=nc,
+                            num_carry=len(kept_carries) + len(seeds), num_xs=len(ein) - nc - ncarry,
+                            num_ys=len(eqn.outvars) - ncarry, linear=lin)
   new_scan = eqn.replace(invars=outer_in, outvars=scan_out, params=params)
   # Replay: invariant operands come from the loop constants (or invariant equations, copied).
   env: dict = dict(zip(invars[:nc], ein[:nc]))
