@@ -164,7 +164,7 @@ def load_lm1b(repo: str | None = None, *, vocab: int = 128, emb_dim: int = 32, n
       num_layers=num_layers, qkv_dim=emb_dim, mlp_dim=mlp_dim, max_len=max_len,
       dropout_rate=0.0, attention_dropout_rate=0.0, deterministic=True)
   model = models.TransformerLM(cfg)
-  params = model.init(jax.random.key(seed), jnp.ones((1, 8), jnp.int32))["params"]
+  params = jax.jit(model.init)(jax.random.key(seed), jnp.ones((1, 8), jnp.int32))["params"]
 
   def loss(params, tokens):
     logits = model.apply({"params": params}, tokens)
