@@ -22,13 +22,12 @@ from typing import Callable, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.ad_checkpoint import checkpoint_name
 
 from lepton_jax.jaxpr import _compat
 from lepton_jax.jaxpr._eval import bind_eqn
 from lepton_jax.transforms import _remat_closure as closure_lib
 from lepton_jax.transforms._remat_graph import (
-    _ClosureGraph, _Graph, _Seg, _eval_named, _inline_eval, _read, _segments_from_cuts)
+    _ClosureGraph, _Graph, _Seg, _eval_named, _inline_eval, _read, _segments_from_cuts, name_value)
 from lepton_jax.transforms._remat_search import _Layout, _Node
 
 FORMS = ("cond", "barrier", "checkpoint")
@@ -144,7 +143,7 @@ def _run_eqns(jaxpr, lo: int, hi: int, env: dict, names: dict) -> None:
     res = bind_eqn(eqn, [_read(env, a) for a in eqn.invars])
     for v, x in zip(eqn.outvars, res):
       nm = names.get(v)
-      env[v] = checkpoint_name(x, nm) if nm is not None else x
+      env[v] = name_value(x, nm) if nm is not None else x
 
 
 def _segment_call(g: _Graph, lo: int, hi: int, body: Callable, ckpt_policy, form: str = "checkpoint"):
@@ -241,7 +240,7 @@ def _run_scan_into(eqn, env: dict, names: dict, out_names: dict) -> None:
   """Runs a ``scan`` equation (body values named, no per-iteration checkpoint) into ``env``."""
   outs = _run_scan(eqn, [_read(env, a) for a in eqn.invars], names, None, False)
   for v, x in zip(eqn.outvars, outs):
-    env[v] = checkpoint_name(x, out_names[v]) if v in out_names else x
+    env[v] = name_value(x, out_names[v]) if v in out_names else x
 
 
 def _apply_closure(g: _Graph, cg: _ClosureGraph, cp: closure_lib.Plan, segs: list[_Seg],

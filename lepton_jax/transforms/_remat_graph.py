@@ -62,6 +62,14 @@ def _inline_eval(jaxpr, consts, args):
   return [_read(env, a) for a in jaxpr.outvars]
 
 
+def name_value(x, name: str):
+  """``checkpoint_name(x, name)`` for real floating values; other values (complex, integer) are
+  returned unnamed (JAX's naming raises on complex values), so no policy saves them by name."""
+  if jnp.issubdtype(jnp.result_type(x), jnp.floating):
+    return checkpoint_name(x, name)
+  return x
+
+
 def _eval_named(jaxpr, consts, args, names: dict):
   """Evaluates ``jaxpr`` tagging each var in ``names`` with ``checkpoint_name``."""
   env = {}
@@ -73,7 +81,7 @@ def _eval_named(jaxpr, consts, args, names: dict):
     outs = bind_eqn(eqn, [_read(env, a) for a in eqn.invars])
     for v, x in zip(eqn.outvars, outs):
       name = names.get(v)
-      env[v] = checkpoint_name(x, name) if name is not None else x
+      env[v] = name_value(x, name) if name is not None else x
   return [_read(env, a) for a in jaxpr.outvars]
 
 
@@ -398,7 +406,7 @@ def _closure_graph(g: _Graph, prefix: str, whole_scans: bool = False) -> _Closur
                   if hasattr(v.aval, "shape") and ljx.aval_bytes(v.aval) > 0}
 
     def fun(*a):
-      a = [checkpoint_name(x, in_names[v]) if v in in_names else x for v, x in zip(jx.invars, a)]
+      a = [name_value(x, in_names[v]) if v in in_names else x for v, x in zip(jx.invars, a)]
       return _eval_named(jx, consts, a, nm)
     needed = _needed_names(fun, [jax.ShapeDtypeStruct(v.aval.shape, v.aval.dtype) for v in jx.invars],
                            list(nm.values()) + list(in_names.values()))

@@ -509,6 +509,8 @@ class _Planner:
     if got is not None:
       return self._finish(ctx, st, *got)
     smallest, label = st.smallest()
+    if st.base.temp_bytes <= smallest:  # plain jax.grad is a plan too (on tiny programs, the least)
+      smallest, label = st.base.temp_bytes, "plain jax.grad, no rematerialization"
     raise BudgetError(
         f"{_API}: budget={format_bytes(budget)} ({self.budget!r}) is below the smallest feasible "
         f"plan ({format_bytes(smallest)} compiled temp bytes, {label}; plain jax.grad compiles to "

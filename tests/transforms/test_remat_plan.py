@@ -565,3 +565,22 @@ def test_no_replan_on_second_call():
   assert p1 is p2
   jax.grad(f)(params, x)
   assert f.plan(params, x) is p1
+
+
+def test_complex_intermediates_and_smallest_feasible_is_never_above_plain_grad():
+  """An FFT's complex intermediates cannot carry a checkpoint name (JAX raises): they stay
+  unnamed and the plan works; and a BudgetError never names a smallest budget above plain
+  jax.grad's own compiled temp (plain grad is a plan too, the least one on tiny programs)."""
+  rng = np.random.default_rng(0)
+  a = jnp.asarray(rng.normal(size=(6, 6)), jnp.float32)
+  v = jnp.asarray(rng.normal(size=(6,)), jnp.float32)
+  f = lambda a, v: jnp.sum(jnp.sin(jnp.abs(jnp.fft.rfft2(a)).sum(0)[:3] * v[:3]))
+  planned = remat_plan(f, budget=1.0)
+  got = jax.jit(jax.grad(planned, argnums=(0, 1)))(a, v)
+  want = jax.jit(jax.grad(f, argnums=(0, 1)))(a, v)
+  for x, y in zip(got, want):
+    np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-5)
+  base = planned.plan(a, v).baseline_compiled_bytes
+  with pytest.raises(BudgetError) as e:
+    remat_plan(f, budget=1).plan(a, v)
+  assert 0 < e.value.smallest_feasible_bytes <= base
