@@ -81,6 +81,7 @@ def compiled_figures(closed) -> CompiledFigures:
   True
   """
   fn = lambda *a: eval_jaxpr(closed.jaxpr, closed.consts, *a)
-  with jax.ensure_compile_time_eval():
-    compiled = jax.jit(fn).lower(*in_specs(closed.jaxpr)).compile()
+  # Staged as the program will run (no compile-time evaluation of constant sub-expressions:
+  # that compiled each of them eagerly, one XLA compile per equation).
+  compiled = jax.jit(fn).lower(*in_specs(closed.jaxpr)).compile()
   return read_compiled(compiled)
