@@ -15,6 +15,7 @@ FLOPs) on the backend this runs on. Ratios are ours / the plain-JAX program of t
   b. lm1b training (value_and_grad + optax.adam in one step) over random lengths in 33..512 through
      ``lj.adaptive_jit(step, buckets=pow2 on tokens' axis 1)`` vs ``jax.jit(step)``: per-step losses,
      compiles, wall time; then ``explain`` of the bucketed step at seq 1000 vs ``jax.jit`` at 1000.
+     Extra: Gemma's bucketed ``value_and_grad`` at a few lengths (values, compiles, temp at 1000).
   c. ``lj.remat_plan(loss, budget=b).plan(params, tokens)`` for b in 0.5 / 0.75 at seq 256 (seq 1024
      plans take several minutes each on this 2-core machine): compiled temp vs plain ``jax.grad``,
      planning seconds, gradients vs plain. An infeasible budget (``lj.BudgetError``) is recorded with
@@ -213,6 +214,40 @@ def item_b(ex: FE.Example, steps: int, lo: int, hi: int, probe_len: int, seed: i
   return row
 
 
+def item_b_gemma(ex: FE.Example, lengths=(37, 50, 200, 1000)) -> dict:
+  """Extra: Gemma's ``value_and_grad`` (GQA, RoPE positions from a cumsum of the mask) through
+  ``lj.adaptive_jit(..., buckets=pow2)`` vs ``jax.jit`` at each true length."""
+  vg = jax.value_and_grad(ex.loss)
+  ours = lj.adaptive_jit(vg, buckets={"argnum": 1, "axis": 1, "sizes": "pow2"})
+  rows = []
+  for n in lengths:
+    tok = ex.tokens(n, 2, seed=n)
+    row = dict(length=n, bucket=1 << (n - 1).bit_length())
+    try:
+      t0 = time.perf_counter()
+      with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = jax.block_until_ready(ours(ex.params, tok))
+      row["s"] = time.perf_counter() - t0
+      err = rel_err(out, jax.jit(vg)(ex.params, tok))
+      row.update(max_rel_err=err, equal=err <= RTOL, warnings=[str(w.message)[:300] for w in caught])
+    except Exception as e:  # noqa: BLE001
+      row["error"] = _error(e)
+    rows.append(row)
+  res = dict(model=ex.name, rows=rows, cache_info=ours.cache_info().to_dict())
+  try:
+    tok = ex.tokens(lengths[-1], 2, seed=lengths[-1])
+    with warnings.catch_warnings():
+      warnings.simplefilter("ignore")
+      rep = ours.explain(ex.params, tok)
+    jit_temp = read_compiled(jax.jit(vg).lower(ex.params, tok).compile()).temp_bytes
+    res["probe"] = dict(length=lengths[-1], bucket=rep.bucket, temp_bytes=rep.compiled_temp_bytes_after,
+                        jit_temp_bytes=jit_temp, temp_ratio_vs_jit=rep.compiled_temp_bytes_after / jit_temp)
+  except Exception as e:  # noqa: BLE001
+    res["probe"] = dict(error=_error(e))
+  return res
+
+
 # ------------------------------------------------------------------------------------------ item c
 def item_c(ex: FE.Example, seq: int, budgets=(0.5, 0.75)) -> list[dict]:
   """remat_plan at fractional budgets: compiled temp vs plain jax.grad, gradients equal."""
@@ -292,6 +327,15 @@ def _fmt_b(r):
   return "\n".join(lines)
 
 
+def _fmt_bg(r):
+  rows = ", ".join(f"{x['length']}->{x['bucket']} " + (f"err {x['max_rel_err']:.1e}" if "max_rel_err" in x
+                                                      else "ERROR") for x in r["rows"])
+  p = r.get("probe", {})
+  tail = (f"; seq {p['length']}: temp {p['temp_bytes'] / MIB:.1f} vs jax.jit {p['jit_temp_bytes'] / MIB:.1f} MiB "
+          f"= {p['temp_ratio_vs_jit']:.2f}x" if "temp_bytes" in p else "")
+  return f"  b {r['model']:<6} value_and_grad buckets: {rows}; compiles {r['cache_info']['compiles']}{tail}"
+
+
 def _fmt_c(r):
   head = f"  c {r['model']:<6} seq {r['seq']} {r['label']:<18}"
   if "error" in r:
@@ -320,9 +364,14 @@ def _goals(out) -> dict:
     p = b.get("probe", {})
     g["b_seq1000_attention_on_kernel_true_lengths"] = p.get("attention_on_kernel_with_true_lengths")
     g["b_seq1000_temp_below_jit"] = (p["temp_ratio_vs_jit"] < 1.0) if "temp_ratio_vs_jit" in p else None
+  for r in out.get("b_gemma_value_and_grad", {}).get("rows", []):
+    g[f"b_gemma_vg_seq{r['length']}_equal"] = r.get("equal")
   for r in out.get("c_remat_plan", []):
-    key = f"c_{r['model']}_{r['label'].replace(' ', '_').replace('=', '')}"
-    g[key + "_feasible"] = None if "error" in r else not r.get("infeasible")
+    if r["label"] == "smallest feasible":
+      key = f"c_{r['model']}_at_smallest_feasible"
+    else:
+      key = f"c_{r['model']}_budget_{r['budget']}"
+      g[key + "_feasible"] = None if "error" in r else not r.get("infeasible")
     if r.get("infeasible") is False:
       g[key + "_within_budget_and_grads_equal"] = bool(r.get("within_budget") and r.get("grads_equal"))
   return g
@@ -388,6 +437,9 @@ def main(argv=None):
     out["b_buckets"] = r
     print(_fmt_b(r), flush=True)
     save()
+    out["b_gemma_value_and_grad"] = rg = item_b_gemma(models["gemma"])
+    print(_fmt_bg(rg), flush=True)
+    save()
   if "c" in only:
     out["c_remat_plan"] = []
     for ex in models.values():
@@ -404,6 +456,8 @@ def main(argv=None):
     print(_fmt_a(r))
   if "b_buckets" in out:
     print(_fmt_b(out["b_buckets"]))
+  if "b_gemma_value_and_grad" in out:
+    print(_fmt_bg(out["b_gemma_value_and_grad"]))
   for r in out.get("c_remat_plan", []):
     print(_fmt_c(r))
   print(f"total {out['total_s']:.0f}s; wrote {path}")
