@@ -51,7 +51,7 @@ import jax
 import jax.numpy as jnp
 
 from lepton_jax.jaxpr import _compat as core
-from lepton_jax.jaxpr._compiled import figures_of
+from lepton_jax.jaxpr._compiled import figures_of, measure_options
 from lepton_jax.jaxpr._defuse import OUTPUT, DefUse
 from lepton_jax.jaxpr._driver import Rewrite, known_consts, location
 from lepton_jax.jaxpr._eval import eval_jaxpr, retrace
@@ -647,7 +647,7 @@ def _judge(closed, j: _Joint, kernels: str) -> str | None:
   try:
     def figures(f):
       with jax.ensure_compile_time_eval():
-        return figures_of(f, *specs)
+        return figures_of(f, *specs, compiler_options=measure_options())
     from lepton_jax.transforms.passes._pipeline import compile_both
     fo, fk = compile_both(figures, original, kernel)
   except Exception as e:
