@@ -155,6 +155,10 @@ class _Static:
   nargs: int
 
 
+# Leaves that are never Flax NNX graph nodes.
+_PLAIN_LEAF = (jax.Array, np.ndarray, np.generic, int, float, complex, bool, type(None))
+
+
 class AdaptiveJitted:
   """The callable returned by :func:`adaptive_jit` (see there)."""
 
@@ -192,6 +196,7 @@ class AdaptiveJitted:
                          static_argnames=self._static_argnames,
                          donate_argnums=self._donate_argnums)
     self._plain_treedefs: dict = {}   # treedef -> True when it holds no NNX graph node
+    self._split_plain: dict = {}      # flattened structure -> True: no NNX graph node inside
     # Buckets: the bucket's masked program (static, one executable per bucket), true length n.
     self._masked = jax.jit(self._masked_impl, static_argnums=(0, 1), donate_argnums=(3,))
 
@@ -223,10 +228,19 @@ class AdaptiveJitted:
         where = f"argument {name}" if isinstance(name, int) else f"argument {name!r}"
         raise TypeError(f"{_API}: static {where} must be hashable, got {type(v).__name__}; pass "
                         "a tuple instead of a list, or make the argument dynamic") from None
-    flat, treedef = jax.tree_util.tree_flatten((tuple(dyn_args), dyn_kwargs), is_leaf=_is_graph_node)
-    node_pos = tuple(i for i, x in enumerate(flat) if _is_graph_node(x))
+    # Arguments without Flax NNX objects (a structure seen before whose leaves are all arrays or
+    # scalars) skip the per-node graph checks: this runs on every bucketed / NNX call.
+    flat, treedef = jax.tree_util.tree_flatten((tuple(dyn_args), dyn_kwargs))
+    if not (self._split_plain.get(treedef) and all(isinstance(x, _PLAIN_LEAF) for x in flat)):
+      flat, treedef = jax.tree_util.tree_flatten((tuple(dyn_args), dyn_kwargs),
+                                                 is_leaf=_is_graph_node)
+    node_pos = tuple(i for i, x in enumerate(flat) if not isinstance(x, _PLAIN_LEAF)
+                     and _is_graph_node(x))
+    if not node_pos:
+      self._split_plain[treedef] = True
     nodes = tuple(flat[i] for i in node_pos)
-    leaves = [x for i, x in enumerate(flat) if i not in set(node_pos)]
+    in_nodes = set(node_pos)
+    leaves = [x for i, x in enumerate(flat) if i not in in_nodes]
     # Which leaves come from donated arguments.
     donate_mask = []
     if self._donate_argnums:

@@ -233,8 +233,10 @@ def _signature_key(args, kwargs):
   leaves, treedef = jax.tree_util.tree_flatten((args, kwargs))
   key = []
   for x in leaves:
-    if hasattr(x, "shape") and hasattr(x, "dtype"):
-      key.append(("a", tuple(np.shape(x)), str(x.dtype), getattr(jax.typeof(x), "weak_type", False)))
+    if isinstance(x, jax.Array):   # the common case, cheaply (this runs on every call)
+      key.append(("a", x.shape, x.dtype, x.weak_type))
+    elif hasattr(x, "shape") and hasattr(x, "dtype"):
+      key.append(("a", tuple(np.shape(x)), np.dtype(x.dtype), getattr(jax.typeof(x), "weak_type", False)))
     else:
       try:
         hash(x)
@@ -336,24 +338,30 @@ def _plan_for(jitted: BucketContext, args, kwargs, L: int, P: int):
   spec = jitted.spec
   cache = jitted.cache
   try:
+    key_l = _signature_key(tuple(args), kwargs)
+    hit = cache.lengths.get(key_l)     # the steady state: a length seen before (plan or refusal)
+  except TypeError:
+    return "the arguments' structure is not hashable"
+  if hit is not None:
+    return hit
+  try:
     base = _erased_key(args, kwargs, spec.argnum, spec.axis)
     hash(base)
   except TypeError:
     return "the arguments' structure is not hashable"
   if base in cache.refused:
+    cache.lengths[key_l] = cache.refused[base]
     return cache.refused[base]
   args_p = list(args)
   args_p[spec.argnum] = _abstract_pad(args[spec.argnum], spec.axis, P)
   key_p = _signature_key(tuple(args_p), kwargs)
-  key_l = _signature_key(tuple(args), kwargs)
-  if key_l in cache.lengths:
-    return cache.lengths[key_l]
   plan = cache.plans.get(key_p)
   try:
     if plan is None:
       probe = L if L != P else _probe_length(spec, P)
       if probe is None:
-        return "the bucket has a single length"
+        cache.lengths[key_l] = "the bucket has a single length"
+        return cache.lengths[key_l]
       plan = _build(jitted, args, kwargs, P, probe)
       cache.plans[key_p] = plan
     elif L != P:
@@ -364,7 +372,7 @@ def _plan_for(jitted: BucketContext, args, kwargs, L: int, P: int):
                               f"lengths of bucket {P} beyond its size")
   except UnsafeBucketing as e:
     reason = str(e)
-    cache.refused[base] = reason
+    cache.refused[base] = cache.lengths[key_l] = reason
     _warn(jitted, L, P, reason)
     return reason
   cache.lengths[key_l] = plan
