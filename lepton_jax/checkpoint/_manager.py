@@ -1354,13 +1354,17 @@ class TieredCheckpointManager:
         return bool(v["ok"]), str(v.get("reason", ""))
       if not p.exists():
         return False, "removed"
-      try:
-        self._restore_dir(p, step, _TargetPlan(None))
-        ok, reason = True, ""
-      except _Corrupt as e:
-        ok, reason = False, str(e)
-      self._record_verdict(t, step, p, ok, reason)
-      return ok, reason
+      return self._check_and_record(t, step, p)
+
+  def _check_and_record(self, t: _Tier, step: int, p: epath.Path) -> tuple[bool, str]:
+    """Reads and checks step ``p`` in full, and records the verdict (``self._fs_lock`` held)."""
+    try:
+      self._restore_dir(p, step, _TargetPlan(None))
+      ok, reason = True, ""
+    except _Corrupt as e:
+      ok, reason = False, str(e)
+    self._record_verdict(t, step, p, ok, reason)
+    return ok, reason
 
   def _verified_together(self, t: _Tier, step: int, p: epath.Path) -> tuple[bool, str]:
     """Multi-process ``_verified``: every process reaches the same verdict.
@@ -1378,14 +1382,8 @@ class TieredCheckpointManager:
                      f"failed verification on process {states.index(2)}")
     if all(x == 1 for x in states):
       return True, ""
-    try:
-      with self._fs_lock:
-        self._restore_dir(p, step, _TargetPlan(None))
-      ok, reason = True, ""
-    except _Corrupt as e:
-      ok, reason = False, str(e)
-    self._record_verdict(t, step, p, ok, reason)
-    return ok, reason
+    with self._fs_lock:
+      return self._check_and_record(t, step, p)
 
   # -- reading -----------------------------------------------------------------
 
