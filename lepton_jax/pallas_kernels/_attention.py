@@ -1201,7 +1201,7 @@ def flash_attention(q, k, v, *, bias=None, mask=None, is_causal: bool = False,
   _validate(q, k, v, bias, mask, scale)
   resolved = _registry.resolve_backend(backend, api=_API)
   B, T, N, D = q.shape
-  S, K = k.shape[1], k.shape[2]
+  S = k.shape[1]
   src = "explicit"
   if block_sizes is None:
     block_sizes = _autotune.lookup(flash_attention._lepton_tune_spec, (q, k, v),
@@ -1243,15 +1243,20 @@ def flash_attention(q, k, v, *, bias=None, mask=None, is_causal: bool = False,
     if (_registry.gpu_flavor() == "mosaic"
         and mgpu_attention().supported(q.dtype, D, bias is not None, mask is not None)):
       flavor = "mosaic"
-  cfg = _Cfg(
-      impl=resolved.impl,
-      interpret="" if resolved.interpret is False else resolved.impl,
-      scale=scale, causal=bool(is_causal), q_len=T, kv_len=S, groups=N // K,
-      has_bias=bias is not None, has_mask=mask is not None,
+  cfg = _make_cfg(resolved.impl, "" if resolved.interpret is False else resolved.impl, flavor,
+                  scale, is_causal, q, k, bias, mask, block_sizes)
+  return _attention(cfg, q, k, v, bias_full, mask_full)
+
+
+def _make_cfg(impl, interpret, flavor, scale, is_causal, q, k, bias, mask, block_sizes) -> _Cfg:
+  """The kernel configuration for ``q`` / ``k`` and the (4-d, broadcastable) ``bias`` / ``mask``."""
+  T, N, S, K = q.shape[1], q.shape[2], k.shape[1], k.shape[2]
+  return _Cfg(
+      impl=impl, interpret=interpret, scale=scale, causal=bool(is_causal), q_len=T, kv_len=S,
+      groups=N // K, has_bias=bias is not None, has_mask=mask is not None,
       bias_b=bias is not None and bias.shape[0] != 1, bias_h=bias is not None and bias.shape[1] != 1,
       mask_b=mask is not None and mask.shape[0] != 1, mask_h=mask is not None and mask.shape[1] != 1,
       bs=block_sizes, gpu_flavor=flavor)
-  return _attention(cfg, q, k, v, bias_full, mask_full)
 
 
 def attention_valid_lengths(q, k, v, q_len, kv_len, *, bias=None, mask=None, is_causal=False,
@@ -1269,7 +1274,7 @@ def attention_valid_lengths(q, k, v, q_len, kv_len, *, bias=None, mask=None, is_
   """
   _validate(q, k, v, bias, mask, scale)
   B, T, N, D = q.shape
-  S, K = k.shape[1], k.shape[2]
+  S = k.shape[1]
   if block_sizes is None:
     block_sizes = BlockSizes.get_default(q_len=T, kv_len=S, impl="xla", head_dim=D, dtype=q.dtype)
   scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
@@ -1291,12 +1296,7 @@ def attention_valid_lengths(q, k, v, q_len, kv_len, *, bias=None, mask=None, is_
   if mask is not None:
     mask = _broadcast_4d(_API, "mask", mask, target)
     mask_full = jnp.broadcast_to(mask, mask.shape[:2] + (T, S)).astype(jnp.int8)
-  cfg = _Cfg(
-      impl="xla", interpret="", scale=scale, causal=bool(is_causal), q_len=T, kv_len=S,
-      groups=N // K, has_bias=bias is not None, has_mask=mask is not None,
-      bias_b=bias is not None and bias.shape[0] != 1, bias_h=bias is not None and bias.shape[1] != 1,
-      mask_b=mask is not None and mask.shape[0] != 1, mask_h=mask is not None and mask.shape[1] != 1,
-      bs=block_sizes, gpu_flavor="triton")
+  cfg = _make_cfg("xla", "", "triton", scale, is_causal, q, k, bias, mask, block_sizes)
   o = _attention_kvl(cfg, q, k, v, bias_full, mask_full, kvl)
   return jnp.where(qv, o, jnp.zeros((), o.dtype))
 
