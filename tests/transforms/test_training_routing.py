@@ -279,16 +279,22 @@ class _NormMlp(nnx.Module):
     return jnp.mean(-jnp.sum(onehot * jax.nn.log_softmax(logits), axis=-1))
 
 
-def test_joint_norms_matmul_and_cross_entropy_match_plain_jax(monkeypatch):
-  """Layer norm, RMS norm, matmul+bias+gelu, matmul+silu and one-hot CE: forward and backward
-  replaced together (the compiled judge accepting everything), values and gradients unchanged."""
-  from lepton_jax.transforms.passes import _route_joint
-  monkeypatch.setattr(_route_joint, "_judge", lambda *a, **k: None)
+def _norm_mlp_case():
+  """``(value_and_grad, params, x, labels)`` of the norm / matmul / cross-entropy block."""
   model = _NormMlp(16, 32, nnx.Rngs(0))
   graphdef, params = nnx.split(model, nnx.Param)
   x = jax.random.normal(jax.random.key(1), (2, 6, 16))
   labels = jax.random.randint(jax.random.key(2), (2, 6), 0, 32)
   vg = jax.value_and_grad(lambda p, x, y: nnx.merge(graphdef, p)(x, y), argnums=(0, 1))
+  return vg, params, x, labels
+
+
+def test_joint_norms_matmul_and_cross_entropy_match_plain_jax(monkeypatch):
+  """Layer norm, RMS norm, matmul+bias+gelu, matmul+silu and one-hot CE: forward and backward
+  replaced together (the compiled judge accepting everything), values and gradients unchanged."""
+  from lepton_jax.transforms.passes import _route_joint
+  monkeypatch.setattr(_route_joint, "_judge", lambda *a, **k: None)
+  vg, params, x, labels = _norm_mlp_case()
   routes, _, got = _route_and_eval(vg, params, x, labels)
   assert sorted(routes) == ["layer_norm_fwd_bwd", "matmul_bias_gelu_fwd_bwd", "matmul_silu_fwd_bwd",
                             "rms_norm_fwd_bwd", "softmax_cross_entropy_fwd_bwd"], routes
@@ -298,11 +304,7 @@ def test_joint_norms_matmul_and_cross_entropy_match_plain_jax(monkeypatch):
 def test_template_joint_routes_are_judged_on_the_compiled_program():
   """With XLA's own implementations (CPU) a norm's kernel backward is JAX's: not better, so the
   original is kept and a ``route_check`` record says why; the program still equals plain JAX."""
-  model = _NormMlp(16, 32, nnx.Rngs(0))
-  graphdef, params = nnx.split(model, nnx.Param)
-  x = jax.random.normal(jax.random.key(1), (2, 6, 16))
-  labels = jax.random.randint(jax.random.key(2), (2, 6), 0, 32)
-  vg = jax.value_and_grad(lambda p, x, y: nnx.merge(graphdef, p)(x, y), argnums=(0, 1))
+  vg, params, x, labels = _norm_mlp_case()
   routes, checks, got = _route_and_eval(vg, params, x, labels)
   assert "layer_norm_fwd_bwd_kept_original" in checks, (routes, checks)
   assert not {"layer_norm", "rms_norm"} & set(routes), routes   # no forward-only duplicate
